@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment; idempotent, seconds when nothing changed.
+#   VENV=/path/to/venv tools/setup_env.sh     (default: <checkout>/.venv)
+#   PYTHON=python3.11                        (interpreter used to create the venv)
+# Installs requirements/torch.txt, detectron2 (see below), requirements/base.txt,
+# requirements/bench.txt, then this project editable (which builds the CUDA op when it can).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.ddl-ready"
+
+say() { echo "[setup_env] $*"; }
+
+# Everything that changes what gets installed goes into the stamp.
+inputs_hash() {
+  cat "$ROOT"/requirements/*.txt "$ROOT/setup.py" "$ROOT/tools/setup_env.sh" \
+      "$ROOT/tools/repack_detectron2_wheel.py" \
+      $(find "$ROOT/projects/DDLMask2Former/ddl_mask2former/ops/csrc" -type f 2>/dev/null | sort) \
+    | sha256sum | cut -d' ' -f1
+}
+
+WANT="$(inputs_hash)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python" ]; then
+  say "environment up to date: $VENV"
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating virtual environment $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check --progress-bar off -q)
+rm -f "$STAMP"
+
+say "installing PyTorch (requirements/torch.txt)"
+"${PIP[@]}" -r "$ROOT/requirements/torch.txt"
+
+# detectron2, in order: already importable -> keep; official git install when GitHub answers;
+# otherwise PyPI's sal-detectron2 wheel re-tagged for this Python (ENVIRONMENT.md explains).
+if "$PY" -c "import detectron2" 2>/dev/null; then
+  say "detectron2 already importable: keeping $("$PY" -c 'import detectron2; print(detectron2.__version__)')"
+elif timeout 20 git ls-remote https://github.com/facebookresearch/detectron2.git HEAD >/dev/null 2>&1; then
+  say "installing detectron2 from its official git repository"
+  "${PIP[@]}" --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'
+else
+  say "GitHub unreachable: installing detectron2 from PyPI's sal-detectron2==0.7.2, re-tagged"
+  WHEELS="$(mktemp -d)"
+  trap 'rm -rf "$WHEELS"' EXIT
+  "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+      --python-version 3.10 sal-detectron2==0.7.2 -d "$WHEELS/src"
+  REPACKED="$("$PY" "$ROOT/tools/repack_detectron2_wheel.py" "$WHEELS"/src/*.whl "$WHEELS")"
+  "${PIP[@]}" --no-deps "$REPACKED"
+fi
+
+say "installing dependencies (requirements/base.txt, requirements/bench.txt)"
+"${PIP[@]}" -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/bench.txt"
+
+# The CUDA op compiles when nvcc is found; CUDA_HOME must point at the toolkit or linking fails.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  export CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+fi
+say "installing ddl-mask2former (editable; CUDA op built when nvcc is present: takes minutes)"
+(cd "$ROOT" && "${PIP[@]}" --no-build-isolation -e .)
+
+"$PY" -c "import detectron2, ddl_mask2former; print('[setup_env] detectron2', detectron2.__version__, '| ddl_mask2former', ddl_mask2former.__version__)"
+echo "$WANT" > "$STAMP"
+say "ready: $VENV (activate with: source $VENV/bin/activate)"
