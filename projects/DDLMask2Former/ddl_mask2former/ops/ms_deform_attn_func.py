@@ -1,0 +1,217 @@
+"""Multi-scale deformable attention: the functional API, its PyTorch path and the dispatch.
+
+``ms_deform_attn`` samples every head's value map at a few learned points per level
+(bilinear, zero padding, pixel centers at ``(i + 0.5) / size``, i.e. ``grid_sample`` with
+``align_corners=False``) and returns the attention-weighted sum of the samples.
+
+Dispatch, decided per call:
+
+* ``DDL_MSDA_FORCE_PYTORCH=1`` in the environment -> the PyTorch path, always;
+* CUDA tensors and a built ``ddl_mask2former.ops._C`` -> the compiled CUDA op;
+* anything else -> the PyTorch path (a warning, once, when CUDA tensors meet a missing build).
+
+The path in use is logged once per distinct path and reason (logger ``ddl_mask2former.ops``).
+Only the "extension was not built" case is tolerated when importing ``_C``; an extension that
+exists but fails to load (wrong torch, missing symbols) raises.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "compiled_op_available",
+    "force_pytorch_requested",
+    "FORCE_PYTORCH_ENV",
+]
+
+logger = logging.getLogger("ddl_mask2former.ops")
+
+FORCE_PYTORCH_ENV = "DDL_MSDA_FORCE_PYTORCH"
+_TRUE_VALUES = {"1", "true", "yes", "on"}
+_FALSE_VALUES = {"", "0", "false", "no", "off"}
+_EXTENSION_MODULE = "ddl_mask2former.ops._C"
+
+_extension = None
+_extension_checked = False
+_logged_paths: set[str] = set()
+
+
+def _load_extension():
+    """Return the compiled module, or None when it was not built (any other failure raises)."""
+    global _extension, _extension_checked
+    if not _extension_checked:
+        try:
+            extension = importlib.import_module(_EXTENSION_MODULE)
+        except ModuleNotFoundError as exc:
+            # Only "no such module" is the not-built case; a broken .so raises ImportError instead.
+            if exc.name != _EXTENSION_MODULE:
+                raise
+            extension = None
+        _extension = extension
+        _extension_checked = True
+    return _extension
+
+
+def compiled_op_available() -> bool:
+    """True when ``ddl_mask2former.ops._C`` was built and loads."""
+    return _load_extension() is not None
+
+
+def force_pytorch_requested() -> bool:
+    """True when ``DDL_MSDA_FORCE_PYTORCH`` asks for the PyTorch path."""
+    raw = os.environ.get(FORCE_PYTORCH_ENV, "").strip().lower()
+    if raw in _TRUE_VALUES:
+        return True
+    if raw in _FALSE_VALUES:
+        return False
+    raise ValueError(
+        f"environment variable {FORCE_PYTORCH_ENV}={raw!r} is not a boolean; use 1 or 0"
+    )
+
+
+def _log_path_once(key: str, message: str, level: int = logging.INFO) -> None:
+    if key not in _logged_paths:
+        _logged_paths.add(key)
+        logger.log(level, message)
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Validate shapes and dtypes cheaply (no device synchronisation)."""
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (N, S, M, D), got shape {tuple(value.shape)}")
+    batch, _, n_heads, _ = value.shape
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be (L, 2) as (H, W), got {tuple(spatial_shapes.shape)}"
+        )
+    if spatial_shapes.dtype != torch.long or level_start_index.dtype != torch.long:
+        raise TypeError(
+            "ms_deform_attn: spatial_shapes and level_start_index must be int64, got "
+            f"{spatial_shapes.dtype} and {level_start_index.dtype}"
+        )
+    n_levels = spatial_shapes.shape[0]
+    if level_start_index.shape != (n_levels,):
+        raise ValueError(
+            f"ms_deform_attn: level_start_index must be ({n_levels},), got {tuple(level_start_index.shape)}"
+        )
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got "
+            f"{tuple(sampling_locations.shape)}"
+        )
+    n_b, n_q, n_m, n_l, n_p, _ = sampling_locations.shape
+    if (n_b, n_m, n_l) != (batch, n_heads, n_levels):
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} do not match "
+            f"value {tuple(value.shape)} and {n_levels} levels"
+        )
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must be {tuple(sampling_locations.shape[:-1])}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    if not (value.is_floating_point() and sampling_locations.is_floating_point()
+            and attention_weights.is_floating_point()):
+        raise TypeError("ms_deform_attn: value, sampling_locations and attention_weights must be floating point")
+
+
+def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Reference implementation on ``F.grid_sample``; runs on any device and dtype.
+
+    Levels are accumulated one at a time so the per-level samples are freed early.
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    batch, total_len, n_heads, head_dim = value.shape
+    _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
+    level_shapes = spatial_shapes.tolist()
+    level_starts = level_start_index.tolist()
+    expected_len = sum(h * w for h, w in level_shapes)
+    if expected_len != total_len:
+        raise ValueError(
+            f"ms_deform_attn: value has {total_len} positions but spatial_shapes {level_shapes} sum to {expected_len}"
+        )
+    # grid_sample wants [-1, 1] coordinates; x then y as in sampling_locations.
+    sampling_grids = 2 * sampling_locations - 1
+    output = None
+    for level, ((height, width), start) in enumerate(zip(level_shapes, level_starts)):
+        level_value = value[:, start:start + height * width]
+        level_value = level_value.permute(0, 2, 3, 1).reshape(batch * n_heads, head_dim, height, width)
+        level_grid = sampling_grids[:, :, :, level].transpose(1, 2).reshape(batch * n_heads, n_queries, n_points, 2)
+        samples = F.grid_sample(
+            level_value, level_grid.to(level_value.dtype), mode="bilinear",
+            padding_mode="zeros", align_corners=False,
+        )  # (N*M, D, Lq, P)
+        level_weights = attention_weights[:, :, :, level].transpose(1, 2).reshape(batch * n_heads, 1, n_queries, n_points)
+        contribution = (samples * level_weights.to(samples.dtype)).sum(-1)  # (N*M, D, Lq)
+        output = contribution if output is None else output + contribution
+    output = output.view(batch, n_heads * head_dim, n_queries)
+    return output.transpose(1, 2).contiguous()
+
+
+class _MSDeformAttnCUDA(torch.autograd.Function):
+    """Autograd wrapper of the compiled kernels (first derivatives only)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        extension = _load_extension()
+        output = extension.ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = _load_extension().ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            grad_output.contiguous(),
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Multi-scale deformable attention.
+
+    Args:
+        value: (N, S, M, D) per-head values of all levels, flattened level after level.
+        spatial_shapes: (L, 2) int64, (H, W) of each level.
+        level_start_index: (L,) int64, offset of each level in S.
+        sampling_locations: (N, Lq, M, L, P, 2) as (x, y), normalized to [0, 1].
+        attention_weights: (N, Lq, M, L, P).
+
+    Returns:
+        (N, Lq, M * D) in value's dtype.
+    """
+    if force_pytorch_requested():
+        _log_path_once("forced", f"ms_deform_attn: PyTorch path ({FORCE_PYTORCH_ENV} is set)")
+        return ms_deform_attn_pytorch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    if value.is_cuda:
+        if _load_extension() is not None:
+            _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            _log_path_once("compiled", "ms_deform_attn: compiled CUDA op (ddl_mask2former.ops._C)")
+            return _MSDeformAttnCUDA.apply(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            )
+        _log_path_once(
+            "cuda-not-built",
+            "ms_deform_attn: CUDA tensors but ddl_mask2former.ops._C was not built; using the slower "
+            "PyTorch path (reinstall with nvcc on PATH: pip install --no-build-isolation -e .)",
+            logging.WARNING,
+        )
+    else:
+        _log_path_once("pytorch-device", f"ms_deform_attn: PyTorch path ({value.device.type} tensors)")
+    return ms_deform_attn_pytorch(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )

@@ -1,0 +1,116 @@
+"""The PyTorch path of ms_deform_attn: exact against a naive reference, gradients, dispatch, errors."""
+import logging
+
+import pytest
+import torch
+
+from ddl_mask2former.ops import (
+    FORCE_PYTORCH_ENV,
+    force_pytorch_requested,
+    ms_deform_attn,
+    ms_deform_attn_pytorch,
+)
+from ddl_mask2former.ops import ms_deform_attn_func
+from ops_helpers import make_inputs, naive_ms_deform_attn, set_border_locations
+
+LEVELS = ((4, 5), (3, 2), (1, 1))
+
+
+def test_matches_naive_reference_inside_outside_and_on_borders():
+    inputs = list(make_inputs(batch=2, n_queries=4, n_heads=2, head_dim=3, level_shapes=LEVELS, n_points=4))
+    inputs[3] = set_border_locations(inputs[3], LEVELS)
+    expected = naive_ms_deform_attn(*inputs)
+    result = ms_deform_attn_pytorch(*inputs)
+    assert result.shape == (2, 4, 2 * 3)
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_points_far_outside_sample_zero():
+    value, shapes, starts, locations, weights = make_inputs(level_shapes=LEVELS)
+    locations = torch.full_like(locations, -5.0)
+    output = ms_deform_attn_pytorch(value, shapes, starts, locations, weights)
+    assert torch.count_nonzero(output) == 0
+
+
+def test_pixel_center_returns_that_pixel():
+    value, shapes, starts, locations, weights = make_inputs(batch=1, n_queries=1, n_heads=1, head_dim=2,
+                                                            level_shapes=((3, 4),), n_points=1)
+    # Center of pixel (row 2, col 1) of a 3x4 map, full weight on it.
+    locations[..., 0] = (1 + 0.5) / 4
+    locations[..., 1] = (2 + 0.5) / 3
+    weights.fill_(1.0)
+    output = ms_deform_attn_pytorch(value, shapes, starts, locations, weights)
+    torch.testing.assert_close(output[0, 0], value[0, 2 * 4 + 1, 0], rtol=0, atol=1e-14)
+
+
+def test_gradcheck_pytorch_path():
+    value, shapes, starts, locations, weights = make_inputs(batch=1, n_queries=2, n_heads=2, head_dim=2,
+                                                            level_shapes=((3, 4), (2, 2)), n_points=2, seed=3)
+    value.requires_grad_(True)
+    locations.requires_grad_(True)
+    weights.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn_pytorch(v, shapes, starts, loc, w),
+        (value, locations, weights), eps=1e-6, atol=1e-5,
+    )
+
+
+def test_float32_close_to_float64():
+    inputs64 = make_inputs(level_shapes=LEVELS, seed=5)
+    inputs32 = [t.float() if t.is_floating_point() else t for t in inputs64]
+    torch.testing.assert_close(ms_deform_attn_pytorch(*inputs32).double(), ms_deform_attn_pytorch(*inputs64),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_on_cpu_is_pytorch_path(caplog):
+    inputs = make_inputs(level_shapes=LEVELS)
+    ms_deform_attn_func._logged_paths.clear()
+    with caplog.at_level(logging.INFO, logger="ddl_mask2former.ops"):
+        first = ms_deform_attn(*inputs)
+        second = ms_deform_attn(*inputs)
+    torch.testing.assert_close(first, ms_deform_attn_pytorch(*inputs), rtol=0, atol=0)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    path_records = [r for r in caplog.records if "PyTorch path" in r.getMessage()]
+    assert len(path_records) == 1, "the path in use must be logged exactly once"
+
+
+def test_force_pytorch_environment_variable(monkeypatch, caplog):
+    monkeypatch.setenv(FORCE_PYTORCH_ENV, "1")
+    assert force_pytorch_requested()
+    ms_deform_attn_func._logged_paths.clear()
+    with caplog.at_level(logging.INFO, logger="ddl_mask2former.ops"):
+        ms_deform_attn(*make_inputs(level_shapes=LEVELS))
+    assert any(FORCE_PYTORCH_ENV in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv(FORCE_PYTORCH_ENV, "0")
+    assert not force_pytorch_requested()
+    monkeypatch.setenv(FORCE_PYTORCH_ENV, "maybe")
+    with pytest.raises(ValueError, match=FORCE_PYTORCH_ENV):
+        ms_deform_attn(*make_inputs(level_shapes=LEVELS))
+
+
+@pytest.mark.parametrize("broken", ["value_dims", "shapes_dtype", "start_len", "heads", "weights", "total_len"])
+def test_bad_inputs_raise_clear_errors(broken):
+    value, shapes, starts, locations, weights = make_inputs(level_shapes=LEVELS)
+    if broken == "value_dims":
+        value = value[0]
+    elif broken == "shapes_dtype":
+        shapes = shapes.int()
+    elif broken == "start_len":
+        starts = starts[:-1]
+    elif broken == "heads":
+        locations = locations[:, :, :1]
+    elif broken == "weights":
+        weights = weights[..., :1]
+    elif broken == "total_len":
+        value = value[:, :-1]
+    with pytest.raises((ValueError, TypeError), match="ms_deform_attn"):
+        ms_deform_attn(value, shapes, starts, locations, weights)
+
+
+def test_half_precision_on_cpu_runs_close_to_float32():
+    inputs32 = make_inputs(level_shapes=LEVELS, dtype=torch.float32, seed=7)
+    inputs16 = [t.bfloat16() if t.is_floating_point() else t for t in inputs32]
+    output16 = ms_deform_attn(*inputs16)
+    assert output16.dtype == torch.bfloat16
+    torch.testing.assert_close(output16.float(), ms_deform_attn(*inputs32), rtol=5e-2, atol=5e-2)
