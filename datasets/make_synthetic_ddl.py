@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Write a synthetic dataset in DDL-I layout (stand-in for the real release).
+
+    python datasets/make_synthetic_ddl.py --out datasets/synthetic-ddl \
+        --num-train 200 --num-val 50 --num-test 20 --seed 0
+
+Writes OUT/train/{real,fake,masks}/*.png, OUT/val/..., optionally a flat unlabeled OUT/test/
+with its answers in OUT/test_answers/, and one manifest_<split>.jsonl per split describing
+every image (source photo, forgery type, forged fraction). See datasets/README.md.
+"""
+import argparse
+import os
+import sys
+import time
+
+try:
+    from ddl_mask2former.data.synthetic import generate_ddl_dataset
+except ImportError:
+    # Not installed (no `pip install -e .`): use the checkout this script lives in.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "projects", "DDLMask2Former"))
+    from ddl_mask2former.data.synthetic import generate_ddl_dataset
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output root (created if missing)")
+    parser.add_argument("--num-train", type=int, default=200, help="training images")
+    parser.add_argument("--num-val", type=int, default=50, help="validation images")
+    parser.add_argument("--num-test", type=int, default=0,
+                        help="images in a flat unlabeled test/ folder (answers in test_answers/)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
+    parser.add_argument("--fake-fraction", type=float, default=0.5, help="share of fake images")
+    parser.add_argument("--min-size", type=int, default=256, help="smallest image side (px)")
+    parser.add_argument("--max-size", type=int, default=768, help="largest image side (px)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes (the output does not depend on this)")
+    parser.add_argument("--val-folder", default="val", choices=("val", "valid"),
+                        help="name of the validation folder (the DDL-I release uses 'valid')")
+    parser.add_argument("--mask-folder", default="masks", choices=("masks", "mask"),
+                        help="name of the mask folder (some DDL-I copies use 'mask')")
+    args = parser.parse_args(argv)
+    for name in ("num_train", "num_val", "num_test"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if not 8 <= args.min_size <= args.max_size:
+        parser.error("need 8 <= --min-size <= --max-size")
+    if not 0.0 <= args.fake_fraction <= 1.0:
+        parser.error("--fake-fraction must be in [0, 1]")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = os.path.abspath(args.out)
+    start = time.perf_counter()
+    summaries = generate_ddl_dataset(
+        out, args.num_train, args.num_val, args.num_test, seed=args.seed,
+        fake_fraction=args.fake_fraction, min_size=args.min_size, max_size=args.max_size,
+        workers=args.workers, val_folder=args.val_folder, mask_folder=args.mask_folder)
+    seconds = time.perf_counter() - start
+    for summary in summaries:
+        kind = "unlabeled" if summary["split"] == "test" else "labeled"
+        print(f"wrote {summary['dir']}: {summary['num_images']} {kind} images "
+              f"({summary['num_real']} real, {summary['num_fake']} fake); "
+              f"manifest {summary['manifest']}")
+    total = sum(s["num_images"] for s in summaries)
+    print(f"synthetic DDL data: {total} images under {out} in {seconds:.1f} s (seed {args.seed})")
+
+
+if __name__ == "__main__":
+    main()

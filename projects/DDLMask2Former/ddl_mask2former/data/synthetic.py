@@ -1,0 +1,366 @@
+"""Synthetic DDL-format data: real photographs and subtle local forgeries with exact masks.
+
+This is the stand-in for DDL-I on machines without the release. Real images are random crops
+of the photographs bundled in scikit-image's wheel (``skimage.data``), rescaled and flipped,
+with sizes between ``min_size`` and ``max_size`` pixels per side. Fake images start from such a
+crop and receive forgeries that imitate DDL-I's types:
+
+* ``face_swap``: a large face-like ellipse replaced by content from another photograph,
+  colour-matched and feather-blended (face swapping / full-face synthesis);
+* ``reenact``: a large ellipse warped in place by a smooth displacement field (reenactment);
+* ``edit_warp``, ``edit_inpaint``, ``edit_resynth``: a small region warped, inpainted, or
+  re-synthesised at another scale (attribute / component editing);
+* ``multi``: two to four forged regions in one image (multi-face scenes).
+
+Every forgery leaves only subtle traces: resampling, feathered blending, a different noise
+level or a different JPEG quality inside the region. Real and fake images then share the
+same final "camera" processing (mild noise, optional JPEG round trip), so the global
+statistics do not give the label away. Masks are 0/255 PNGs marking pixels whose blend
+weight is above one half.
+
+Everything is deterministic for a seed: image ``i`` of a split draws from its own generator
+seeded with (seed, split, i), so the result does not depend on worker count or order.
+"""
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "SOURCE_PHOTOS",
+    "FORGERY_TYPES",
+    "load_source_photos",
+    "make_real_image",
+    "make_fake_image",
+    "generate_split",
+    "generate_ddl_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+# Photographs bundled inside the scikit-image wheel (no download); camera is grayscale.
+SOURCE_PHOTOS = (
+    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+    "immunohistochemistry", "retina", "motorcycle_left", "motorcycle_right", "camera",
+)
+FORGERY_TYPES = ("face_swap", "reenact", "edit_warp", "edit_inpaint", "edit_resynth", "multi")
+# Share of fake images per forgery type (in FORGERY_TYPES order).
+_FORGERY_TYPE_PROBS = (0.30, 0.10, 0.10, 0.10, 0.10, 0.30)
+_SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
+_INTERPOLATIONS = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4)
+
+_PHOTO_CACHE = {}
+
+
+def load_source_photos():
+    """Return {name: RGB uint8 array} for SOURCE_PHOTOS, loaded once per process."""
+    if not _PHOTO_CACHE:
+        import skimage.data  # imported lazily: only the generator needs scikit-image
+
+        left, right, _disparity = skimage.data.stereo_motorcycle()
+        for name in SOURCE_PHOTOS:
+            if name == "motorcycle_left":
+                photo = left
+            elif name == "motorcycle_right":
+                photo = right
+            else:
+                photo = getattr(skimage.data, name)()
+            if photo.ndim == 2:
+                photo = np.repeat(photo[:, :, None], 3, axis=2)
+            _PHOTO_CACHE[name] = np.ascontiguousarray(photo[:, :, :3].astype(np.uint8))
+    return _PHOTO_CACHE
+
+
+def _random_view(rng, photo, height, width):
+    """A random ``height`` x ``width`` crop of ``photo`` at a random scale, maybe flipped."""
+    src_h, src_w = photo.shape[:2]
+    # The smallest scale at which the crop fits, times a random zoom (>1 means upsampling).
+    min_scale = max(height / src_h, width / src_w)
+    scale = min_scale * rng.uniform(1.0, 2.0)
+    crop_h = min(src_h, max(2, int(np.ceil(height / scale))))
+    crop_w = min(src_w, max(2, int(np.ceil(width / scale))))
+    y0 = int(rng.integers(0, src_h - crop_h + 1))
+    x0 = int(rng.integers(0, src_w - crop_w + 1))
+    crop = photo[y0:y0 + crop_h, x0:x0 + crop_w]
+    interp = _INTERPOLATIONS[int(rng.integers(len(_INTERPOLATIONS)))]
+    view = cv2.resize(crop, (width, height), interpolation=interp)
+    if rng.random() < 0.5:
+        view = view[:, ::-1]
+    return np.ascontiguousarray(view)
+
+
+def _jpeg_round_trip(image, quality):
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("OpenCV failed to JPEG-encode a synthetic image")
+    return cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED).reshape(image.shape)
+
+
+def _add_noise(rng, image, sigma):
+    noisy = image.astype(np.float32) + rng.normal(0.0, sigma, image.shape).astype(np.float32)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+def _camera_pipeline(rng, image):
+    """Processing shared by real and fake images so global statistics carry no label."""
+    image = _add_noise(rng, image, rng.uniform(0.3, 1.5))
+    if rng.random() < 0.6:
+        image = _jpeg_round_trip(image, rng.integers(85, 99))
+    return image
+
+
+def _image_size(rng, min_size, max_size):
+    return int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1))
+
+
+def make_real_image(rng, photos, min_size=256, max_size=768):
+    """A real image: a random view of one photograph through the camera pipeline."""
+    names = sorted(photos)
+    height, width = _image_size(rng, min_size, max_size)
+    base = names[int(rng.integers(len(names)))]
+    image = _random_view(rng, photos[base], height, width)
+    return _camera_pipeline(rng, image), {"source": base}
+
+
+def _feathered_ellipse(rng, height, width, rel_axis_range, min_axis=3):
+    """A soft ellipse (float32 HxW alpha in [0,1]) at a random place, and its bounding box."""
+    short = min(height, width)
+    axis_x = max(min_axis, rng.uniform(*rel_axis_range) * short)
+    # Faces are taller than wide; the same shape serves small components.
+    axis_y = max(min_axis, axis_x * rng.uniform(1.0, 1.4))
+    center_x = rng.uniform(axis_x * 0.6, max(axis_x * 0.6, width - axis_x * 0.6))
+    center_y = rng.uniform(axis_y * 0.6, max(axis_y * 0.6, height - axis_y * 0.6))
+    angle = rng.uniform(-25.0, 25.0)
+    hard = np.zeros((height, width), np.uint8)
+    cv2.ellipse(hard, ((float(center_x), float(center_y)), (float(2 * axis_x), float(2 * axis_y)),
+                       float(angle)), 255, thickness=-1)
+    sigma = max(0.8, 0.12 * min(axis_x, axis_y))
+    alpha = cv2.GaussianBlur(hard.astype(np.float32) / 255.0, (0, 0), sigma)
+    ys, xs = np.nonzero(alpha > 1e-3)
+    if ys.size == 0:
+        return alpha, None
+    box = (int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
+    return alpha, box
+
+
+def _match_colour(donor, target, weight):
+    """Shift donor's per-channel mean/std towards target's, as face-swap pipelines do."""
+    donor_f = donor.astype(np.float32)
+    target_f = target.astype(np.float32)
+    d_mean, d_std = donor_f.mean(axis=(0, 1)), donor_f.std(axis=(0, 1)) + 1e-3
+    t_mean, t_std = target_f.mean(axis=(0, 1)), target_f.std(axis=(0, 1)) + 1e-3
+    matched = (donor_f - d_mean) / d_std * t_std + t_mean
+    return weight * matched + (1.0 - weight) * donor_f
+
+
+def _smooth_displacement(rng, height, width, amplitude):
+    grid = rng.uniform(-1.0, 1.0, (2, 4, 4)).astype(np.float32)
+    return [cv2.resize(g, (width, height), interpolation=cv2.INTER_CUBIC) * amplitude for g in grid]
+
+
+def _region_trace(rng, region):
+    """A local inconsistency: a different JPEG quality or noise level inside the region."""
+    if rng.random() < 0.5:
+        return _jpeg_round_trip(np.clip(np.rint(region), 0, 255).astype(np.uint8),
+                                rng.integers(55, 85)).astype(np.float32)
+    return region + rng.normal(0.0, rng.uniform(1.5, 3.5), region.shape).astype(np.float32)
+
+
+def _forge_region(rng, image, photos, base_name, kind, rel_axis_range):
+    """Apply one forgery of ``kind`` to ``image`` in place; return its alpha map (or None)."""
+    height, width = image.shape[:2]
+    alpha, box = _feathered_ellipse(rng, height, width, rel_axis_range)
+    if box is None:
+        return None
+    y0, y1, x0, x1 = box
+    patch = image[y0:y1, x0:x1]
+    patch_h, patch_w = patch.shape[:2]
+    inside = alpha[y0:y1, x0:x1] > 0.5
+    if kind == "face_swap":
+        donors = [n for n in sorted(photos) if n != base_name] or sorted(photos)
+        donor_photo = photos[donors[int(rng.integers(len(donors)))]]
+        donor = _random_view(rng, donor_photo, patch_h, patch_w)
+        if np.array_equal(patch[..., 0], patch[..., 1]) and np.array_equal(patch[..., 1], patch[..., 2]):
+            # A grayscale photo gets a grayscale donor, as a colour face would be a giveaway.
+            donor = np.repeat(cv2.cvtColor(donor, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+        if inside.any():
+            forged = _match_colour(donor[inside][:, None, :], patch[inside][:, None, :],
+                                   rng.uniform(0.6, 0.95))
+            edited = patch.astype(np.float32)
+            edited[inside] = forged[:, 0, :]
+            # Outside the hard ellipse the donor is matched with the same statistics.
+            edited_out = _match_colour(donor, patch, 0.8)
+            edited[~inside] = edited_out[~inside]
+        else:
+            edited = donor.astype(np.float32)
+        edited = _region_trace(rng, edited)
+    elif kind in ("reenact", "edit_warp"):
+        amplitude = rng.uniform(0.04, 0.10) * min(patch_h, patch_w) + 1.0
+        disp_x, disp_y = _smooth_displacement(rng, patch_h, patch_w, amplitude)
+        local_alpha = alpha[y0:y1, x0:x1]
+        grid_y, grid_x = np.mgrid[0:patch_h, 0:patch_w].astype(np.float32)
+        map_x = grid_x + disp_x * local_alpha
+        map_y = grid_y + disp_y * local_alpha
+        edited = cv2.remap(patch, map_x, map_y, cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+        if kind == "reenact":
+            edited = _region_trace(rng, edited)
+    elif kind == "edit_inpaint":
+        hole = inside.astype(np.uint8) * 255
+        radius = max(2, int(0.1 * min(patch_h, patch_w)))
+        edited = cv2.inpaint(np.ascontiguousarray(patch), hole, radius, cv2.INPAINT_TELEA)
+        # Inpainting is smooth; add a weaker grain than the camera's so the area is not flat.
+        edited = edited.astype(np.float32) + rng.normal(0.0, rng.uniform(0.5, 1.5),
+                                                        edited.shape).astype(np.float32)
+    elif kind == "edit_resynth":
+        factor = rng.uniform(0.35, 0.7)
+        small = cv2.resize(patch, (max(1, int(patch_w * factor)), max(1, int(patch_h * factor))),
+                           interpolation=cv2.INTER_AREA)
+        edited = cv2.resize(small, (patch_w, patch_h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        if rng.random() < 0.5:
+            # Some editors sharpen their output: unsharp mask.
+            blurred = cv2.GaussianBlur(edited, (0, 0), 1.0)
+            edited = edited + rng.uniform(0.3, 0.8) * (edited - blurred)
+    else:
+        raise ValueError(f"unknown forgery kind {kind!r}")
+    blend = alpha[y0:y1, x0:x1, None]
+    mixed = blend * edited + (1.0 - blend) * patch.astype(np.float32)
+    image[y0:y1, x0:x1] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return alpha
+
+
+def make_fake_image(rng, photos, min_size=256, max_size=768, forgery_type=None):
+    """A fake image, its bool forgery mask and a metadata dict (type, regions)."""
+    names = sorted(photos)
+    height, width = _image_size(rng, min_size, max_size)
+    base = names[int(rng.integers(len(names)))]
+    image = _random_view(rng, photos[base], height, width)
+    if forgery_type is None:
+        forgery_type = FORGERY_TYPES[int(rng.choice(len(FORGERY_TYPES), p=_FORGERY_TYPE_PROBS))]
+    large = (0.15, 0.32)
+    small = (0.05, 0.12)
+    if forgery_type == "multi":
+        kinds = [str(k) for k in rng.choice(["face_swap", "face_swap", "reenact", "edit_warp",
+                                             "edit_inpaint", "edit_resynth"],
+                                            size=int(rng.integers(2, 5)))]
+        ranges = [(0.10, 0.20) if k in ("face_swap", "reenact") else small for k in kinds]
+    elif forgery_type in ("face_swap", "reenact"):
+        kinds, ranges = [forgery_type], [large]
+    elif forgery_type in FORGERY_TYPES:
+        kinds, ranges = [forgery_type], [small]
+    else:
+        raise ValueError(f"unknown forgery type {forgery_type!r}; expected one of {FORGERY_TYPES}")
+    mask = np.zeros((height, width), bool)
+    for kind, rel_range in zip(kinds, ranges):
+        alpha = _forge_region(rng, image, photos, base, kind, rel_range)
+        if alpha is not None:
+            mask |= alpha > 0.5
+    if not mask.any():
+        # Degenerate tiny images: force one visible forged pixel block so the mask is not empty.
+        alpha = _forge_region(rng, image, photos, base, "edit_resynth", (0.3, 0.4))
+        mask |= alpha > 0.5
+    image = _camera_pipeline(rng, image)
+    return image, mask, {"source": base, "forgery_type": forgery_type, "regions": kinds}
+
+
+def _write_png(path, rgb_or_gray):
+    data = rgb_or_gray if rgb_or_gray.ndim == 2 else rgb_or_gray[:, :, ::-1]
+    # Fast zlib level: generation speed matters more than file size here.
+    if not cv2.imwrite(path, np.ascontiguousarray(data), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+        raise OSError(f"{path}: OpenCV could not write the PNG")
+
+
+def _generate_one(job):
+    """Worker: make and write one image (and mask); return its manifest record."""
+    (seed, split_id, index, is_fake, image_path, mask_path, min_size, max_size) = job
+    cv2.setNumThreads(1)
+    rng = np.random.default_rng([seed, split_id, index])
+    photos = load_source_photos()
+    if is_fake:
+        image, mask, meta = make_fake_image(rng, photos, min_size, max_size)
+        if mask_path is not None:
+            _write_png(mask_path, mask.astype(np.uint8) * 255)
+        meta["forged_fraction"] = round(float(mask.mean()), 4)
+    else:
+        image, meta = make_real_image(rng, photos, min_size, max_size)
+    _write_png(image_path, image)
+    meta.update(file=os.path.basename(image_path), label=int(is_fake),
+                height=int(image.shape[0]), width=int(image.shape[1]))
+    return meta
+
+
+def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_size=256,
+                   max_size=768, workers=1, folder_name=None, mask_folder="masks", flat=False,
+                   answers_dir=None):
+    """Write one split in DDL layout and return a summary dict.
+
+    Labeled splits go to ``out_dir/<folder_name>/{real,fake,<mask_folder>}``. With
+    ``flat=True`` (the unlabeled test split) all images go to ``out_dir/<folder_name>/`` and,
+    if ``answers_dir`` is given, labels and masks are written there instead (for scoring).
+    File names never reveal the label.
+    """
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+    if not 0.0 <= fake_fraction <= 1.0:
+        raise ValueError(f"fake_fraction must be in [0, 1], got {fake_fraction}")
+    if not 8 <= min_size <= max_size:
+        raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+    split_dir = os.path.join(out_dir, folder_name or split)
+    num_fake = int(round(num_images * fake_fraction))
+    labels = np.array([1] * num_fake + [0] * (num_images - num_fake), bool)
+    # Label order comes from its own stream so it does not shift any image's content.
+    np.random.default_rng([seed, _SPLIT_IDS[split], 2**31]).shuffle(labels)
+    if flat:
+        image_dirs = {0: split_dir, 1: split_dir}
+        mask_dir = os.path.join(answers_dir, mask_folder) if answers_dir else None
+    else:
+        image_dirs = {0: os.path.join(split_dir, "real"), 1: os.path.join(split_dir, "fake")}
+        mask_dir = os.path.join(split_dir, mask_folder)
+    for folder in set(image_dirs.values()) | ({mask_dir} if mask_dir else set()):
+        os.makedirs(folder, exist_ok=True)
+    jobs = []
+    for index, is_fake in enumerate(labels):
+        name = f"{split}_{index:06d}.png"
+        mask_path = os.path.join(mask_dir, name) if (is_fake and mask_dir) else None
+        jobs.append((seed, _SPLIT_IDS[split], index, bool(is_fake),
+                     os.path.join(image_dirs[int(is_fake)], name), mask_path, min_size, max_size))
+    records = _run_jobs(jobs, workers)
+    manifest_dir = answers_dir if (flat and answers_dir) else out_dir
+    manifest = os.path.join(manifest_dir, f"manifest_{folder_name or split}.jsonl")
+    with open(manifest, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+    return {"split": split, "dir": split_dir, "num_images": num_images, "num_fake": num_fake,
+            "num_real": num_images - num_fake, "manifest": manifest}
+
+
+def _run_jobs(jobs, workers):
+    if workers <= 1 or len(jobs) < 8:
+        return [_generate_one(job) for job in jobs]
+    chunk = max(1, len(jobs) // (workers * 8))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_generate_one, jobs, chunksize=chunk))
+
+
+def generate_ddl_dataset(out_dir, num_train, num_val, num_test=0, seed=0, fake_fraction=0.5,
+                         min_size=256, max_size=768, workers=1, val_folder="val",
+                         mask_folder="masks"):
+    """Write train/, val/ (or ``val_folder``) and optionally a flat test/ under ``out_dir``.
+
+    The test split's labels and masks go to ``out_dir/test_answers/`` so submissions can be
+    scored; ``test/`` itself holds only images, like the DDL-I release.
+    """
+    summaries = []
+    for split, count, folder in (("train", num_train, "train"), ("val", num_val, val_folder)):
+        if count > 0:
+            summaries.append(generate_split(out_dir, split, count, seed, fake_fraction, min_size,
+                                            max_size, workers, folder, mask_folder))
+    if num_test > 0:
+        answers = os.path.join(out_dir, "test_answers")
+        summaries.append(generate_split(out_dir, "test", num_test, seed, fake_fraction, min_size,
+                                        max_size, workers, "test", mask_folder, flat=True,
+                                        answers_dir=answers))
+    return summaries
