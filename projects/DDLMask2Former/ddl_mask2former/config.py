@@ -30,6 +30,7 @@ def _add_solver_config(cfg):
     # detectron2 already has WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_BIAS, BIAS_LR_FACTOR,
     # WARMUP_*, LR_SCHEDULER_NAME, CLIP_GRADIENTS.*, AMP.ENABLED and CHECKPOINT_PERIOD; those
     # are reused (their meaning is extended where noted), only the missing ones are added here.
+    # LR_SCHEDULER_NAME accepts "WarmupPolyLR" besides detectron2's schedulers.
     # "ADAMW" (the paper's optimizer) or "SGD" (uses SOLVER.MOMENTUM / SOLVER.NESTEROV).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # AdamW betas.
@@ -42,10 +43,8 @@ def _add_solver_config(cfg):
     cfg.SOLVER.POLY_LR_POWER = 0.9
     # Floor of the poly decay as a fraction of BASE_LR (0 decays to zero at MAX_ITER).
     cfg.SOLVER.POLY_LR_CONSTANT_ENDING = 0.0
-    # CLIP_GRADIENTS.CLIP_TYPE may also be "full_model": one norm over all parameters together.
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
-    # Max gradient norm (full_model / norm) or max absolute value (value).
-    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE accepts "full_model" besides detectron2's per-parameter
+    # "value" / "norm": one norm over all parameters together, capped at CLIP_VALUE.
     # Let DDP tolerate parameters without gradients (e.g. one branch disabled); slower when on.
     cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS = False
     # Iterations between log lines / metrics.json / TensorBoard writes.

@@ -1,0 +1,19 @@
+"""Training and inference plumbing: the detectron2 Trainer, optimizer groups, schedules,
+hooks, and the overlay rendering used by tools/demo.py."""
+from .hooks import NonFiniteLossError, NonFiniteLossHook
+from .lr_scheduler import PolyParamScheduler, build_lr_scheduler
+from .optimizer import build_optimizer, build_param_groups, with_gradient_clipping
+from .trainer import AtomicDetectionCheckpointer, Trainer, build_ddp_model
+
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "NonFiniteLossError",
+    "NonFiniteLossHook",
+    "PolyParamScheduler",
+    "Trainer",
+    "build_ddp_model",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "build_param_groups",
+    "with_gradient_clipping",
+]

@@ -1,0 +1,152 @@
+"""The detectron2 Trainer for DDL-Mask2Former, usable on GPUs and on CPUs (one or many processes)."""
+import logging
+import os
+import weakref
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from .hooks import NonFiniteLossHook
+from .lr_scheduler import build_lr_scheduler
+from .optimizer import build_optimizer
+
+__all__ = ["AtomicDetectionCheckpointer", "Trainer", "build_ddp_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_ddp_model(model, find_unused_parameters=False):
+    """Wrap ``model`` in DistributedDataParallel when more than one process runs.
+
+    detectron2's ``create_ddp_model`` always passes ``device_ids``, which DDP rejects for a
+    CPU module; here ``device_ids`` is set only for a CUDA module, from its own device.
+    """
+    if comm.get_world_size() == 1:
+        return model
+    device = next(model.parameters()).device
+    kwargs = {"broadcast_buffers": False, "find_unused_parameters": find_unused_parameters}
+    if device.type == "cuda":
+        kwargs["device_ids"] = [device.index if device.index is not None else comm.get_local_rank()]
+    return DistributedDataParallel(model, **kwargs)
+
+
+class AtomicDetectionCheckpointer(DetectionCheckpointer):
+    """A DetectionCheckpointer whose files are never half written.
+
+    A checkpoint is written to a temporary file and renamed into place, then
+    ``last_checkpoint`` is updated the same way, so a process killed at any moment
+    (``kill -9``) leaves the previous checkpoint intact and ``--resume`` works.
+    """
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        self._write_atomically(save_file, lambda f: torch.save(data, f), mode="wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        self._write_atomically(save_file, lambda f: f.write(last_filename_basename), mode="w")
+
+    def _write_atomically(self, path, write, mode):
+        local_path = self.path_manager.get_local_path(os.path.dirname(path) or ".")
+        if not os.path.isdir(local_path):
+            # Not a plain local folder (e.g. a remote store): fall back to a direct write.
+            with self.path_manager.open(path, mode) as f:
+                write(f)
+            return
+        tmp_path = f"{path}.tmp.{os.getpid()}"
+        with open(tmp_path, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the DDL mapper, the DDL evaluator, parameter groups, a poly
+    schedule, CPU-capable DDP and a stop on non-finite losses."""
+
+    def __init__(self, cfg):
+        # Same construction order as DefaultTrainer.__init__, with two changes: DDP comes from
+        # build_ddp_model (works for CPU modules) and a NonFiniteLossHook watches the losses.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = build_ddp_model(model, cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS)
+
+        use_amp = cfg.SOLVER.AMP.ENABLED
+        if use_amp and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+            logger.warning("SOLVER.AMP.ENABLED is ignored on MODEL.DEVICE=%s (CUDA only)", cfg.MODEL.DEVICE)
+            use_amp = False
+        self._trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, data_loader, optimizer)
+        self.non_finite_loss_hook = NonFiniteLossHook(model)
+        # after_backward is called by the inner trainer's run_step, so the hook lives there.
+        self._trainer.register_hooks([self.non_finite_loss_hook])
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """detectron2's default hooks, with the log/metrics period from SOLVER.LOG_PERIOD."""
+        ret = super().build_hooks()
+        for i, hook in enumerate(ret):
+            if isinstance(hook, hooks.PeriodicWriter):
+                # Reuse its writers: building new ones would open a second TensorBoard file.
+                ret[i] = hooks.PeriodicWriter(hook._writers, period=self.cfg.SOLVER.LOG_PERIOD)
+        return ret
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from ..data import DDLDatasetMapper
+
+        return build_detection_train_loader(cfg, mapper=DDLDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from ..data import DDLDatasetMapper
+
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=DDLDatasetMapper(cfg, is_train=False)
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from ..evaluation import DDLEvaluator
+
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        export_root = cfg.TEST.DDL_EXPORT_DIR
+        export_dir = os.path.join(export_root, dataset_name) if export_root else None
+        return DDLEvaluator(dataset_name, output_dir=output_folder, export_dir=export_dir)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
