@@ -135,13 +135,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from ..evaluation import DDLEvaluator
+        """DDLEvaluator from cfg.TEST.* (export to TEST.EXPORT_DIR when set)."""
+        from ..evaluation import build_ddl_evaluator
 
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        export_root = cfg.TEST.DDL_EXPORT_DIR
-        export_dir = os.path.join(export_root, dataset_name) if export_root else None
-        return DDLEvaluator(dataset_name, output_dir=output_folder, export_dir=export_dir)
+        return build_ddl_evaluator(cfg, dataset_name, output_dir=output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -10,7 +10,8 @@ import numpy as np
 
 __all__ = ["forged_area_fraction", "format_caption", "render_forgery_overlay"]
 
-_CONTOUR_RGB = (0, 255, 0)
+# Magenta: absent from the JET heat map, so the outline stays visible at mask_prob 0.5.
+_CONTOUR_RGB = (255, 0, 255)
 _FAKE_BANNER_RGB = (200, 30, 30)
 _REAL_BANNER_RGB = (30, 140, 30)
 _NEUTRAL_BANNER_RGB = (60, 60, 60)

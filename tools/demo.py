@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Run a trained DDL-Mask2Former on images and draw what it sees.
+
+    python tools/demo.py --config-file cfg.yaml --input photo.jpg 'shots/*.png' folder/ \
+        --output demo_out --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
+
+For each readable image it writes ``OUTPUT/<name>_overlay.png`` (heat map of ``mask_prob``,
+outline of the predicted ``mask``, caption "FAKE 0.97" / "REAL 0.03") and prints one JSON
+line on stdout: ``{"file", "fake_prob", "forged_area_fraction", "output"}`` (the same lines
+go to ``OUTPUT/predictions.jsonl``). Images are resized to the config's test scale for
+inference; the overlay and fraction are at the original size. Progress and problems go to
+stderr; inputs that cannot be read are named there and skipped, and the exit code is 1 if
+any input failed, 2 for a bad command line.
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+try:
+    import ddl_mask2former  # noqa: F401  (installed with pip install -e .)
+except ModuleNotFoundError:
+    # Not installed: use the package from this checkout, wherever the command runs from.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "DDLMask2Former"))
+    import ddl_mask2former  # noqa: F401
+
+import cv2
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+logger = logging.getLogger("ddl_mask2former.demo")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="model config")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="image files, glob patterns (quote them) or folders (searched "
+                             "recursively for " + " ".join(IMAGE_EXTENSIONS) + ")")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the overlays")
+    parser.add_argument("--alpha", type=float, default=0.6,
+                        help="heat-map opacity where mask_prob is 1 (default 0.6)")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs, e.g. MODEL.WEIGHTS model.pth")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error("--alpha must be in [0, 1]")
+    return args
+
+
+def collect_inputs(specs):
+    """Expand files, globs and folders into a sorted, de-duplicated list of image paths.
+
+    Returns (paths, problems): problems name each input that matched nothing.
+    """
+    paths, problems = [], []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(
+                str(p) for p in Path(spec).rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                problems.append((spec, "folder holds no image files (" + ", ".join(IMAGE_EXTENSIONS) + ")"))
+        elif glob.has_magic(spec):
+            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not found:
+                problems.append((spec, "pattern matches no file"))
+        else:
+            # A named file is always tried, whatever its extension; reading it will tell.
+            found = [spec]
+        paths.extend(found)
+    unique, seen = [], set()
+    for path in paths:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique, problems
+
+
+def setup_cfg(args):
+    from detectron2.config import get_cfg
+
+    from ddl_mask2former.config import add_ddl_mask2former_config
+
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"config file not found: {args.config_file}")
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+class ForgeryPredictor:
+    """Loads the model once and predicts one image at a time, at the config's test scale."""
+
+    def __init__(self, cfg):
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.modeling import build_model
+
+        from ddl_mask2former.data import DDLDatasetMapper
+
+        ddl_mask2former.register_all()
+        self.model = build_model(cfg)
+        self.model.eval()
+        if cfg.MODEL.WEIGHTS:
+            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        else:
+            logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
+        self.mapper = DDLDatasetMapper(cfg, is_train=False)
+
+    def __call__(self, path):
+        """Return (image RGB uint8 at original size, prediction dict of numpy values)."""
+        from ddl_mask2former.data.image_header import read_image_size
+        from ddl_mask2former.data.image_io import read_image
+
+        height, width = read_image_size(path)
+        record = self.mapper({"file_name": path, "image_id": os.path.basename(path),
+                              "height": height, "width": width})
+        with torch.no_grad():
+            output = self.model([record])[0]
+        prediction = {}
+        if "fake_prob" in output:
+            prediction["fake_prob"] = float(output["fake_prob"])
+        if "mask_prob" in output:
+            prediction["mask_prob"] = output["mask_prob"].float().cpu().numpy()
+            prediction["mask"] = output["mask"].cpu().numpy().astype(bool)
+        return read_image(path, format="RGB"), prediction
+
+
+def _overlay_path(output_dir, path, used):
+    stem = Path(path).stem or "image"
+    name, suffix = f"{stem}_overlay.png", 1
+    # Same file name in two input folders: keep both pictures.
+    while name in used:
+        name = f"{stem}_{suffix}_overlay.png"
+        suffix += 1
+    used.add(name)
+    return os.path.join(output_dir, name)
+
+
+def run(args):
+    from ddl_mask2former.data.image_io import DDLDataError
+    from ddl_mask2former.engine.visualization import forged_area_fraction, render_forgery_overlay
+
+    paths, failures = collect_inputs(args.input)
+    for spec, problem in failures:
+        logger.error("%s: %s", spec, problem)
+    if not paths:
+        logger.error("no input images to process")
+        return 1
+
+    cfg = setup_cfg(args)
+    predictor = ForgeryPredictor(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    jsonl_path = os.path.join(args.output, "predictions.jsonl")
+    used_names, done = set(), 0
+    start = time.perf_counter()
+    with open(jsonl_path, "w") as jsonl:
+        for index, path in enumerate(paths, 1):
+            tick = time.perf_counter()
+            try:
+                image, prediction = predictor(path)
+            except (DDLDataError, OSError) as exc:
+                # The reader's message already starts with the file name.
+                message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+                logger.error("[%d/%d] skipped %s", index, len(paths), message)
+                failures.append((path, str(exc)))
+                continue
+            mask = prediction.get("mask")
+            overlay = render_forgery_overlay(
+                image, prediction.get("mask_prob"), mask, prediction.get("fake_prob"),
+                alpha=args.alpha,
+            )
+            out_path = _overlay_path(args.output, path, used_names)
+            if not cv2.imwrite(out_path, np.ascontiguousarray(overlay[:, :, ::-1])):
+                logger.error("[%d/%d] %s: cannot write %s", index, len(paths), path, out_path)
+                failures.append((path, f"cannot write {out_path}"))
+                continue
+            line = json.dumps({
+                "file": path,
+                "fake_prob": prediction.get("fake_prob"),
+                "forged_area_fraction": None if mask is None else forged_area_fraction(mask),
+                "output": out_path,
+            })
+            print(line, flush=True)
+            jsonl.write(line + "\n")
+            done += 1
+            logger.info("[%d/%d] %s -> %s (%.2f s)", index, len(paths), path, out_path,
+                        time.perf_counter() - tick)
+    elapsed = time.perf_counter() - start
+    logger.info("%d of %d images done in %.1f s; overlays and predictions.jsonl in %s",
+                done, len(paths), elapsed, os.path.abspath(args.output))
+    if failures:
+        logger.error("%d input(s) failed: %s", len(failures), ", ".join(str(f[0]) for f in failures))
+        return 1
+    return 0
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except FileNotFoundError as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

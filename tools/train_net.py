@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Train or evaluate DDL-Mask2Former with detectron2.
+
+Examples:
+    # train on one GPU (or CPU with MODEL.DEVICE cpu), resume after an interruption
+    python tools/train_net.py --config-file configs/ddl-i/swin_tiny.yaml --num-gpus 1
+    python tools/train_net.py --config-file configs/ddl-i/swin_tiny.yaml --resume
+    # two CPU processes over gloo
+    python tools/train_net.py --config-file cfg.yaml --num-gpus 2 MODEL.DEVICE cpu
+    # evaluate a checkpoint (and export predictions when the config names an export folder)
+    python tools/train_net.py --config-file cfg.yaml --eval-only MODEL.WEIGHTS model_final.pth
+
+Trailing ``KEY VALUE`` pairs override the config. Relative paths (config file, OUTPUT_DIR,
+MODEL.WEIGHTS) are relative to the current directory; the script runs from any directory.
+"""
+import logging
+import os
+import sys
+from pathlib import Path
+
+try:
+    import ddl_mask2former  # noqa: F401  (installed with pip install -e .)
+except ModuleNotFoundError:
+    # Not installed: use the package from this checkout, wherever the command runs from.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "DDLMask2Former"))
+    import ddl_mask2former  # noqa: F401
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ddl_mask2former.config import add_ddl_mask2former_config
+from ddl_mask2former.engine import Trainer
+
+
+def setup(args):
+    """Build the frozen config from the DDL defaults, the config file and the overrides."""
+    if not args.config_file:
+        raise SystemExit("train_net.py: --config-file is required")
+    if not os.path.isfile(args.config_file):
+        raise SystemExit(f"train_net.py: config file not found: {args.config_file}")
+    ddl_mask2former.register_all()
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ddl_mask2former")
+    return cfg
+
+
+def _share_cpu_threads(cfg):
+    """Give each CPU process an equal share of the cores instead of all of them each."""
+    if torch.device(cfg.MODEL.DEVICE).type != "cpu":
+        return
+    local_processes = comm.get_local_size()
+    if local_processes > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+
+
+def main(args):
+    cfg = setup(args)
+    _share_cpu_threads(cfg)
+    logger = logging.getLogger("ddl_mask2former")
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+            logger.info("Evaluation outputs are under %s", os.path.abspath(cfg.OUTPUT_DIR))
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    if args.resume and trainer.start_iter > 0:
+        logger.info("Resumed at iteration %d of %d", trainer.start_iter, trainer.max_iter)
+    results = trainer.train()
+    if comm.is_main_process():
+        logger.info(
+            "Training finished; checkpoints, metrics.json and TensorBoard events are in %s",
+            os.path.abspath(cfg.OUTPUT_DIR),
+        )
+    return results
+
+
+def invoke_main():
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()
