@@ -15,14 +15,151 @@ def add_ddl_mask2former_config(cfg):
 
 def _add_model_config(cfg):
     """Backbones, pixel decoder, transformer decoder, detection head, losses."""
+    # Swin backbone (timm trunk), used when MODEL.BACKBONE.NAME is "build_swin_backbone".
+    cfg.MODEL.SWIN = CN()
+    # Channels of stage 1; stage i has EMBED_DIM * 2**i (Swin-T/S: 96).
+    cfg.MODEL.SWIN.EMBED_DIM = 96
+    # Blocks per stage (Swin-T: [2, 2, 6, 2], Swin-S: [2, 2, 18, 2]).
+    cfg.MODEL.SWIN.DEPTHS = [2, 2, 6, 2]
+    # Attention heads per stage (Swin-T/S: [3, 6, 12, 24]).
+    cfg.MODEL.SWIN.NUM_HEADS = [3, 6, 12, 24]
+    # Attention window side in tokens; shift is half of it.
+    cfg.MODEL.SWIN.WINDOW_SIZE = 7
+    # Patch-embedding stride (res2 stride); inputs must be multiples of PATCH_SIZE * 2**(stages-1).
+    cfg.MODEL.SWIN.PATCH_SIZE = 4
+    # FFN width as a multiple of the stage width.
+    cfg.MODEL.SWIN.MLP_RATIO = 4.0
+    # Stochastic-depth rate, linearly increasing over blocks up to this value.
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3
+    # Stages returned (res2..res5 = strides 4..32).
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # LayerNorm on each returned stage (Swin's detection/segmentation convention).
+    cfg.MODEL.SWIN.OUT_NORM = True
+
+    cfg.MODEL.DDL = CN()
+    # Branches to build and run: any non-empty subset of ["detection", "localization"].
+    cfg.MODEL.DDL.TASKS = ["detection", "localization"]
+    # Batched inputs are padded to a multiple of this (raised to the backbone's own need).
+    cfg.MODEL.DDL.SIZE_DIVISIBILITY = 32
+
+    # Detection head: global average pooling + one linear layer.
+    cfg.MODEL.DDL.DET_HEAD = CN()
+    # Backbone maps pooled and concatenated before the linear layer.
+    cfg.MODEL.DDL.DET_HEAD.IN_FEATURES = ["res5"]
+    # Dropout on the pooled vector.
+    cfg.MODEL.DDL.DET_HEAD.DROPOUT = 0.0
+
+    # Pixel decoder (registry DDL_PIXEL_DECODER).
+    cfg.MODEL.DDL.PIXEL_DECODER = CN()
+    # Registered pixel decoder class.
+    cfg.MODEL.DDL.PIXEL_DECODER.NAME = "MSDeformAttnPixelDecoder"
+    # Backbone maps the pixel decoder reads (the finest one sets the mask resolution).
+    cfg.MODEL.DDL.PIXEL_DECODER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Maps refined by the deformable encoder (the others join through the FPN path).
+    cfg.MODEL.DDL.PIXEL_DECODER.DEFORM_IN_FEATURES = ["res3", "res4", "res5"]
+    # Width of the encoder and FPN maps.
+    cfg.MODEL.DDL.PIXEL_DECODER.CONV_DIM = 256
+    # Channels of the per-pixel embeddings P.
+    cfg.MODEL.DDL.PIXEL_DECODER.MASK_DIM = 256
+    # Deformable-attention encoder layers.
+    cfg.MODEL.DDL.PIXEL_DECODER.ENCODER_LAYERS = 6
+    # Heads of each deformable attention.
+    cfg.MODEL.DDL.PIXEL_DECODER.ENCODER_HEADS = 8
+    # Sampling points per head and level.
+    cfg.MODEL.DDL.PIXEL_DECODER.ENCODER_POINTS = 4
+    # FFN width of each encoder layer.
+    cfg.MODEL.DDL.PIXEL_DECODER.ENCODER_FFN_DIM = 1024
+    # Dropout in the encoder layers.
+    cfg.MODEL.DDL.PIXEL_DECODER.DROPOUT = 0.0
+
+    # Masked-attention transformer decoder (registry DDL_TRANSFORMER_DECODER).
+    cfg.MODEL.DDL.TRANSFORMER_DECODER = CN()
+    # Registered transformer decoder class.
+    cfg.MODEL.DDL.TRANSFORMER_DECODER.NAME = "MaskedAttentionDecoder"
+    # Query width.
+    cfg.MODEL.DDL.TRANSFORMER_DECODER.HIDDEN_DIM = 256
+    # Learnable queries N.
+    cfg.MODEL.DDL.TRANSFORMER_DECODER.NUM_QUERIES = 100
+    # Attention heads.
+    cfg.MODEL.DDL.TRANSFORMER_DECODER.NHEADS = 8
+    # FFN width of each layer.
+    cfg.MODEL.DDL.TRANSFORMER_DECODER.DIM_FEEDFORWARD = 2048
+    # Decoder layers L (exactly this many; plus one prediction from the initial queries).
+    cfg.MODEL.DDL.TRANSFORMER_DECODER.DEC_LAYERS = 9
+    # Dropout in the decoder layers.
+    cfg.MODEL.DDL.TRANSFORMER_DECODER.DROPOUT = 0.0
+
+    # Losses; the matcher uses the same class/mask/dice weights and NUM_POINTS as its costs.
+    cfg.MODEL.DDL.LOSS = CN()
+    # lambda_det of eq. 5 (detection BCE).
+    cfg.MODEL.DDL.LOSS.DET_WEIGHT = 0.1
+    # lambda_loc of eq. 5 (scales every localization term).
+    cfg.MODEL.DDL.LOSS.LOC_WEIGHT = 1.0
+    # Weight of the confidence BCE (L_cls).
+    cfg.MODEL.DDL.LOSS.CLASS_WEIGHT = 2.0
+    # Weight of the point-sampled mask BCE.
+    cfg.MODEL.DDL.LOSS.MASK_WEIGHT = 5.0
+    # Weight of the point-sampled Dice loss.
+    cfg.MODEL.DDL.LOSS.DICE_WEIGHT = 5.0
+    # Relative weight of unmatched ("no object") queries in L_cls.
+    cfg.MODEL.DDL.LOSS.NO_OBJECT_WEIGHT = 0.1
+    # Supervise the initial queries' and every layer's predictions, not just the last.
+    cfg.MODEL.DDL.LOSS.DEEP_SUPERVISION = True
+    # Points per mask for the mask losses and matching costs.
+    cfg.MODEL.DDL.LOSS.NUM_POINTS = 12544
+    # Candidate points drawn per kept point before importance selection.
+    cfg.MODEL.DDL.LOSS.OVERSAMPLE_RATIO = 3.0
+    # Fraction of points chosen by uncertainty (the rest uniformly at random).
+    cfg.MODEL.DDL.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
 
 
 def _add_data_config(cfg):
     """DDL-I datasets, mapper and augmentations."""
+    # detectron2's INPUT.FORMAT, INPUT.RANDOM_FLIP and INPUT.CROP.* are reused by DDLDatasetMapper;
+    # only their defaults change here. MIN_SIZE_*/MAX_SIZE_* are not used (BASE_SCALE replaces them).
+    # Channel order of mapper images; the paper's ImageNet-pretrained backbones expect RGB.
+    cfg.INPUT.FORMAT = "RGB"
+    # Training random crop, always an absolute (H, W) in pixels; smaller images are padded up to it.
+    cfg.INPUT.CROP.ENABLED = True
+    # Must stay "absolute" for DDL training (the mapper rejects other crop types).
+    cfg.INPUT.CROP.TYPE = "absolute"
+    # Crop (H, W) (paper: 512x512).
+    cfg.INPUT.CROP.SIZE = (512, 512)
+    # Keep-ratio resize target (long, short): long side <= long, short side <= short (paper: 2048x512).
+    cfg.INPUT.BASE_SCALE = (2048, 512)
+    # Training multiplies BASE_SCALE by a ratio drawn uniformly from this range (paper: [0.5, 2.0]).
+    cfg.INPUT.RATIO_RANGE = (0.5, 2.0)
+    # A mask pixel is forged when its 8-bit gray value is above this (0/255 masks: any value 0-254).
+    cfg.INPUT.MASK_THRESHOLD = 127
+    # Photometric distortion of training images (MMSegmentation's PhotoMetricDistortion).
+    cfg.INPUT.PHOTOMETRIC = CN()
+    # Apply it at all.
+    cfg.INPUT.PHOTOMETRIC.ENABLED = True
+    # Probability of each of the four changes (brightness, contrast, saturation, hue).
+    cfg.INPUT.PHOTOMETRIC.PROB = 0.5
+    # Brightness: add a value drawn from [-delta, delta] (8-bit scale).
+    cfg.INPUT.PHOTOMETRIC.BRIGHTNESS_DELTA = 32
+    # Contrast: multiply by a factor drawn from this range.
+    cfg.INPUT.PHOTOMETRIC.CONTRAST_RANGE = (0.5, 1.5)
+    # Saturation: multiply the HSV saturation by a factor drawn from this range.
+    cfg.INPUT.PHOTOMETRIC.SATURATION_RANGE = (0.5, 1.5)
+    # Hue: shift by an integer in [-delta, delta] in OpenCV 8-bit hue units (180 = full circle).
+    cfg.INPUT.PHOTOMETRIC.HUE_DELTA = 18
+    # Training drops samples whose files are unreadable (each logged with its file, and counted).
+    cfg.DATALOADER.SKIP_BAD_SAMPLES = False
 
 
 def _add_evaluation_config(cfg):
     """DDL evaluator, export of challenge submissions."""
+    # Folder for the challenge submission written during evaluation: prediction.txt, mask/,
+    # prob/ (one subfolder per dataset when DATASETS.TEST has several); "" exports nothing.
+    cfg.TEST.EXPORT_DIR = ""
+    # Also export 8-bit forgery probability maps to prob/ (tools/ensemble.py fuses them).
+    cfg.TEST.EXPORT_PROB = True
+    # Also zip prediction.txt and mask/ into submission.zip, the archive the challenge accepts.
+    cfg.TEST.EXPORT_ZIP = False
+    # Dataset-dict key (e.g. a forgery type) to break metrics down by; "" for no breakdown.
+    cfg.TEST.EVAL_GROUP_KEY = ""
 
 
 def _add_solver_config(cfg):

@@ -1,0 +1,118 @@
+"""Augmentations of the paper (sec. 4.1), as detectron2 Augmentations.
+
+The paper follows MMSegmentation's pipeline: keep-ratio resize to a base scale of 2048x512
+times a random ratio in [0.5, 2.0], random 512x512 crop, random horizontal flip, photometric
+distortion, then padding to the crop size. detectron2's RandomCrop and RandomFlip are used
+as they are; the resize, the photometric distortion and the padding are written here.
+Every geometric step is a detectron2 Transform, so the forgery mask follows the image
+exactly (nearest-neighbour for the mask); photometric steps touch only the image.
+"""
+import cv2
+import numpy as np
+from detectron2.data import transforms as T
+from fvcore.transforms.transform import PadTransform
+from PIL import Image
+
+__all__ = ["BaseScaleResize", "PhotometricDistortion", "PadToSize", "base_scale_size"]
+
+
+def base_scale_size(height, width, base_scale, ratio=1.0):
+    """Output (height, width) of a keep-ratio resize to ``base_scale`` times ``ratio``.
+
+    ``base_scale`` = (long, short): the long side becomes at most long*ratio and the short
+    side at most short*ratio, whichever is reached first (MMSegmentation's "scale" for
+    keep_ratio=True, which may enlarge small images).
+    """
+    long_target = max(base_scale) * ratio
+    short_target = min(base_scale) * ratio
+    factor = min(long_target / max(height, width), short_target / min(height, width))
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
+class BaseScaleResize(T.Augmentation):
+    """Keep-ratio resize to ``base_scale`` times a ratio drawn uniformly from ``ratio_range``."""
+
+    def __init__(self, base_scale=(2048, 512), ratio_range=(1.0, 1.0), interp=Image.BILINEAR):
+        super().__init__()
+        if len(base_scale) != 2 or min(base_scale) <= 0:
+            raise ValueError(f"base_scale must be two positive sizes, got {base_scale}")
+        if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
+        self._init(locals())
+
+    def get_transform(self, image):
+        height, width = image.shape[:2]
+        low, high = self.ratio_range
+        ratio = np.random.uniform(low, high) if high > low else low
+        new_h, new_w = base_scale_size(height, width, self.base_scale, ratio)
+        if (new_h, new_w) == (height, width):
+            return T.NoOpTransform()
+        return T.ResizeTransform(height, width, new_h, new_w, self.interp)
+
+
+def _distort_photometric(image, brightness, contrast, contrast_first, saturation, hue):
+    """Apply the drawn photometric changes to a uint8 RGB image (None = skip that change)."""
+    result = image.astype(np.float32)
+    if brightness is not None:
+        result = np.clip(result + brightness, 0, 255)
+    if contrast is not None and contrast_first:
+        result = np.clip(result * contrast, 0, 255)
+    if saturation is not None or hue is not None:
+        hsv = cv2.cvtColor(result.astype(np.uint8), cv2.COLOR_RGB2HSV)
+        if saturation is not None:
+            hsv[:, :, 1] = np.clip(hsv[:, :, 1].astype(np.float32) * saturation, 0, 255).astype(np.uint8)
+        if hue is not None:
+            # OpenCV 8-bit hue runs over 0..179 for a full circle.
+            hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.int32) + hue) % 180).astype(np.uint8)
+        result = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
+    if contrast is not None and not contrast_first:
+        result = np.clip(result * contrast, 0, 255)
+    return result.astype(np.uint8)
+
+
+class PhotometricDistortion(T.Augmentation):
+    """Random brightness, contrast, saturation and hue (MMSegmentation's PhotoMetricDistortion).
+
+    Each change happens with probability ``prob``: brightness adds a value in
+    [-brightness_delta, brightness_delta]; contrast and saturation multiply by a factor from
+    their ranges; hue shifts by up to ``hue_delta`` in OpenCV 8-bit hue units (180 = full
+    circle). Contrast goes before or after the HSV changes with equal chance. Input must be
+    uint8 RGB (the mapper converts BGR around it); masks are unchanged.
+    """
+
+    def __init__(self, brightness_delta=32, contrast_range=(0.5, 1.5),
+                 saturation_range=(0.5, 1.5), hue_delta=18, prob=0.5):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"PhotometricDistortion needs a uint8 HxWx3 image, got "
+                             f"{image.dtype} {image.shape}")
+        draw = np.random.rand(4) < self.prob
+        brightness = np.random.uniform(-self.brightness_delta, self.brightness_delta) if draw[0] else None
+        contrast = np.random.uniform(*self.contrast_range) if draw[1] else None
+        contrast_first = bool(np.random.rand() < 0.5)
+        saturation = np.random.uniform(*self.saturation_range) if draw[2] else None
+        hue = int(np.random.randint(-self.hue_delta, self.hue_delta + 1)) if draw[3] else None
+        if brightness is None and contrast is None and saturation is None and hue is None:
+            return T.NoOpTransform()
+        return T.ColorTransform(
+            lambda img: _distort_photometric(img, brightness, contrast, contrast_first,
+                                             saturation, hue))
+
+
+class PadToSize(T.Augmentation):
+    """Pad bottom/right up to ``size`` (H, W): image with ``pad_value``, mask with ``seg_pad_value``."""
+
+    def __init__(self, size, pad_value=0, seg_pad_value=255):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image):
+        height, width = image.shape[:2]
+        pad_h = max(0, self.size[0] - height)
+        pad_w = max(0, self.size[1] - width)
+        if pad_h == 0 and pad_w == 0:
+            return T.NoOpTransform()
+        return PadTransform(0, 0, pad_w, pad_h, width, height, self.pad_value, self.seg_pad_value)

@@ -1,0 +1,150 @@
+"""DDLDatasetMapper: a DDL dataset dict -> model input (image, label, forgery mask).
+
+Training: decode the image (RGB, EXIF applied), read the forgery mask of a fake (> threshold
+is forged) or use an all-zero mask for a real image, then apply BaseScaleResize with a random
+ratio, RandomCrop, RandomFlip, PhotometricDistortion and PadToSize. Output:
+"image" uint8 (3, H, W) in cfg.INPUT.FORMAT, "label" int, "forgery_mask" uint8 (H, W) with
+0 real / 1 forged / 255 ignore (padding), plus "file_name", "image_id", "height", "width"
+(original size, as everywhere in detectron2).
+
+Test / evaluation: resize to the base scale only; "height"/"width" stay the ORIGINAL size so
+predictions can be resized back; "label" and "mask_file" pass through when present.
+
+With skip_bad_samples (training only) a sample whose files turn out unreadable is logged
+with its file name, counted, and dropped (the mapper returns None, and detectron2's
+MapDataset then draws another sample); otherwise the DDLDataError propagates.
+"""
+import copy
+import logging
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import transforms as T
+
+from .augmentations import BaseScaleResize, PadToSize, PhotometricDistortion
+from .image_io import DDLDataError, read_forgery_mask, read_image
+
+__all__ = ["DDLDatasetMapper", "IGNORE_VALUE"]
+
+logger = logging.getLogger(__name__)
+
+# forgery_mask value for padded pixels; losses and metrics ignore it.
+IGNORE_VALUE = 255
+
+
+class DDLDatasetMapper:
+    """Map DDL dataset dicts to model inputs; see the module docstring for the output."""
+
+    @configurable
+    def __init__(self, is_train, *, augmentations, image_format="RGB", mask_threshold=127,
+                 skip_bad_samples=False):
+        """
+        Args:
+            is_train: training (labels and masks required) or inference.
+            augmentations: list of detectron2 Augmentations, applied in order to the image
+                and (in training) the forgery mask.
+            image_format: "RGB" or "BGR" channel order of the output image.
+            mask_threshold: a mask pixel is forged when its 8-bit value is above this.
+            skip_bad_samples: drop unreadable training samples (logged and counted).
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"DDLDatasetMapper supports image_format RGB or BGR, got {image_format!r}")
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.mask_threshold = mask_threshold
+        self.skip_bad_samples = skip_bad_samples and is_train
+        # Per process: each data-loader worker counts its own skips.
+        self.num_skipped = 0
+        mode = "training" if is_train else "inference"
+        logger.info("DDLDatasetMapper (%s) augmentations: %s", mode, augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train=True):
+        base_scale = tuple(cfg.INPUT.BASE_SCALE)
+        if is_train:
+            augmentations = [BaseScaleResize(base_scale, tuple(cfg.INPUT.RATIO_RANGE))]
+            if cfg.INPUT.CROP.ENABLED:
+                if cfg.INPUT.CROP.TYPE != "absolute":
+                    raise ValueError(f"DDL training crops are 'absolute' (H, W) sizes; "
+                                     f"INPUT.CROP.TYPE is {cfg.INPUT.CROP.TYPE!r}")
+                crop_size = tuple(int(s) for s in cfg.INPUT.CROP.SIZE)
+                augmentations.append(T.RandomCrop("absolute", crop_size))
+            if cfg.INPUT.RANDOM_FLIP != "none":
+                augmentations.append(T.RandomFlip(
+                    horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                    vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+            photometric = cfg.INPUT.PHOTOMETRIC
+            if photometric.ENABLED:
+                augmentations.append(PhotometricDistortion(
+                    brightness_delta=photometric.BRIGHTNESS_DELTA,
+                    contrast_range=tuple(photometric.CONTRAST_RANGE),
+                    saturation_range=tuple(photometric.SATURATION_RANGE),
+                    hue_delta=photometric.HUE_DELTA,
+                    prob=photometric.PROB))
+            if cfg.INPUT.CROP.ENABLED:
+                augmentations.append(PadToSize(crop_size, pad_value=0, seg_pad_value=IGNORE_VALUE))
+        else:
+            augmentations = [BaseScaleResize(base_scale)]
+        return {
+            "is_train": is_train,
+            "augmentations": augmentations,
+            "image_format": cfg.INPUT.FORMAT,
+            "mask_threshold": cfg.INPUT.MASK_THRESHOLD,
+            "skip_bad_samples": cfg.DATALOADER.SKIP_BAD_SAMPLES,
+        }
+
+    def __call__(self, dataset_dict):
+        try:
+            return self._map(dataset_dict)
+        except DDLDataError as exc:
+            if not self.skip_bad_samples:
+                raise
+            self.num_skipped += 1
+            logger.warning("skipping bad sample %s: %s (%d skipped so far in this process)",
+                           exc.path, exc.problem, self.num_skipped)
+            return None
+
+    def _map(self, dataset_dict):
+        dataset_dict = copy.copy(dataset_dict)
+        file_name = dataset_dict["file_name"]
+        # Photometric distortion assumes RGB, so decode RGB and reorder at the end.
+        image = read_image(file_name, format="RGB")
+        height, width = image.shape[:2]
+        if "height" in dataset_dict and (dataset_dict["height"], dataset_dict["width"]) != (height, width):
+            raise DDLDataError(file_name, f"decoded size {width}x{height} (WxH) differs from the "
+                                          f"indexed size {dataset_dict['width']}x{dataset_dict['height']}; "
+                                          f"was the file replaced after indexing?")
+        dataset_dict["height"], dataset_dict["width"] = height, width
+        forgery_mask = self._forgery_mask(dataset_dict, height, width) if self.is_train else None
+
+        aug_input = T.AugInput(image, sem_seg=forgery_mask)
+        self.augmentations(aug_input)
+        image = aug_input.image
+        if self.image_format == "BGR":
+            image = image[:, :, ::-1]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if self.is_train:
+            dataset_dict["forgery_mask"] = torch.as_tensor(np.ascontiguousarray(aug_input.sem_seg))
+            dataset_dict.pop("mask_file", None)
+        return dataset_dict
+
+    def _forgery_mask(self, dataset_dict, height, width):
+        if "label" not in dataset_dict:
+            raise DDLDataError(dataset_dict["file_name"],
+                               "training needs labeled images, but this dict has no 'label' "
+                               "(an unlabeled test split?)")
+        label = int(dataset_dict["label"])
+        if label == 0:
+            return np.zeros((height, width), np.uint8)
+        if label != 1:
+            raise DDLDataError(dataset_dict["file_name"], f"label must be 0 or 1, got {label}")
+        mask_file = dataset_dict.get("mask_file")
+        if not mask_file:
+            raise DDLDataError(dataset_dict["file_name"], "fake image without a 'mask_file'")
+        forged = read_forgery_mask(mask_file, self.mask_threshold)
+        if forged.shape != (height, width):
+            raise DDLDataError(mask_file, f"mask is {forged.shape[1]}x{forged.shape[0]} (WxH) but "
+                                          f"its image {dataset_dict['file_name']} is {width}x{height}")
+        return forged.astype(np.uint8)
