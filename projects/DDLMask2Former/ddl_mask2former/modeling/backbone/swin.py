@@ -1,0 +1,129 @@
+"""Swin Transformer (timm) as a detectron2 ``Backbone`` with outputs res2..res5.
+
+The trunk is ``timm.models.swin_transformer.SwinTransformer`` built with
+``strict_img_size=False, always_partition=True``: any input whose sides are multiples of
+``patch_size * 2**(num_stages - 1)`` (32 for Swin-T/S) works, every stage uses the configured
+window and shift, and the outputs equal a Swin built natively for that input size (timm pads
+feature maps to whole windows internally). timm returns NHWC maps; this wrapper applies one
+LayerNorm per output stage (as Swin's detection/segmentation heads do) and returns NCHW.
+
+Parameter names: ``trunk.*`` are timm's own names, so timm checkpoints load after a prefix
+change (``tools/convert_pretrained.py`` also converts the official Swin release).
+"""
+import timm
+from torch import nn
+
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+
+_STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+class D2SwinTransformer(Backbone):
+    """Swin trunk returning a dict ``{"res2": (B,C,H/4,W/4), ..., "res5": (B,8C,H/32,W/32)}``."""
+
+    def __init__(
+        self,
+        *,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=7,
+        patch_size=4,
+        mlp_ratio=4.0,
+        drop_path_rate=0.3,
+        out_features=_STAGE_NAMES,
+        out_norm=True,
+        in_chans=3,
+    ):
+        super().__init__()
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        if len(depths) != len(num_heads) or len(depths) > len(_STAGE_NAMES):
+            raise ValueError(
+                f"Swin depths {depths} and num_heads {num_heads} must have the same length (<= 4)"
+            )
+        unknown = [f for f in out_features if f not in _STAGE_NAMES[: len(depths)]]
+        if unknown:
+            raise ValueError(f"Swin out_features {unknown} not in {_STAGE_NAMES[:len(depths)]}")
+        # The variant name only picks timm's builder; every architecture argument is explicit.
+        self.trunk = timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            pretrained=False,
+            num_classes=0,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depths=depths,
+            num_heads=num_heads,
+            window_size=window_size,
+            patch_size=patch_size,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            strict_img_size=False,
+            always_partition=True,
+        )
+        stage_indices = [_STAGE_NAMES.index(f) for f in out_features]
+        self.trunk.prune_intermediate_layers(max(stage_indices) + 1, prune_norm=True, prune_head=True)
+        self._out_features = list(out_features)
+        self._stage_of = {name: _STAGE_NAMES.index(name) for name in out_features}
+        channels = [int(embed_dim * 2**i) for i in range(len(depths))]
+        self._out_feature_channels = {n: channels[i] for n, i in self._stage_of.items()}
+        self._out_feature_strides = {n: patch_size * 2**i for n, i in self._stage_of.items()}
+        self.out_norms = nn.ModuleDict(
+            {n: (nn.LayerNorm(self._out_feature_channels[n]) if out_norm else nn.Identity()) for n in out_features}
+        )
+        self._size_divisibility = patch_size * 2 ** (len(depths) - 1)
+
+    @property
+    def size_divisibility(self):
+        return self._size_divisibility
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"Swin backbone expects (B,C,H,W) input, got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self._size_divisibility or w % self._size_divisibility:
+            raise ValueError(
+                f"Swin backbone input {h}x{w} must be a multiple of {self._size_divisibility} on both sides"
+            )
+        outputs = {}
+        last = max(self._stage_of.values())
+        y = self.trunk.patch_embed(x)
+        for index, stage in enumerate(self.trunk.layers):
+            y = stage(y)
+            for name, stage_index in self._stage_of.items():
+                if stage_index == index:
+                    outputs[name] = self.out_norms[name](y).permute(0, 3, 1, 2).contiguous()
+            if index == last:
+                break
+        return outputs
+
+    def output_shape(self):
+        return {
+            n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
+            for n in self._out_features
+        }
+
+
+@BACKBONE_REGISTRY.register()
+def build_swin_backbone(cfg, input_shape):
+    """detectron2 backbone builder reading ``cfg.MODEL.SWIN``."""
+    swin = cfg.MODEL.SWIN
+    return D2SwinTransformer(
+        embed_dim=swin.EMBED_DIM,
+        depths=swin.DEPTHS,
+        num_heads=swin.NUM_HEADS,
+        window_size=swin.WINDOW_SIZE,
+        patch_size=swin.PATCH_SIZE,
+        mlp_ratio=swin.MLP_RATIO,
+        drop_path_rate=swin.DROP_PATH_RATE,
+        out_features=swin.OUT_FEATURES,
+        out_norm=swin.OUT_NORM,
+        in_chans=input_shape.channels,
+    )
+
+
+def no_weight_decay_keywords():
+    """Parameter-name fragments of Swin that conventionally get no weight decay."""
+    return ("relative_position_bias_table", "absolute_pos_embed")
+
+
+__all__ = ["D2SwinTransformer", "build_swin_backbone", "no_weight_decay_keywords"]

@@ -1,0 +1,229 @@
+"""DDLMask2Former: joint deepfake detection and forgery localization (paper section 3).
+
+A shared backbone feeds two independent branches, selected by ``MODEL.DDL.TASKS``:
+
+* detection: ``DetectionHead`` (pooled backbone features -> linear) gives the image logit;
+  L_det is BCE against the image label.
+* localization: pixel decoder -> masked-attention transformer decoder -> per-query masks and
+  foreground confidences; L_loc from ``LocalizationCriterion``.
+
+Training returns ``{"loss_det": det_weight * L_det, "loss_cls": ..., "loss_mask": ...,
+"loss_dice": ..., "loss_cls_0": ... (deep supervision)}``, already weighted so that their sum
+is ``det_weight * L_det + loc_weight * L_loc`` (paper eq. 5).
+
+Targets: ONE target mask per fake image, the union of all forged pixels. The annotations are
+a single binary map per image with nothing that groups pixels into manipulations; connected
+components would split one manipulation (e.g. edited eyes and mouth) into arbitrary pieces and
+merge touching faces, and the metric (pixel F1/IoU) only sees the union anyway. A real image,
+or a fake crop with no forged pixel left, has no target: every query is "no object".
+
+Inference, per image, at the input dict's ``height`` x ``width`` (the original size):
+* ``fake_prob`` = sigmoid(detection logit), a 0-dim tensor.
+* ``mask_prob`` = max over queries q of sigmoid(confidence_q) * sigmoid(mask_q(x)): a pixel
+  is forged as far as the most confident query covering it says so. Max, rather than a sum or
+  noisy-OR, keeps the value in [0, 1] without many low-confidence queries adding up to a false
+  positive. It is computed at 1/4 of the (base-scale) network input, then this single map is
+  upsampled bilinearly (to the padded input, cropped to the image, then to the original
+  size), so a 4096-px image costs one H x W float map, never Q of them.
+* ``mask`` = ``mask_prob > 0.5``.
+Keys of a disabled task are absent.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+
+from .criterion import LocalizationCriterion
+from .detection_head import DetectionHead
+from .matcher import HungarianMatcher
+from .pixel_decoder import build_pixel_decoder
+from .transformer_decoder import build_transformer_decoder
+
+TASKS = ("detection", "localization")
+IGNORE_VALUE = 255
+
+
+@META_ARCH_REGISTRY.register()
+class DDLMask2Former(nn.Module):
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        tasks,
+        pixel_decoder=None,
+        transformer_decoder=None,
+        criterion=None,
+        detection_head=None,
+        det_weight=0.1,
+        pixel_mean=(123.675, 116.28, 103.53),
+        pixel_std=(58.395, 57.12, 57.375),
+        size_divisibility=32,
+    ):
+        super().__init__()
+        tasks = tuple(tasks)
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"MODEL.DDL.TASKS must be a non-empty subset of {TASKS}, got {list(tasks)}")
+        self.tasks = tasks
+        self.backbone = backbone
+        if self.localization and (pixel_decoder is None or transformer_decoder is None or criterion is None):
+            raise ValueError("localization task needs pixel_decoder, transformer_decoder and criterion")
+        if self.detection and detection_head is None:
+            raise ValueError("detection task needs detection_head")
+        self.pixel_decoder = pixel_decoder
+        self.transformer_decoder = transformer_decoder
+        self.criterion = criterion
+        self.detection_head = detection_head
+        self.det_weight = det_weight
+        self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ddl = cfg.MODEL.DDL
+        backbone = build_backbone(cfg)
+        args = {
+            "backbone": backbone,
+            "tasks": tuple(ddl.TASKS),
+            "det_weight": ddl.LOSS.DET_WEIGHT,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": ddl.SIZE_DIVISIBILITY,
+        }
+        shapes = backbone.output_shape()
+        if "localization" in ddl.TASKS:
+            pixel_decoder = build_pixel_decoder(cfg, shapes)
+            loss = ddl.LOSS
+            matcher = HungarianMatcher(
+                class_weight=loss.CLASS_WEIGHT,
+                mask_weight=loss.MASK_WEIGHT,
+                dice_weight=loss.DICE_WEIGHT,
+                num_points=loss.NUM_POINTS,
+            )
+            args["pixel_decoder"] = pixel_decoder
+            args["transformer_decoder"] = build_transformer_decoder(cfg, pixel_decoder.conv_dim, pixel_decoder.mask_dim)
+            args["criterion"] = LocalizationCriterion(
+                matcher,
+                class_weight=loss.CLASS_WEIGHT,
+                mask_weight=loss.MASK_WEIGHT,
+                dice_weight=loss.DICE_WEIGHT,
+                no_object_weight=loss.NO_OBJECT_WEIGHT,
+                loc_weight=loss.LOC_WEIGHT,
+                num_points=loss.NUM_POINTS,
+                oversample_ratio=loss.OVERSAMPLE_RATIO,
+                importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,
+                deep_supervision=loss.DEEP_SUPERVISION,
+            )
+        if "detection" in ddl.TASKS:
+            args["detection_head"] = DetectionHead(
+                {k: v.channels for k, v in shapes.items()}, tuple(ddl.DET_HEAD.IN_FEATURES), ddl.DET_HEAD.DROPOUT
+            )
+        return args
+
+    @property
+    def detection(self):
+        return "detection" in self.tasks
+
+    @property
+    def localization(self):
+        return "localization" in self.tasks
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def _preprocess(self, batched_inputs):
+        images = []
+        for index, record in enumerate(batched_inputs):
+            image = record.get("image")
+            if image is None or image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
+                shape = None if image is None else tuple(image.shape)
+                raise ValueError(
+                    f"input {index} ({record.get('file_name', 'no file_name')}): 'image' must be a "
+                    f"({self.pixel_mean.shape[0]}, H, W) tensor, got {shape}"
+                )
+            images.append((image.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def _localization_targets(self, batched_inputs, padded_shape):
+        targets = []
+        for record in batched_inputs:
+            forgery_mask = record.get("forgery_mask")
+            if forgery_mask is None:
+                raise ValueError(
+                    f"{record.get('file_name', 'training input')}: localization training needs 'forgery_mask'"
+                )
+            forgery_mask = forgery_mask.to(self.device)
+            padded = forgery_mask.new_full(padded_shape, IGNORE_VALUE)
+            padded[: forgery_mask.shape[0], : forgery_mask.shape[1]] = forgery_mask
+            forged = padded == 1
+            masks = forged[None] if forged.any() else forged.new_zeros((0,) + tuple(padded_shape))
+            targets.append({"masks": masks, "valid": padded != IGNORE_VALUE})
+        return targets
+
+    def _labels(self, batched_inputs):
+        labels = []
+        for record in batched_inputs:
+            if "label" not in record:
+                raise ValueError(f"{record.get('file_name', 'training input')}: detection training needs 'label'")
+            labels.append(float(record["label"]))
+        return torch.tensor(labels, device=self.device)
+
+    def forward(self, batched_inputs):
+        images = self._preprocess(batched_inputs)
+        features = self.backbone(images.tensor)
+        det_logits = self.detection_head(features) if self.detection else None
+        decoded = None
+        if self.localization:
+            mask_features, multi_scale = self.pixel_decoder(features)
+            decoded = self.transformer_decoder(multi_scale, mask_features, all_masks=self.training)
+
+        if self.training:
+            losses = {}
+            if self.detection:
+                with torch.autocast(device_type=self.device.type, enabled=False):
+                    bce = F.binary_cross_entropy_with_logits(det_logits.float(), self._labels(batched_inputs))
+                losses["loss_det"] = self.det_weight * bce
+            if self.localization:
+                targets = self._localization_targets(batched_inputs, images.tensor.shape[-2:])
+                losses.update(self.criterion(decoded, targets))
+            return losses
+        return self.inference(batched_inputs, images, det_logits, decoded)
+
+    def inference(self, batched_inputs, images, det_logits, decoded):
+        results = []
+        padded_shape = images.tensor.shape[-2:]
+        for index, record in enumerate(batched_inputs):
+            image_size = images.image_sizes[index]
+            height = int(record.get("height", image_size[0]))
+            width = int(record.get("width", image_size[1]))
+            result = {}
+            if self.detection:
+                result["fake_prob"] = det_logits[index].float().sigmoid()
+            if self.localization:
+                mask_prob = self.combine_query_masks(decoded["pred_logits"][index], decoded["pred_masks"][index])
+                mask_prob = self.resize_probability(mask_prob, padded_shape, image_size, (height, width))
+                result["mask_prob"] = mask_prob
+                result["mask"] = mask_prob > 0.5
+            results.append(result)
+        return results
+
+    @staticmethod
+    def combine_query_masks(query_logits, mask_logits):
+        """(Q,) confidence logits and (Q, h, w) mask logits -> (h, w) forgery probability (max over queries)."""
+        confidence = query_logits.float().sigmoid()
+        return (confidence[:, None, None] * mask_logits.float().sigmoid()).amax(dim=0)
+
+    @staticmethod
+    def resize_probability(mask_prob, padded_shape, image_size, output_size):
+        """Stride-4 map -> padded input size -> crop the image's region -> bilinear to the original size."""
+        padded = F.interpolate(mask_prob[None, None], size=tuple(padded_shape), mode="bilinear", align_corners=False)
+        cropped = padded[:, :, : image_size[0], : image_size[1]]
+        if tuple(cropped.shape[-2:]) != tuple(output_size):
+            cropped = F.interpolate(cropped, size=output_size, mode="bilinear", align_corners=False)
+        return cropped[0, 0].clamp(0.0, 1.0)
