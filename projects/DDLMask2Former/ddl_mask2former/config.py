@@ -15,6 +15,10 @@ def add_ddl_mask2former_config(cfg):
 
 def _add_model_config(cfg):
     """Backbones, pixel decoder, transformer decoder, detection head, losses."""
+    # ImageNet mean/std in RGB order (INPUT.FORMAT is RGB); detectron2's defaults are BGR, std 1.
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    # Per-channel std the normalized image is divided by (RGB).
+    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
     # Swin backbone (timm trunk), used when MODEL.BACKBONE.NAME is "build_swin_backbone".
     cfg.MODEL.SWIN = CN()
     # Channels of stage 1; stage i has EMBED_DIM * 2**i (Swin-T/S: 96).
