@@ -1,0 +1,250 @@
+"""Ensembling of several models' predictions (paper §3.5, eq. 6).
+
+``Y = sum_i w_i * y_i / sum_i w_i``, applied separately to detection scores and to
+localization probability maps, each task with its own weights. Weights are normalized first,
+so a model with weight 0 contributes exactly nothing and a single non-zero weight returns that
+model's predictions bit for bit.
+
+``fuse_exports`` works on export directories (see ``export.py``): scores from
+``prediction.txt``, probability maps from ``prob/`` decoded from 8-bit, fused, re-encoded.
+``search_weights`` grid-searches each task's weights on a labeled split.
+"""
+import itertools
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .export import (
+    MASK_DIR,
+    PREDICTION_FILE,
+    PROB_CODE_THRESHOLD,
+    PROB_DIR,
+    decode_prob_u8,
+    encode_prob_u8,
+    mask_file_name,
+    read_gray_png,
+    read_predictions,
+    write_png,
+    write_predictions,
+)
+from .metrics import ImageRecord, compute_ddl_metrics, mask_counts, roc_auc
+from .scoring import _progress, default_num_workers, iter_bounded, list_ddl_split
+
+__all__ = ["normalize_weights", "fuse_predictions", "fuse_exports", "weight_grid",
+           "search_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+def normalize_weights(weights: Sequence[float], num_inputs: int, task: str) -> np.ndarray:
+    """Check one task's weights (non-negative, not all zero) and scale them to sum to 1."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (num_inputs,):
+        raise ValueError(f"{task} weights: expected {num_inputs} (one per input), got "
+                         f"{weights.size}")
+    if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"{task} weights must be finite, non-negative and not all zero, got "
+                         f"{weights.tolist()}")
+    return weights / weights.sum()
+
+
+def fuse_predictions(predictions: Sequence, weights: Sequence[float]):
+    """Eq. 6 on arrays (or scalars) of equal shape: the weighted mean of the predictions.
+
+    Inputs whose weight is 0 are skipped, so one non-zero weight returns that input unchanged.
+    """
+    normalized = normalize_weights(weights, len(predictions), "fusion")
+    fused = None
+    for prediction, weight in zip(predictions, normalized):
+        if weight == 0:
+            continue
+        term = prediction if weight == 1 else weight * np.asarray(prediction, dtype=np.float64)
+        fused = term if fused is None else fused + term
+    return fused
+
+
+def _read_prob(export_dir: str, image_name: str) -> np.ndarray:
+    path = os.path.join(export_dir, PROB_DIR, mask_file_name(image_name))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no probability map for {image_name} (ensembling "
+                                "needs prob/, written when TEST.EXPORT_PROB is on)")
+    return read_gray_png(path)
+
+
+def _fuse_prob_codes(export_dirs: Sequence[str], weights: np.ndarray,
+                     image_name: str) -> np.ndarray:
+    """Fused 8-bit probability codes of one image over the inputs with non-zero weight."""
+    used = [(d, w) for d, w in zip(export_dirs, weights) if w > 0]
+    if len(used) == 1:
+        # decode + encode is the identity on codes; skip it
+        return _read_prob(used[0][0], image_name)
+    maps = []
+    for export_dir, _ in used:
+        codes = _read_prob(export_dir, image_name)
+        if maps and codes.shape != maps[0].shape:
+            raise ValueError(f"{image_name}: probability maps differ in size across inputs "
+                             f"({maps[0].shape} vs {codes.shape} in {export_dir})")
+        maps.append(decode_prob_u8(codes))
+    return encode_prob_u8(_fuse_decoded(maps, [w for _, w in used]))
+
+
+def _fuse_decoded(maps: Sequence[np.ndarray], normalized_weights: Sequence[float]) -> np.ndarray:
+    """Weighted sum of decoded float32 maps; the one place both export and search fuse maps."""
+    fused = None
+    for prob, weight in zip(maps, normalized_weights):
+        if weight == 0:
+            continue
+        term = np.float32(weight) * prob
+        fused = term if fused is None else fused + term
+    return fused
+
+
+def _read_all_scores(export_dirs: Sequence[str]) -> List[Dict[str, float]]:
+    all_scores = [read_predictions(os.path.join(d, PREDICTION_FILE)) for d in export_dirs]
+    reference = set(all_scores[0])
+    for export_dir, scores in zip(export_dirs[1:], all_scores[1:]):
+        if set(scores) != reference:
+            differing = sorted(reference.symmetric_difference(scores))
+            raise ValueError(f"{export_dir}: its {PREDICTION_FILE} covers different images than "
+                             f"{export_dirs[0]}'s, e.g. {', '.join(differing[:5])}")
+    return all_scores
+
+
+def _image_names(export_dirs: Sequence[str], det_used: bool) -> List[str]:
+    """Image names of the inputs: from prediction.txt, else from the first input's prob/."""
+    if det_used or os.path.isfile(os.path.join(export_dirs[0], PREDICTION_FILE)):
+        return sorted(read_predictions(os.path.join(export_dirs[0], PREDICTION_FILE)))
+    return sorted(os.listdir(os.path.join(export_dirs[0], PROB_DIR)))
+
+
+def fuse_exports(export_dirs: Sequence[str], out_dir: str,
+                 det_weights: Optional[Sequence[float]] = None,
+                 loc_weights: Optional[Sequence[float]] = None,
+                 num_workers: Optional[int] = None, progress: bool = False) -> int:
+    """Fuse export directories into ``out_dir`` (a new export); returns the image count.
+
+    ``det_weights=None`` skips detection (no prediction.txt), ``loc_weights=None`` skips
+    localization (no mask/ or prob/).
+    """
+    if det_weights is None and loc_weights is None:
+        raise ValueError("nothing to fuse: give detection weights, localization weights or both")
+    for export_dir in export_dirs:
+        if not os.path.isdir(export_dir):
+            raise FileNotFoundError(f"{export_dir}: input export directory does not exist")
+    if os.path.abspath(out_dir) in {os.path.abspath(d) for d in export_dirs}:
+        raise ValueError(f"{out_dir}: the output directory must differ from every input")
+    os.makedirs(out_dir, exist_ok=True)
+    names = _image_names(export_dirs, det_weights is not None)
+    if det_weights is not None:
+        weights = normalize_weights(det_weights, len(export_dirs), "detection")
+        all_scores = _read_all_scores(export_dirs)
+        fused_scores = [
+            (name, float(fuse_predictions([s[name] for s in all_scores], weights)))
+            for name in names
+        ]
+        write_predictions(os.path.join(out_dir, PREDICTION_FILE), fused_scores)
+    if loc_weights is not None:
+        weights = normalize_weights(loc_weights, len(export_dirs), "localization")
+        os.makedirs(os.path.join(out_dir, MASK_DIR), exist_ok=True)
+        os.makedirs(os.path.join(out_dir, PROB_DIR), exist_ok=True)
+
+        def fuse_one(name: str) -> None:
+            codes = _fuse_prob_codes(export_dirs, weights, name)
+            file_name = mask_file_name(name)
+            write_png(os.path.join(out_dir, PROB_DIR, file_name), codes)
+            mask = np.where(codes >= PROB_CODE_THRESHOLD, np.uint8(255), np.uint8(0))
+            write_png(os.path.join(out_dir, MASK_DIR, file_name), mask)
+
+        for _ in _progress(iter_bounded(fuse_one, names, num_workers or default_num_workers()),
+                           len(names), progress, "fusing"):
+            pass
+    return len(names)
+
+
+def weight_grid(num_inputs: int, step: float) -> np.ndarray:
+    """All non-negative weight vectors on a grid of ``step`` that sum to 1, shape (G, N)."""
+    if not 0 < step <= 1:
+        raise ValueError(f"grid step must be in (0, 1], got {step}")
+    units = round(1 / step)
+    if abs(units * step - 1) > 1e-9:
+        raise ValueError(f"grid step {step} must divide 1 (e.g. 0.1, 0.05, 0.25)")
+    grid = [c for c in itertools.product(range(units + 1), repeat=num_inputs)
+            if sum(c) == units]
+    return np.asarray(grid, dtype=np.float64) / units
+
+
+def search_weights(export_dirs: Sequence[str], split_dir: str, step: float = 0.1,
+                   search_det: bool = True, search_loc: bool = True, gt_mask_threshold: int = 127,
+                   num_workers: Optional[int] = None, progress: bool = False) -> Dict:
+    """Grid-search each task's fusion weights on a labeled split.
+
+    Every input must be an export of the same split. Detection weights maximize AUC,
+    localization weights maximize per-image (F1 + IoU) / 2; the tasks are independent, so the
+    best overall score is reached by combining the two best. Returns ``{"det": [...],
+    "loc": [...], "best_det_weights", "best_loc_weights", "best"}``; each list holds one dict
+    per grid point with its weights and metrics (fractions).
+    """
+    from ..data.image_io import read_forgery_mask
+
+    images = list_ddl_split(split_dir)
+    grid = weight_grid(len(export_dirs), step)
+    result: Dict = {"grid_step": step}
+    if search_det:
+        all_scores = _read_all_scores(export_dirs)
+        missing = [i.name for i in images if i.name not in all_scores[0]]
+        if missing or len(all_scores[0]) != len(images):
+            raise ValueError(f"{export_dirs[0]}: {PREDICTION_FILE} does not cover exactly the "
+                             f"images of {split_dir} (e.g. missing {missing[:5]})")
+        labels = np.asarray([i.label for i in images])
+        score_matrix = np.asarray([[s[i.name] for s in all_scores] for i in images])
+        result["det"] = [
+            {"weights": w.tolist(),
+             "auc": roc_auc(labels, score_matrix @ w if (w > 0).sum() > 1
+                            else score_matrix[:, int(np.argmax(w))])}
+            for w in grid
+        ]
+    if search_loc:
+        def count_one(image):
+            maps = np.stack([decode_prob_u8(_read_prob(d, image.name)) for d in export_dirs])
+            if image.label == 1:
+                gt = read_forgery_mask(image.mask_path, threshold=gt_mask_threshold)
+                if gt.shape != maps.shape[1:]:
+                    raise ValueError(f"{image.name}: probability maps are {maps.shape[1:]} but "
+                                     f"the ground-truth mask is {gt.shape}")
+            else:
+                gt = np.zeros(maps.shape[1:], dtype=bool)
+            counts = []
+            for w in grid:
+                # same decision as the exported mask: fused code >= 128  <=>  fused prob > 0.5
+                fused = _fuse_decoded(maps, w)
+                counts.append(mask_counts(encode_prob_u8(fused) >= PROB_CODE_THRESHOLD, gt))
+            return image.label, gt.size, counts
+
+        per_point: List[List[ImageRecord]] = [[] for _ in grid]
+        workers = num_workers or default_num_workers()
+        for image, (label, num_pixels, counts) in zip(
+                images, _progress(iter_bounded(count_one, images, workers), len(images),
+                                  progress, "searching")):
+            for records, (tp, fp, fn) in zip(per_point, counts):
+                records.append(ImageRecord(image.name, label, float("nan"), tp, fp, fn,
+                                           num_pixels))
+        result["loc"] = []
+        for w, records in zip(grid, per_point):
+            metrics = compute_ddl_metrics(records)
+            metrics.pop("num_unlabeled", None)
+            result["loc"].append({"weights": w.tolist(), **metrics})
+    best_det = max(result.get("det", []), key=lambda r: r["auc"], default=None)
+    best_loc = max(result.get("loc", []), key=lambda r: r["f1"] + r["iou"], default=None)
+    best = {}
+    if best_det:
+        result["best_det_weights"] = best_det["weights"]
+        best["auc"] = best_det["auc"]
+    if best_loc:
+        result["best_loc_weights"] = best_loc["weights"]
+        best.update({k: best_loc[k] for k in ("f1", "iou", "f1_pixel", "iou_pixel")})
+    if best_det and best_loc:
+        best["score"] = (best["auc"] + best["f1"] + best["iou"]) / 3
+    result["best"] = best
+    return result
