@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 IGNORE_VALUE = 255
 
 
+def _to_tensor(array):
+    array = np.ascontiguousarray(array)
+    # Pillow-backed arrays are read-only; torch needs memory it may write.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 class DDLDatasetMapper:
     """Map DDL dataset dicts to model inputs; see the module docstring for the output."""
 
@@ -124,9 +130,9 @@ class DDLDatasetMapper:
         image = aug_input.image
         if self.image_format == "BGR":
             image = image[:, :, ::-1]
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        dataset_dict["image"] = _to_tensor(image.transpose(2, 0, 1))
         if self.is_train:
-            dataset_dict["forgery_mask"] = torch.as_tensor(np.ascontiguousarray(aug_input.sem_seg))
+            dataset_dict["forgery_mask"] = _to_tensor(aug_input.sem_seg)
             dataset_dict.pop("mask_file", None)
         return dataset_dict
 

@@ -1,0 +1,148 @@
+"""DDLDatasetMapper: augmentations keep image and forgery mask aligned; test-time sizes."""
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+
+from data_helpers import write_image
+from ddl_mask2former.config import add_ddl_mask2former_config
+from ddl_mask2former.data import (
+    IGNORE_VALUE, BaseScaleResize, DDLDatasetMapper, PadToSize, PhotometricDistortion,
+    base_scale_size)
+
+RED, GRAY = (220, 30, 30), (90, 90, 90)
+
+
+def _pattern_sample(tmp_path, height=60, width=90):
+    """An image that is red exactly where its mask is forged: an off-centre L shape."""
+    forged = np.zeros((height, width), bool)
+    forged[8:40, 10:22] = True
+    forged[30:40, 10:55] = True
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = GRAY
+    image[forged] = RED
+    image_path = write_image(str(tmp_path / "fake" / "f.png"), image)
+    mask_path = write_image(str(tmp_path / "masks" / "f.png"), forged.astype(np.uint8) * 255)
+    return {"file_name": image_path, "image_id": "fake/f.png", "height": height, "width": width,
+            "label": 1, "mask_file": mask_path}
+
+
+def _cfg(**overrides):
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.INPUT.BASE_SCALE = (128, 64)
+    cfg.INPUT.CROP.SIZE = (48, 48)
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = getattr(node, parent)
+        setattr(node, leaf, value)
+    return cfg
+
+
+def test_mask_stays_on_pattern_under_scale_crop_flip(tmp_path):
+    sample = _pattern_sample(tmp_path)
+    mapper = DDLDatasetMapper(_cfg(**{"INPUT.PHOTOMETRIC.ENABLED": False}), is_train=True)
+    np.random.seed(0)
+    for _ in range(40):
+        out = mapper(sample)
+        image = out["image"].permute(1, 2, 0).numpy().astype(int)
+        mask = out["forgery_mask"].numpy()
+        assert image.shape[:2] == mask.shape == (48, 48)
+        assert set(np.unique(mask)) <= {0, 1, IGNORE_VALUE}
+        red = (image[:, :, 0] > 155) & (image[:, :, 1] < 60)
+        gray = np.abs(image - np.array(GRAY)).max(axis=2) <= 2
+        # Bilinear resizing mixes colours on region borders; the interior must agree.
+        assert (red & (mask == 0)).sum() <= 0.02 * mask.size
+        assert (gray & (mask == 1)).sum() == 0
+        if (mask == 1).any():
+            assert red[mask == 1].mean() > 0.6
+        assert np.all(image[mask == IGNORE_VALUE] == 0)
+
+
+def test_flip_moves_image_and_mask_together(tmp_path):
+    sample = _pattern_sample(tmp_path)
+    mapper = DDLDatasetMapper(True, augmentations=[T.RandomFlip(prob=1.0)])
+    out = mapper(sample)
+    mask = out["forgery_mask"].numpy()
+    red = out["image"].permute(1, 2, 0).numpy()[:, :, 0] == RED[0]
+    np.testing.assert_array_equal(red, mask == 1)
+    assert mask[8:40, -22:-10].all() and not mask[8:40, 10:22].any()
+
+
+def test_resize_ratio_and_padding(tmp_path):
+    sample = _pattern_sample(tmp_path, height=60, width=90)
+    for ratio in (0.5, 2.0):
+        mapper = DDLDatasetMapper(True, augmentations=[
+            BaseScaleResize((128, 64), (ratio, ratio)), PadToSize((200, 200))])
+        out = mapper(sample)
+        height, width = base_scale_size(60, 90, (128, 64), ratio)
+        mask = out["forgery_mask"].numpy()
+        assert mask.shape == (200, 200)
+        assert np.all(mask[height:] == IGNORE_VALUE) and np.all(mask[:, width:] == IGNORE_VALUE)
+        assert np.all(mask[:height, :width] != IGNORE_VALUE)
+        assert out["image"][:, height:].sum() == 0
+        # The forged fraction of the un-padded area survives the resize (nearest vs bilinear).
+        forged = (mask[:height, :width] == 1).mean()
+        assert abs(forged - (32 * 12 + 10 * 33) / (60 * 90)) < 0.05
+
+
+def test_base_scale_size_follows_long_and_short_limits():
+    assert base_scale_size(400, 600, (2048, 512)) == (512, 768)  # short side binds
+    assert base_scale_size(100, 1000, (2048, 512)) == (205, 2048)  # long side binds
+    assert base_scale_size(1024, 1024, (2048, 512), ratio=0.5) == (256, 256)
+
+
+def test_photometric_changes_image_only(tmp_path):
+    sample = _pattern_sample(tmp_path)
+    mapper = DDLDatasetMapper(True, augmentations=[PhotometricDistortion(prob=1.0)])
+    np.random.seed(3)
+    out = mapper(sample)
+    reference = DDLDatasetMapper(True, augmentations=[])(sample)
+    assert not torch.equal(out["image"], reference["image"])
+    assert torch.equal(out["forgery_mask"], reference["forgery_mask"])
+    assert out["image"].dtype == torch.uint8
+
+
+def test_real_image_mask_is_all_zero_plus_padding(tmp_path):
+    path = write_image(str(tmp_path / "r.png"), np.full((30, 20, 3), 77, np.uint8))
+    mapper = DDLDatasetMapper(_cfg(), is_train=True)
+    out = mapper({"file_name": path, "image_id": "r", "height": 30, "width": 20, "label": 0})
+    mask = out["forgery_mask"].numpy()
+    assert mask.shape == (48, 48) and set(np.unique(mask)) <= {0, IGNORE_VALUE}
+    assert (mask == 0).any()
+    assert out["label"] == 0 and (out["height"], out["width"]) == (30, 20)
+
+
+def test_test_time_mapper_base_scale_and_original_size(tmp_path):
+    sample = _pattern_sample(tmp_path, height=60, width=90)
+    mapper = DDLDatasetMapper(_cfg(), is_train=False)
+    out = mapper(sample)
+    assert tuple(out["image"].shape) == (3,) + base_scale_size(60, 90, (128, 64))
+    assert (out["height"], out["width"]) == (60, 90)
+    assert out["label"] == 1 and out["mask_file"] == sample["mask_file"]
+    assert "forgery_mask" not in out
+    unlabeled = {k: sample[k] for k in ("file_name", "image_id", "height", "width")}
+    assert "label" not in mapper(unlabeled)
+
+
+def test_bgr_format_reverses_channels(tmp_path):
+    sample = _pattern_sample(tmp_path)
+    rgb = DDLDatasetMapper(_cfg(), is_train=False)(sample)["image"]
+    bgr = DDLDatasetMapper(_cfg(**{"INPUT.FORMAT": "BGR"}), is_train=False)(sample)["image"]
+    assert torch.equal(rgb.flip(0), bgr)
+
+
+def test_config_rejects_relative_crops():
+    with pytest.raises(ValueError, match="absolute"):
+        DDLDatasetMapper(_cfg(**{"INPUT.CROP.TYPE": "relative_range"}), is_train=True)
+
+
+def test_crop_disabled_keeps_resized_image(tmp_path):
+    sample = _pattern_sample(tmp_path, height=60, width=90)
+    cfg = _cfg(**{"INPUT.CROP.ENABLED": False, "INPUT.RATIO_RANGE": (1.0, 1.0),
+                  "INPUT.RANDOM_FLIP": "none", "INPUT.PHOTOMETRIC.ENABLED": False})
+    out = DDLDatasetMapper(cfg, is_train=True)(sample)
+    assert tuple(out["forgery_mask"].shape) == base_scale_size(60, 90, (128, 64))
