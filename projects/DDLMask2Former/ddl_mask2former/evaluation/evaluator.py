@@ -278,5 +278,5 @@ def build_ddl_evaluator(cfg, dataset_name: str, output_dir: Optional[str] = None
         export_prob=cfg.TEST.EXPORT_PROB,
         export_zip=cfg.TEST.EXPORT_ZIP,
         group_key=cfg.TEST.EVAL_GROUP_KEY or None,
-        gt_mask_threshold=cfg.INPUT.MASK_THRESHOLD if "MASK_THRESHOLD" in cfg.INPUT else 127,
+        gt_mask_threshold=cfg.INPUT.MASK_THRESHOLD,
     )

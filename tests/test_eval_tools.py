@@ -1,0 +1,201 @@
+"""tools/evaluate_predictions.py and tools/ensemble.py on small generated splits."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from ddl_mask2former.evaluation import DDLEvaluator, fuse_exports, score_export, search_weights
+from ddl_mask2former.evaluation.export import read_predictions
+
+from eval_helpers import make_outputs, write_split
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import ensemble  # noqa: E402  (tools/ is not a package)
+import evaluate_predictions  # noqa: E402
+
+
+def _export(dicts, outputs, export_dir):
+    evaluator = DDLEvaluator("eval_tools_test", export_dir=str(export_dir))
+    evaluator.reset()
+    evaluator.process(dicts, outputs)
+    return evaluator.evaluate()["ddl"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A split and two models' exports of it (different random outputs)."""
+    root = tmp_path_factory.mktemp("eval_tools")
+    split = str(root / "split")
+    dicts = write_split(split, num_real=5, num_fake=7)
+    first = _export(dicts, make_outputs(dicts, seed=1), root / "model_a")
+    _export(dicts, make_outputs(dicts, seed=2), root / "model_b")
+    return split, str(root / "model_a"), str(root / "model_b"), first
+
+
+def _copy_export(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return str(target)
+
+
+def test_evaluate_predictions_json_matches_evaluator(exports, tmp_path, capsys):
+    split, model_a, _, evaluator_results = exports
+    json_path = str(tmp_path / "out" / "metrics.json")
+    assert evaluate_predictions.main(["--pred", model_a, "--gt", split, "--json", json_path,
+                                      "--no-progress"]) == 0
+    assert "F1 (pixel)" in capsys.readouterr().out
+    payload = json.load(open(json_path))
+    assert set(evaluate_predictions.JSON_KEYS) <= set(payload)
+    for key, name in (("auc", "AUC"), ("f1", "F1"), ("iou", "IoU"), ("score", "score"),
+                      ("f1_pixel", "F1_pixel"), ("iou_pixel", "IoU_pixel")):
+        assert 100 * payload[key] == pytest.approx(evaluator_results[name], abs=1e-12)
+    assert (payload["num_real"], payload["num_fake"]) == (5, 7)
+
+
+def test_evaluate_predictions_runs_from_any_folder(exports, tmp_path):
+    split, model_a, _, _ = exports
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate_predictions.py"),
+                           "--pred", model_a, "--gt", split, "--json", "m.json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.load(open(tmp_path / "m.json"))["num_fake"] == 7
+    assert "scoring" in done.stderr  # the progress bar
+
+
+def _break(export_dir, how):
+    prediction = os.path.join(export_dir, "prediction.txt")
+    lines = open(prediction).read().splitlines()
+    if how == "missing score":
+        lines = [line for line in lines if not line.startswith("fake_007.png")]
+    elif how == "extra score":
+        lines.append("stranger.png,0.5")
+    elif how == "malformed":
+        lines[2] = lines[2].split(",")[0] + ";0.3"
+    elif how == "wrong size":
+        cv2.imwrite(os.path.join(export_dir, "mask", "real_001.png"), np.zeros((5, 5), np.uint8))
+    elif how == "missing mask":
+        os.remove(os.path.join(export_dir, "mask", "fake_007.png"))
+    open(prediction, "w").write("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing score", "1 images have no scores, e.g. fake_007.png"),
+    ("extra score", "1 scores for images not in the split, e.g. stranger.png"),
+    ("malformed", "line 3: expected 'image_name.png,score', got 'fake_007.png;0.3'"),
+    ("wrong size", "real_001.png: mask is 5x5 but image real_001.png is 40x28"),
+    ("missing mask", "1 images have no masks, e.g. fake_007.png"),
+])
+def test_evaluate_predictions_errors_name_the_image(exports, tmp_path, capsys, how, message):
+    split, model_a, _, _ = exports
+    broken = _copy_export(model_a, tmp_path / "broken")
+    _break(broken, how)
+    assert evaluate_predictions.main(["--pred", broken, "--gt", split, "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_allow_missing_scores_missing_as_zero_and_empty(exports, tmp_path, capsys):
+    split, model_a, _, _ = exports
+    broken = _copy_export(model_a, tmp_path / "broken")
+    _break(broken, "missing score")
+    _break(broken, "missing mask")
+    metrics = score_export(broken, split, allow_missing=True)
+    assert metrics["num_missing_scores"] == 1 and metrics["num_missing_masks"] == 1
+    # the same as an export whose score is 0 and whose mask is empty
+    patched = _copy_export(model_a, tmp_path / "patched")
+    lines = [line if not line.startswith("fake_007.png") else "fake_007.png,0.0"
+             for line in open(os.path.join(patched, "prediction.txt")).read().splitlines()]
+    open(os.path.join(patched, "prediction.txt"), "w").write("\n".join(lines) + "\n")
+    mask_path = os.path.join(patched, "mask", "fake_007.png")
+    cv2.imwrite(mask_path, np.zeros_like(cv2.imread(mask_path, -1)))
+    expected = score_export(patched, split)
+    for key in ("auc", "f1", "iou", "f1_pixel", "iou_pixel", "score"):
+        assert metrics[key] == expected[key]
+    assert evaluate_predictions.main(["--pred", broken, "--gt", split, "--allow-missing",
+                                      "--no-progress"]) == 0
+    assert "1 images had no prediction (scores)" in capsys.readouterr().out
+
+
+def _read_export(export_dir):
+    names = sorted(os.listdir(os.path.join(export_dir, "prob")))
+    prob = {n: cv2.imread(os.path.join(export_dir, "prob", n), -1) for n in names}
+    mask = {n: cv2.imread(os.path.join(export_dir, "mask", n), -1) for n in names}
+    return read_predictions(os.path.join(export_dir, "prediction.txt")), prob, mask
+
+
+def test_ensemble_one_zero_reproduces_first_input(exports, tmp_path):
+    split, model_a, model_b, _ = exports
+    out = str(tmp_path / "fused")
+    assert ensemble.main(["--inputs", model_a, model_b, "--det-weights", "1", "0",
+                          "--loc-weights", "2.5", "0", "--out", out, "--no-progress"]) == 0
+    fused, original = _read_export(out), _read_export(model_a)
+    assert fused[0] == original[0]
+    assert open(os.path.join(out, "prediction.txt")).read() == \
+        open(os.path.join(model_a, "prediction.txt")).read()
+    for name in original[1]:
+        np.testing.assert_array_equal(fused[1][name], original[1][name])
+        np.testing.assert_array_equal(fused[2][name], original[2][name])
+
+
+def test_ensemble_one_one_is_the_mean(exports, tmp_path):
+    split, model_a, model_b, _ = exports
+    out = str(tmp_path / "fused")
+    json_path = str(tmp_path / "fused.json")
+    assert ensemble.main(["--inputs", model_a, model_b, "--det-weights", "1", "1",
+                          "--loc-weights", "1", "1", "--out", out, "--gt", split, "--zip",
+                          "--json", json_path, "--no-progress"]) == 0
+    fused, first, second = _read_export(out), _read_export(model_a), _read_export(model_b)
+    for name, score in fused[0].items():
+        assert score == (first[0][name] + second[0][name]) / 2
+    for name, codes in fused[1].items():
+        # decoded centres (q + 0.5) / 256 averaged and re-encoded: floor((q1 + q2) / 2)
+        mean = (first[1][name].astype(int) + second[1][name].astype(int)) // 2
+        np.testing.assert_array_equal(codes, mean)
+        np.testing.assert_array_equal(fused[2][name] == 255, mean >= 128)
+    assert os.path.isfile(os.path.join(out, "submission.zip"))
+    assert json.load(open(json_path))["metrics"] == \
+        pytest.approx(score_export(out, split), nan_ok=True)
+
+
+def test_ensemble_det_only_and_bad_weights(exports, tmp_path, capsys):
+    split, model_a, model_b, _ = exports
+    out = str(tmp_path / "det_only")
+    fuse_exports([model_a, model_b], out, det_weights=[1, 2.5])
+    assert sorted(os.listdir(out)) == ["prediction.txt"]
+    scores_a = read_predictions(os.path.join(model_a, "prediction.txt"))
+    scores_b = read_predictions(os.path.join(model_b, "prediction.txt"))
+    for name, score in read_predictions(os.path.join(out, "prediction.txt")).items():
+        assert score == pytest.approx((scores_a[name] + 2.5 * scores_b[name]) / 3.5)
+    assert ensemble.main(["--inputs", model_a, model_b, "--det-weights", "1", "-1",
+                          "--out", out]) == 1
+    assert "non-negative" in capsys.readouterr().err
+    assert ensemble.main(["--inputs", model_a, model_b, "--loc-weights", "1",
+                          "--out", out]) == 1
+    assert "expected 2 (one per input)" in capsys.readouterr().err
+
+
+def test_search_agrees_with_scoring_fused_exports(exports, tmp_path, capsys):
+    split, model_a, model_b, _ = exports
+    result = search_weights([model_a, model_b], split, step=0.5, num_workers=2)
+    assert [e["weights"] for e in result["loc"]] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    for entry in result["loc"]:
+        out = str(tmp_path / f"fused_{entry['weights'][0]}")
+        fuse_exports([model_a, model_b], out, det_weights=entry["weights"],
+                     loc_weights=entry["weights"])
+        scored = score_export(out, split)
+        for key in ("f1", "iou", "f1_pixel", "iou_pixel", "real_forged_frac"):
+            assert entry[key] == scored[key], (entry["weights"], key)
+        det_entry = next(e for e in result["det"] if e["weights"] == entry["weights"])
+        assert det_entry["auc"] == pytest.approx(scored["auc"], abs=1e-12)
+    best = max(result["loc"], key=lambda e: e["f1"] + e["iou"])
+    assert result["best_loc_weights"] == best["weights"]
+    assert result["best"]["score"] == pytest.approx(
+        (result["best"]["auc"] + best["f1"] + best["iou"]) / 3)
+    assert ensemble.main(["--inputs", model_a, model_b, "--search", split, "--search-step",
+                          "0.5", "--no-progress"]) == 0
+    assert "best localization weights" in capsys.readouterr().out

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Score an exported submission against a labeled split folder in DDL layout.
+
+    python tools/evaluate_predictions.py --pred EXPORT_DIR --gt SPLIT_DIR [--json OUT]
+
+EXPORT_DIR holds prediction.txt ("image_name.png,score" lines) and/or mask/ (0/255 PNGs at the
+original size), as DDLEvaluator (TEST.EXPORT_DIR) or tools/ensemble.py write them. SPLIT_DIR
+holds real/, fake/ and masks/ (or mask/). Prints the metric table in percent; --json writes
+auc, f1, iou, score, f1_pixel, iou_pixel (fractions in [0, 1]; f1/iou are per-image means,
+*_pixel from summed pixel counts; null when the task was not scored), num_real, num_fake and
+the other computed entries. A missing, extra, wrong-size or malformed prediction is an error
+naming the image; --allow-missing scores missing ones as 0 / empty and reports how many.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from ddl_mask2former.evaluation.metrics import format_metrics_table
+from ddl_mask2former.evaluation.scoring import JSON_KEYS, default_num_workers, score_export
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pred", required=True, help="export directory to score")
+    parser.add_argument("--gt", required=True, help="split folder with real/, fake/, masks/")
+    parser.add_argument("--json", help="write the metrics (fractions) to this JSON file")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score images without a prediction as score 0 / empty mask "
+                             "instead of failing")
+    parser.add_argument("--mask-threshold", type=int, default=127,
+                        help="ground-truth mask pixels above this 8-bit value are forged")
+    parser.add_argument("--workers", type=int, default=default_num_workers(),
+                        help="decoding threads (default: number of CPUs, at most 8)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        metrics = score_export(args.pred, args.gt, allow_missing=args.allow_missing,
+                               gt_mask_threshold=args.mask_threshold, num_workers=args.workers,
+                               progress=not args.no_progress)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - start
+    print(format_metrics_table(metrics))
+    print(f"scored {metrics['num_real'] + metrics['num_fake']} images of {args.gt} in "
+          f"{elapsed:.1f} s")
+    for what in ("scores", "masks"):
+        count = metrics[f"num_missing_{what}"]
+        if count:
+            print(f"warning: {count} images had no prediction ({what}); scored as "
+                  f"{'0' if what == 'scores' else 'empty'}")
+    if args.json:
+        payload = {key: None for key in JSON_KEYS}
+        payload.update({key: (None if isinstance(value, float) and math.isnan(value) else value)
+                        for key, value in metrics.items()})
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
