@@ -114,7 +114,7 @@ def test_index_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     (cache_file,) = list(cache.iterdir())
     # Reading from the cache must not touch the images: make one unreadable and reload.
     calls = []
-    monkeypatch.setattr(ddl_dataset, "read_image_size", lambda *a: calls.append(a))
+    monkeypatch.setattr(ddl_dataset, "read_folder_sizes", lambda *a: calls.append(a))
     assert load_ddl_split(split, cache_dir=str(cache)) == first
     assert calls == []
     monkeypatch.undo()

@@ -22,13 +22,14 @@ training process, so the result can be cached (see ``default_cache_dir``).
 """
 import hashlib
 import logging
+import multiprocessing
 import os
 import pickle
 import tempfile
 
 import numpy as np
 
-from .image_header import read_image_size
+from .image_header import read_folder_sizes
 from .image_io import DDLDataError
 
 __all__ = [
@@ -56,6 +57,8 @@ BUILTIN_SPLITS = {
 _CACHE_VERSION = 1
 # Smaller splits index in about a second; caching them would only litter the cache folder.
 _CACHE_MIN_IMAGES = 10000
+# Folders with fewer files are read in-process (starting workers costs more than it saves).
+_PARALLEL_MIN_FILES = 20000
 
 
 def default_cache_dir():
@@ -85,12 +88,28 @@ def _list_images(folder):
     return names
 
 
+def _index_workers():
+    """Processes for header reading: $DDL_INDEX_WORKERS, else up to 4 of the machine's cores."""
+    configured = os.environ.get("DDL_INDEX_WORKERS")
+    if configured:
+        return max(1, int(configured))
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _read_sizes(folder, names, check_end):
-    sizes = np.empty((len(names), 2), np.int32)
-    join = os.path.join
-    for index, name in enumerate(names):
-        sizes[index] = read_image_size(join(folder, name), check_end)
-    return sizes
+    """Header sizes of ``names`` in ``folder``, split over forked processes for big folders."""
+    workers = _index_workers()
+    can_fork = "fork" in multiprocessing.get_all_start_methods()
+    # Daemonic processes (e.g. data-loader workers) may not start children.
+    if (workers == 1 or len(names) < _PARALLEL_MIN_FILES or not can_fork
+            or multiprocessing.current_process().daemon):
+        return read_folder_sizes(folder, names, check_end)
+    bounds = np.linspace(0, len(names), workers * 4 + 1).astype(int)
+    chunks = [(folder, names[a:b], check_end) for a, b in zip(bounds[:-1], bounds[1:])]
+    # fork: children inherit the name list instead of receiving it pickled.
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        parts = pool.starmap(read_folder_sizes, chunks)
+    return np.concatenate(parts) if parts else np.empty((0, 2), np.int32)
 
 
 def _find_layout(split_dir):
@@ -171,6 +190,17 @@ def _index_split(split_dir, check_end):
             "mask_names": mask_names}
 
 
+def _masks_by_stem(mask_dir, mask_names):
+    by_stem = {}
+    for name in mask_names:
+        stem = os.path.splitext(name)[0]
+        if stem in by_stem:
+            raise DDLDataError(os.path.join(mask_dir, name),
+                               f"two masks share the stem {stem!r} ({by_stem[stem]} and {name})")
+        by_stem[stem] = name
+    return by_stem
+
+
 def _match_masks(split_dir, subfolders, mask_folder, fake_names, groups):
     """Mask file name for each fake (same name, else same stem + .png); check both ways."""
     if mask_folder is None:
@@ -182,33 +212,32 @@ def _match_masks(split_dir, subfolders, mask_folder, fake_names, groups):
     mask_dir = subfolders[mask_folder]
     available = _list_images(mask_dir)
     available_set = set(available)
-    by_stem = {}
-    for name in available:
-        stem = os.path.splitext(name)[0]
-        if stem in by_stem:
-            raise DDLDataError(os.path.join(mask_dir, name),
-                               f"two masks share the stem {stem!r} ({by_stem[stem]} and {name})")
-        by_stem[stem] = name
     matched, missing = [], []
+    by_stem = None
     for name in fake_names:
         if name in available_set:
             matched.append(name)
-        else:
-            alternative = by_stem.get(os.path.splitext(name)[0])
-            if alternative is None:
-                missing.append(name)
-            matched.append(alternative)
+            continue
+        if by_stem is None:
+            # Only needed when names differ (e.g. fake .jpg with a .png mask).
+            by_stem = _masks_by_stem(mask_dir, available)
+        alternative = by_stem.get(os.path.splitext(name)[0])
+        if alternative is None:
+            missing.append(name)
+        matched.append(alternative)
     if missing:
         raise DDLDataError(os.path.join(subfolders["fake"], missing[0]),
                            f"fake image has no mask (expected {os.path.join(mask_dir, missing[0])}); "
                            f"{len(missing)} fake image(s) lack masks")
-    if len(set(matched)) != len(matched):
+    # Exact-name matches are unique by construction; stem matches may collide.
+    if by_stem is not None and len(set(matched)) != len(matched):
         seen = set()
         duplicate = next(m for m in matched if m in seen or seen.add(m))
         raise DDLDataError(os.path.join(mask_dir, duplicate),
                            "mask matches more than one fake image (same stem)")
-    orphans = sorted(available_set - set(matched))
-    if orphans:
+    if len(available) > len(matched):
+        # matched is a duplicate-free subset of available, so some masks have no image.
+        orphans = sorted(available_set - set(matched))
         real_names = set(next((names for folder, _, names, _ in groups if folder == "real"), []))
         hint = (" (a real image has this name: mislabeled?)"
                 if orphans[0] in real_names else "")
@@ -257,25 +286,29 @@ def load_ddl_split(split_dir, cache_dir=None, check_end=True):
     index = _load_index(split_dir, cache_dir, check_end)
     dataset_dicts = []
     append = dataset_dicts.append
+    # Many images share a size: reuse one int object per value to save memory at 1M+ entries.
+    shared_ints = {}
+    num_fake = 0
     for folder, label, names, sizes in index["groups"]:
-        folder_dir = os.path.join(split_dir, folder) if folder else split_dir
         prefix = folder + "/" if folder else ""
-        heights, widths = sizes[:, 0].tolist(), sizes[:, 1].tolist()
+        folder_prefix = split_dir + os.sep + (folder + os.sep if folder else "")
+        heights = [shared_ints.setdefault(v, v) for v in sizes[:, 0].tolist()]
+        widths = [shared_ints.setdefault(v, v) for v in sizes[:, 1].tolist()]
         if label is None:
             for name, height, width in zip(names, heights, widths):
-                append({"file_name": os.path.join(folder_dir, name), "image_id": name,
+                append({"file_name": folder_prefix + name, "image_id": name,
                         "height": height, "width": width})
         elif label == LABEL_FAKE:
-            mask_dir = os.path.join(split_dir, index["mask_folder"])
+            num_fake += len(names)
+            mask_prefix = split_dir + os.sep + index["mask_folder"] + os.sep
             for name, mask_name, height, width in zip(names, index["mask_names"], heights, widths):
-                append({"file_name": os.path.join(folder_dir, name), "image_id": prefix + name,
+                append({"file_name": folder_prefix + name, "image_id": prefix + name,
                         "height": height, "width": width, "label": LABEL_FAKE,
-                        "mask_file": os.path.join(mask_dir, mask_name)})
+                        "mask_file": mask_prefix + mask_name})
         else:
             for name, height, width in zip(names, heights, widths):
-                append({"file_name": os.path.join(folder_dir, name), "image_id": prefix + name,
+                append({"file_name": folder_prefix + name, "image_id": prefix + name,
                         "height": height, "width": width, "label": LABEL_REAL})
-    num_fake = sum(len(g[2]) for g in index["groups"] if g[1] == LABEL_FAKE)
     logger.info("DDL split %s: %d images (%d fake)", split_dir, len(dataset_dicts), num_fake)
     return dataset_dicts
 

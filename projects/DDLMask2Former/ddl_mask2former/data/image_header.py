@@ -10,9 +10,11 @@ missing (a truncated download or copy).
 import os
 import struct
 
+import numpy as np
+
 from .image_io import DDLDataError
 
-__all__ = ["read_image_size", "SUPPORTED_FORMATS"]
+__all__ = ["read_image_size", "read_folder_sizes", "SUPPORTED_FORMATS"]
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "WebP")
 
@@ -81,6 +83,69 @@ def read_image_size(path, check_end=True):
         raise DDLDataError(path, f"image header is cut short (file has {data.size} bytes)") from None
     finally:
         os.close(fd)
+
+
+def _png_fast_size(fd, head, check_end):
+    """(height, width) of a plain PNG from its head bytes, or None for anything unusual.
+
+    Covers the common case (no eXIf chunk before the pixel data, end marker present) with
+    as little Python as possible; None sends the file through read_image_size instead.
+    """
+    if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR" or len(head) < 33:
+        return None
+    width, height = struct.unpack_from(">II", head, 16)
+    offset = 33
+    while True:
+        if offset + 8 > len(head):
+            return None
+        (length,) = struct.unpack_from(">I", head, offset)
+        chunk_type = head[offset + 4:offset + 8]
+        if chunk_type == b"IDAT":
+            break
+        if chunk_type == b"eXIf":
+            return None
+        offset += 12 + length
+    if check_end:
+        if len(head) < _HEAD_BYTES:
+            tail = head[-_TAIL_BYTES:]
+        else:
+            tail = os.pread(fd, _TAIL_BYTES, max(0, os.fstat(fd).st_size - _TAIL_BYTES))
+        if b"IEND" not in tail:
+            return None
+    if width == 0 or height == 0:
+        return None
+    return height, width
+
+
+def read_folder_sizes(folder, names, check_end=True):
+    """(height, width) of every file ``names`` in ``folder`` as an int32 array (N, 2).
+
+    Same results and errors as read_image_size, faster: files are opened relative to the
+    folder and plain PNGs take a short path.
+    """
+    sizes = np.empty((len(names), 2), np.int32)
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        for index, name in enumerate(names):
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
+            except OSError:
+                fd = None
+            size = None
+            if fd is not None:
+                try:
+                    size = _png_fast_size(fd, os.pread(fd, _HEAD_BYTES, 0), check_end)
+                except OSError:
+                    size = None
+                finally:
+                    os.close(fd)
+            if size is None:
+                # Anything unusual (other formats, EXIF, damage) gets the full reader and its errors.
+                size = read_image_size(os.path.join(folder, name), check_end)
+            sizes[index] = size
+    finally:
+        os.close(folder_fd)
+    return sizes
 
 
 def _oriented(height, width, orientation):

@@ -38,6 +38,10 @@ class DDLDataError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):
+        # Rebuild from (path, problem) when the error crosses a process boundary.
+        return type(self), (self.path, self.problem)
+
 
 def _open_oriented(path):
     """Decode ``path`` fully with Pillow and apply its EXIF orientation."""
