@@ -124,12 +124,10 @@ class ForgeryPredictor:
 
     def __call__(self, path):
         """Return (image RGB uint8 at original size, prediction dict of numpy values)."""
-        from ddl_mask2former.data.image_header import read_image_size
-        from ddl_mask2former.data.image_io import read_image
+        from ddl_mask2former.data import read_image
 
-        height, width = read_image_size(path)
-        record = self.mapper({"file_name": path, "image_id": os.path.basename(path),
-                              "height": height, "width": width})
+        # The mapper decodes the file, records its original size and resizes to the base scale.
+        record = self.mapper({"file_name": path, "image_id": os.path.basename(path)})
         with torch.no_grad():
             output = self.model([record])[0]
         prediction = {}
@@ -153,7 +151,7 @@ def _overlay_path(output_dir, path, used):
 
 
 def run(args):
-    from ddl_mask2former.data.image_io import DDLDataError
+    from ddl_mask2former.data import DDLDataError
     from ddl_mask2former.engine.visualization import forged_area_fraction, render_forgery_overlay
 
     paths, failures = collect_inputs(args.input)

@@ -1,0 +1,235 @@
+"""tools/train_net.py and tools/demo.py end to end on a tiny model and generated data (CPU).
+
+Every command runs in a scratch working directory, not the repository, to show the tools
+work from anywhere.
+"""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ddl_mask2former.data.synthetic import generate_ddl_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
+TRAIN_NET = REPO / "tools" / "train_net.py"
+DEMO = REPO / "tools" / "demo.py"
+# Values from tests/configs/tiny.yaml, used to recompute the learning-rate schedule.
+BASE_LR, WARMUP_ITERS, WARMUP_FACTOR, POLY_POWER = 0.0005, 2, 0.1, 0.9
+RESUME_MAX_ITER, KILL_AFTER_CHECKPOINT = 20, "model_0000005.pth"
+COMMAND_TIMEOUT_S = 600
+
+
+@pytest.fixture(scope="module")
+def ddl_root(tmp_path_factory):
+    """$DETECTRON2_DATASETS with a small DDL-I (8 train, 4 val images of 64-96 px)."""
+    root = tmp_path_factory.mktemp("datasets")
+    generate_ddl_dataset(str(root / "DDL-I"), 8, 4, seed=0, min_size=64, max_size=96, workers=1)
+    return root
+
+
+def _env(ddl_root):
+    return dict(os.environ, DETECTRON2_DATASETS=str(ddl_root), DDL_INDEX_CACHE="off")
+
+
+def _run(args, ddl_root, cwd):
+    result = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=_env(ddl_root),
+        capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+    )
+    return result
+
+
+def _check(result):
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-4000:]}"
+    )
+    return result
+
+
+def _read_metrics(output_dir):
+    with open(output_dir / "metrics.json") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _expected_lr(iteration, max_iter):
+    """Warm-up from WARMUP_FACTOR * BASE_LR to the poly value, then (1 - t/T) ** power."""
+    poly = lambda it: (1.0 - it / max_iter) ** POLY_POWER  # noqa: E731
+    if iteration < WARMUP_ITERS:
+        start, end = WARMUP_FACTOR, poly(WARMUP_ITERS)
+        return BASE_LR * (start + (end - start) * iteration / WARMUP_ITERS)
+    return BASE_LR * poly(iteration)
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(ddl_root, tmp_path_factory):
+    """Train, kill -9 right after a checkpoint, then --resume to the end."""
+    workdir = tmp_path_factory.mktemp("train_workdir")
+    output_dir = workdir / "run"
+    opts = ["OUTPUT_DIR", "run", "SOLVER.MAX_ITER", str(RESUME_MAX_ITER)]
+    command = [sys.executable, str(TRAIN_NET), "--config-file", str(TINY_CONFIG)]
+    with open(workdir / "killed.log", "w") as log:
+        proc = subprocess.Popen(command + opts, cwd=workdir, env=_env(ddl_root), stdout=log,
+                                stderr=subprocess.STDOUT)
+        tag = output_dir / "last_checkpoint"
+        deadline = time.monotonic() + COMMAND_TIMEOUT_S
+        while not (tag.exists() and tag.read_text() == KILL_AFTER_CHECKPOINT):
+            if proc.poll() is not None:
+                pytest.fail(f"training exited ({proc.returncode}) before {KILL_AFTER_CHECKPOINT}; "
+                            f"log: {(workdir / 'killed.log').read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("timed out waiting for the first checkpoints")
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    interrupted = {
+        "returncode": proc.returncode,
+        "final_exists": (output_dir / "model_final.pth").exists(),
+        "iterations": [row["iteration"] for row in _read_metrics(output_dir)],
+    }
+    resumed = _check(_run(command[1:] + ["--resume"] + opts, ddl_root, workdir))
+    return {"output_dir": output_dir, "interrupted": interrupted, "resumed": resumed}
+
+
+def test_resume_after_kill_continues_iterations_and_schedule(killed_then_resumed):
+    output_dir = killed_then_resumed["output_dir"]
+    interrupted = killed_then_resumed["interrupted"]
+    assert interrupted["returncode"] == -signal.SIGKILL
+    assert not interrupted["final_exists"], "the first run finished before it was killed"
+    assert max(interrupted["iterations"]) < RESUME_MAX_ITER - 1
+
+    log = killed_then_resumed["resumed"].stderr + killed_then_resumed["resumed"].stdout
+    assert "Resumed at iteration 6 of 20" in log
+    assert "Starting training from iteration 6" in log
+
+    assert (output_dir / "last_checkpoint").read_text() == "model_final.pth"
+    final = torch.load(output_dir / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == RESUME_MAX_ITER - 1
+    rows = [row for row in _read_metrics(output_dir) if "lr" in row]
+    iterations = {row["iteration"] for row in rows}
+    assert set(range(6, RESUME_MAX_ITER)) <= iterations
+    # Before and after the kill, every logged rate is the one schedule of MAX_ITER=20.
+    for row in rows:
+        assert row["lr"] == pytest.approx(_expected_lr(row["iteration"], RESUME_MAX_ITER), rel=1e-6)
+        assert np.isfinite(row["total_loss"])
+    assert list(output_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert "eta:" in (output_dir / "log.txt").read_text()
+
+
+def test_eval_only_writes_metrics_and_export(killed_then_resumed, ddl_root, tmp_path):
+    weights = killed_then_resumed["output_dir"] / "model_final.pth"
+    result = _check(_run(
+        [TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights,
+         "OUTPUT_DIR", "eval", "TEST.EXPORT_DIR", "export"], ddl_root, tmp_path))
+    assert "copypaste: AUC,F1,IoU,score" in result.stdout + result.stderr
+
+    with open(tmp_path / "eval" / "inference" / "ddl_i_val" / "ddl_metrics.json") as f:
+        metrics = json.load(f)["ddl"]
+    for key in ("AUC", "F1", "IoU", "score"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["num_real"] + metrics["num_fake"] == 4
+
+    val_images = sorted((ddl_root / "DDL-I" / "val").glob("*/*.png"))
+    val_images = [p for p in val_images if p.parent.name in ("real", "fake")]
+    lines = (tmp_path / "export" / "prediction.txt").read_text().split()
+    assert sorted(line.split(",")[0] for line in lines) == sorted(p.name for p in val_images)
+    assert all(0.0 <= float(line.split(",")[1]) <= 1.0 for line in lines)
+    for image_path in val_images:
+        mask = cv2.imread(str(tmp_path / "export" / "mask" / image_path.name), cv2.IMREAD_UNCHANGED)
+        assert mask is not None and mask.shape == cv2.imread(str(image_path)).shape[:2]
+        assert set(np.unique(mask)) <= {0, 255}
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_over_gloo_train_and_evaluate(ddl_root, tmp_path):
+    result = _check(_run(
+        [TRAIN_NET, "--config-file", TINY_CONFIG, "--num-gpus", "2", "--dist-url", "auto",
+         "OUTPUT_DIR", "run", "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "4",
+         "TEST.EXPORT_DIR", "export"], ddl_root, tmp_path))
+    log = result.stdout + result.stderr
+    assert "World size: 2" in log
+    output_dir = tmp_path / "run"
+    assert (output_dir / "model_final.pth").exists()
+    assert (output_dir / "log.txt.rank1").exists()
+    assert max(row["iteration"] for row in _read_metrics(output_dir) if "lr" in row) == 3
+    # The evaluation gathered both processes' halves of the 4 val images.
+    assert len((tmp_path / "export" / "prediction.txt").read_text().split()) == 4
+
+
+def _load_demo_module():
+    spec = importlib.util.spec_from_file_location("ddl_demo_under_test", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_writes_overlays_and_json_and_reports_bad_files(killed_then_resumed, ddl_root,
+                                                             tmp_path):
+    weights = killed_then_resumed["output_dir"] / "model_final.pth"
+    val = ddl_root / "DDL-I" / "val"
+    (tmp_path / "broken.png").write_text("this is not a PNG")
+    # A photo much larger than the tiny model's base scale (inference is at the base scale).
+    from skimage import data as skimage_data
+
+    big = cv2.resize(skimage_data.astronaut(), (1000, 750), interpolation=cv2.INTER_LINEAR)
+    cv2.imwrite(str(tmp_path / "big.jpg"), big[:, :, ::-1])
+    result = _run(
+        [DEMO, "--config-file", TINY_CONFIG, "--input", val / "fake", str(val / "real" / "*.png"),
+         "broken.png", "big.jpg", "--output", "demo", "--opts", "MODEL.WEIGHTS", weights],
+        ddl_root, tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "broken.png: not an image file" in result.stderr
+    assert "[5/6]" in result.stderr  # progress lines
+
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    sources = sorted(str(p) for p in val.glob("*/*.png") if p.parent.name in ("real", "fake"))
+    assert sorted(r["file"] for r in records) == sorted(sources + ["big.jpg"])
+    for record in records:
+        assert set(record) == {"file", "fake_prob", "forged_area_fraction", "output"}
+        assert 0.0 <= record["fake_prob"] <= 1.0
+        assert 0.0 <= record["forged_area_fraction"] <= 1.0
+        overlay = cv2.imread(str(tmp_path / record["output"]))
+        source = cv2.imread(str(tmp_path / record["file"]))
+        assert overlay is not None and overlay.shape == source.shape
+    saved = (tmp_path / "demo" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in saved] == records
+
+
+def test_demo_exit_code_zero_when_all_inputs_are_read(killed_then_resumed, ddl_root, tmp_path,
+                                                      monkeypatch, capsys):
+    demo = _load_demo_module()
+    weights = killed_then_resumed["output_dir"] / "model_final.pth"
+    image = ddl_root / "DDL-I" / "val" / "fake"
+    monkeypatch.chdir(tmp_path)
+    code = demo.main(["--config-file", str(TINY_CONFIG), "--input", str(image),
+                      "--output", "out", "--opts", "MODEL.WEIGHTS", str(weights)])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(list(image.glob("*.png")))
+
+
+def test_demo_input_collection(tmp_path):
+    demo = _load_demo_module()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"")
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "sub" / "y.JPG").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("")
+    (tmp_path / "empty").mkdir()
+    paths, problems = demo.collect_inputs([
+        str(tmp_path / "a"), str(tmp_path / "a" / "*.png"), str(tmp_path / "empty"),
+        str(tmp_path / "none*.png"), str(tmp_path / "named.bin"),
+    ])
+    assert paths == [str(tmp_path / "a" / "sub" / "y.JPG"), str(tmp_path / "a" / "x.png"),
+                     str(tmp_path / "named.bin")]
+    assert [spec for spec, _ in problems] == [str(tmp_path / "empty"), str(tmp_path / "none*.png")]
