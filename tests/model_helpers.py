@@ -1,0 +1,87 @@
+"""Tiny DDLMask2Former configs and inputs for the model tests (CPU, a fraction of a second each)."""
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from ddl_mask2former.config import add_ddl_mask2former_config
+import ddl_mask2former.modeling  # noqa: F401  (registers the meta-architecture and backbone)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run faster on one thread: on a shared CPU, extra threads mostly wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_cfg(backbone="swin", tasks=("detection", "localization")):
+    """A DDLMask2Former config with every size knob turned down; ``backbone``: swin, r18 or r50."""
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "DDLMask2Former"
+    cfg.MODEL.DEVICE = "cpu"
+    if backbone == "swin":
+        cfg.MODEL.BACKBONE.NAME = "build_swin_backbone"
+        swin = cfg.MODEL.SWIN
+        swin.EMBED_DIM, swin.DEPTHS, swin.NUM_HEADS = 16, [1, 1, 1, 1], [1, 1, 2, 2]
+        swin.WINDOW_SIZE, swin.MLP_RATIO, swin.DROP_PATH_RATE = 4, 2.0, 0.0
+    elif backbone in ("r18", "r50"):
+        cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+        cfg.MODEL.BACKBONE.FREEZE_AT = 0
+        resnets = cfg.MODEL.RESNETS
+        resnets.DEPTH = 18 if backbone == "r18" else 50
+        resnets.NORM = "BN" if backbone == "r18" else "FrozenBN"
+        resnets.STEM_OUT_CHANNELS = 16 if backbone == "r18" else 64
+        resnets.RES2_OUT_CHANNELS = 64 if backbone == "r18" else 256
+        resnets.STRIDE_IN_1X1 = False
+        resnets.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    else:
+        raise ValueError(f"unknown test backbone {backbone}")
+    ddl = cfg.MODEL.DDL
+    ddl.TASKS = list(tasks)
+    pd = ddl.PIXEL_DECODER
+    pd.CONV_DIM, pd.MASK_DIM, pd.ENCODER_LAYERS, pd.ENCODER_HEADS, pd.ENCODER_POINTS, pd.ENCODER_FFN_DIM = (
+        32, 32, 1, 2, 2, 64)
+    td = ddl.TRANSFORMER_DECODER
+    td.HIDDEN_DIM, td.NUM_QUERIES, td.NHEADS, td.DIM_FEEDFORWARD, td.DEC_LAYERS = 32, 4, 2, 64, 3
+    ddl.LOSS.NUM_POINTS = 256
+    return cfg
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def square_mask(height, width, top, left, size):
+    mask = torch.zeros(height, width, dtype=torch.uint8)
+    mask[top: top + size, left: left + size] = 1
+    return mask
+
+
+def training_batch(height=64, width=64, seed=0):
+    """One real and one fake image (a bright square that is also the forged region)."""
+    generator = torch.Generator().manual_seed(seed)
+    real = torch.randint(60, 120, (3, height, width), dtype=torch.uint8, generator=generator)
+    fake = torch.randint(60, 120, (3, height, width), dtype=torch.uint8, generator=generator)
+    forgery = square_mask(height, width, height // 4, width // 4, height // 2)
+    fake[:, forgery.bool()] = 230
+    return [
+        {"image": real, "label": 0, "forgery_mask": torch.zeros(height, width, dtype=torch.uint8),
+         "file_name": "real.png", "image_id": "real", "height": height, "width": width},
+        {"image": fake, "label": 1, "forgery_mask": forgery,
+         "file_name": "fake.png", "image_id": "fake", "height": height, "width": width},
+    ]
+
+
+def eval_inputs(batch, height=None, width=None):
+    """Test-mapper style dicts (no targets) for the images of ``batch``."""
+    return [
+        {"image": record["image"], "height": height or record["height"], "width": width or record["width"],
+         "file_name": record["file_name"], "image_id": record["image_id"]}
+        for record in batch
+    ]

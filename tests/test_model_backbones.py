@@ -1,0 +1,118 @@
+"""The Swin wrapper equals timm on the same weights; converted checkpoints load and match."""
+import os
+import re
+import sys
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from ddl_mask2former.modeling.backbone.swin import D2SwinTransformer
+from model_helpers import build, tiny_cfg, one_torch_thread  # noqa: F401  (autouse fixture)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import convert_pretrained  # noqa: E402
+
+SWIN_ARCH = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=7)
+
+
+def _timm_swin(**kwargs):
+    torch.manual_seed(1)
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, drop_path_rate=0.0,
+                             strict_img_size=False, always_partition=True, **SWIN_ARCH, **kwargs).eval()
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 160)])
+def test_swin_wrapper_features_equal_timm(size):
+    reference = _timm_swin(features_only=True)
+    wrapper = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, out_norm=False).eval()
+    plain_names = _timm_swin().state_dict()
+    # features_only flattens "layers.0" to "layers_0"; map timm's names back onto the trunk.
+    state = {re.sub(r"^layers_(\d+)", r"layers.\1", k): v for k, v in reference.state_dict().items()}
+    missing, unexpected = wrapper.trunk.load_state_dict(state, strict=False)
+    assert not unexpected and all(k in plain_names for k in state)
+    assert not [k for k in missing if "relative_position_index" not in k]
+    image = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        expected = reference(image)
+        actual = wrapper(image)
+    for stage, name in enumerate(("res2", "res3", "res4", "res5")):
+        torch.testing.assert_close(actual[name], expected[stage].permute(0, 3, 1, 2), rtol=0, atol=0)
+
+
+def test_swin_rejects_sizes_not_multiple_of_32():
+    wrapper = D2SwinTransformer(**SWIN_ARCH)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        wrapper(torch.zeros(1, 3, 70, 64))
+
+
+def _official_swin_checkpoint(timm_state):
+    """The official release's layout: patch merging at the end of stage i, 'head.' classifier."""
+    official = {}
+    for name, tensor in timm_state.items():
+        name = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", name)
+        official[name.replace("head.fc.", "head.")] = tensor
+    return {"model": official}
+
+
+@pytest.mark.parametrize("layout", ["official", "timm"])
+def test_convert_swin_checkpoint_loads_and_matches(tmp_path, layout):
+    source = _timm_swin(num_classes=10)
+    state = source.state_dict()
+    checkpoint = _official_swin_checkpoint(state) if layout == "official" else state
+    path = tmp_path / "swin.pth"
+    torch.save(checkpoint, path)
+    out = tmp_path / "converted.pth"
+    assert convert_pretrained.main([str(path), str(out)]) == 0
+
+    _, report = convert_pretrained.convert(str(path))
+    assert report["format"] == f"swin_{layout}"
+    assert report["architecture"]["depths"] == SWIN_ARCH["depths"]
+    assert all(k.startswith("out_norms.") for k in report["missing_in_backbone"])
+    assert not report["unexpected_in_backbone"]
+
+    wrapper = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, out_norm=False).eval()
+    converted = torch.load(out, weights_only=True)["model"]
+    wrapper.load_state_dict({k[len("backbone."):]: v for k, v in converted.items()}, strict=False)
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, reference = source.forward_intermediates(image)
+        actual = wrapper(image)
+    torch.testing.assert_close(actual["res5"], reference[-1], rtol=0, atol=0)
+
+
+def test_convert_torchvision_resnet50_matches_torchvision(tmp_path):
+    torch.manual_seed(0)
+    source = torchvision.models.resnet50().eval()
+    for module in source.modules():  # non-trivial BN statistics so the mapping is really checked
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path, out = tmp_path / "resnet50.pth", tmp_path / "r50_d2.pth"
+    torch.save(source.state_dict(), path)
+    assert convert_pretrained.main([str(path), str(out)]) == 0
+
+    model = build(tiny_cfg("r50")).eval()
+    checkpointer = DetectionCheckpointer(model)
+    incompatible = checkpointer.load(str(out))
+    assert incompatible is not None
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        x = source.maxpool(source.relu(source.bn1(source.conv1(image))))
+        expected = {}
+        for index, layer in enumerate((source.layer1, source.layer2, source.layer3, source.layer4)):
+            x = layer(x)
+            expected[f"res{index + 2}"] = x
+        actual = model.backbone(image)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_rejects_unknown_checkpoint(tmp_path, capsys):
+    path = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    assert convert_pretrained.main([str(path), str(tmp_path / "out.pth")]) == 1
+    assert "other.pth" in capsys.readouterr().err

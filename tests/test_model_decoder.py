@@ -1,0 +1,78 @@
+"""Masked attention (eq. 1-2): mask semantics, fully masked rows, decoder structure."""
+import torch
+import torch.nn.functional as F
+
+from model_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+from ddl_mask2former.modeling.transformer_decoder.masked_attention import Attention, MaskedAttentionDecoder
+
+
+def _decoder(layers=9, queries=5):
+    torch.manual_seed(0)
+    return MaskedAttentionDecoder(
+        in_channels=16, mask_dim=8, hidden_dim=16, num_queries=queries, num_heads=2, ffn_dim=32,
+        num_layers=layers, num_feature_levels=3,
+    ).eval()
+
+
+def _features(batch=1, mask_scale=1.0):
+    torch.manual_seed(1)
+    multi_scale = [torch.randn(batch, 16, s, s) for s in (2, 4, 8)]
+    mask_features = torch.randn(batch, 8, 16, 16) * mask_scale
+    return multi_scale, mask_features
+
+
+def test_decoder_has_exactly_configured_layers_and_deep_supervision():
+    decoder = _decoder(layers=9, queries=100)
+    assert len(decoder.layers) == 9
+    multi_scale, mask_features = _features(batch=2)
+    out = decoder(multi_scale, mask_features, all_masks=True)
+    assert out["pred_logits"].shape == (2, 100)
+    assert out["pred_masks"].shape == (2, 100, 16, 16)
+    assert len(out["aux_outputs"]) == 9  # initial queries + layers 1..8; layer 9 is the output
+    assert all(aux["pred_masks"].shape == (2, 100, 16, 16) for aux in out["aux_outputs"])
+    inference = decoder(multi_scale, mask_features, all_masks=False)
+    assert inference["aux_outputs"] == []
+    torch.testing.assert_close(inference["pred_masks"], out["pred_masks"])
+
+
+def test_attention_mask_follows_eq2_and_unmasks_full_rows():
+    decoder = _decoder()
+    queries = torch.randn(1, 5, 16)
+    level_features = torch.randn(1, 8, 4, 4)
+    _, _, keep = decoder._predict(queries, level_features, level_features, full_mask=False)
+    logits = torch.einsum("bqc,bchw->bqhw", decoder.mask_embed(decoder.decoder_norm(queries)), level_features)
+    expected = (logits.sigmoid() > 0.5).flatten(2)
+    expected[~expected.any(-1)] = True
+    assert torch.equal(keep[:, 0], expected)
+
+    # All-negative masks: every row would be fully masked, so every row attends everywhere.
+    _, _, keep = decoder._predict(queries, level_features, torch.zeros(1, 8, 4, 4), full_mask=False)
+    assert keep.all()
+
+
+def test_fully_masked_rows_give_no_nan_and_equal_unmasked_attention():
+    attention = Attention(16, 2).eval()
+    query, memory = torch.randn(1, 3, 16), torch.randn(1, 10, 16)
+    keep = torch.zeros(1, 1, 3, 10, dtype=torch.bool)
+    keep[0, 0, 0, :4] = True  # row 0 partly masked; rows 1 and 2 fully masked, then unmasked
+    keep |= ~keep.any(dim=-1, keepdim=True)
+    out = attention(query, memory, memory, keep)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 1:], attention(query, memory, memory, None)[:, 1:])
+
+
+def test_decoder_with_all_masks_empty_is_finite():
+    decoder = _decoder()
+    multi_scale, _ = _features()
+    out = decoder(multi_scale, torch.zeros(1, 8, 16, 16), all_masks=True)
+    assert torch.isfinite(out["pred_logits"]).all() and torch.isfinite(out["pred_masks"]).all()
+
+
+def test_resizing_features_equals_resizing_masks():
+    """The decoder resizes P once per level instead of resizing every mask: same result."""
+    embedding, features = torch.randn(2, 5, 8), torch.randn(2, 8, 16, 16)
+    masks = torch.einsum("bqc,bchw->bqhw", embedding, features)
+    via_masks = F.interpolate(masks, size=(4, 4), mode="bilinear", align_corners=False)
+    small = F.interpolate(features, size=(4, 4), mode="bilinear", align_corners=False)
+    via_features = torch.einsum("bqc,bchw->bqhw", embedding, small)
+    torch.testing.assert_close(via_features, via_masks, rtol=1e-5, atol=1e-5)
