@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""The CPU quickstart (``make quickstart``): the whole pipeline on data it makes itself.
+
+    python tools/quickstart.py [--out output/quickstart] [--ensemble]
+
+Steps, each printing where it wrote:
+  1. generate a synthetic DDL-format dataset (datasets/make_synthetic_ddl.py);
+  2. train a small DDL-Mask2Former from scratch on the CPU (tools/train_net.py, a config from
+     configs/quickstart/), evaluating on the synthetic val split at the end and exporting the
+     predictions in the challenge's submission format;
+  3. score the export with tools/evaluate_predictions.py;
+  4. run the visualizer demo (tools/demo.py) on a few val images;
+  5. with --ensemble: train a second model (another backbone) and fuse both exports with
+     tools/ensemble.py (paper eq. 6); without it, print the ready command.
+It ends with the metrics table and the paths of pictures, checkpoints and logs.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART_CONFIGS = {
+    "main": ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_R18.yaml",
+    "second": ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_swin.yaml",
+}
+VAL_DATASET = "ddl_i_val"  # registered at $DETECTRON2_DATASETS/DDL-I/val
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "output" / "quickstart"),
+                        help="folder for data, models, exports and pictures")
+    parser.add_argument("--num-train", type=int, default=600, help="synthetic training images")
+    parser.add_argument("--num-val", type=int, default=120, help="synthetic validation images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="training iterations (default: the config's SOLVER.MAX_ITER)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also train a second model and fuse both with tools/ensemble.py")
+    parser.add_argument("--demo-images", type=int, default=6, help="val images for the demo")
+    return parser.parse_args(argv)
+
+
+class Steps:
+    """Runs the pipeline's commands, timing each and logging its full output to a file."""
+
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.start = time.monotonic()
+        self.env = dict(os.environ, DETECTRON2_DATASETS=str(out_dir / "data"),
+                        PYTHONUNBUFFERED="1")
+
+    def banner(self, text):
+        elapsed = time.monotonic() - self.start
+        print(f"\n=== [{elapsed / 60:5.1f} min] {text}", flush=True)
+
+    def run(self, name, cmd, show=lambda line: True):
+        """Run ``cmd``; keep its whole output in <out>/logs/<name>.log, echo the lines ``show`` keeps."""
+        log_path = self.out_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print("$ " + " ".join(str(c) for c in cmd), flush=True)
+        t0 = time.monotonic()
+        with open(log_path, "w") as log, subprocess.Popen(
+            [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=self.env, cwd=ROOT,
+        ) as proc:
+            for line in proc.stdout:
+                log.write(line)
+                if show(line):
+                    print("  " + line.rstrip(), flush=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"quickstart: step '{name}' failed (exit {proc.returncode}); "
+                             f"its full output is in {log_path}")
+        print(f"  ({time.monotonic() - t0:.0f} s; log: {log_path})", flush=True)
+        return log_path
+
+
+def _training_progress(line):
+    # detectron2's periodic "eta: ... iter: ..." lines, the metrics table and our own messages.
+    return ("eta:" in line or line.startswith("|") or "copypaste" in line
+            or "Traceback" in line or "Error" in line or "written to" in line)
+
+
+def generate_data(steps, args):
+    data_root = steps.out_dir / "data" / "DDL-I"
+    stamp = data_root / "quickstart_params.json"
+    params = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.seed}
+    if stamp.is_file() and json.loads(stamp.read_text()) == params:
+        print(f"reusing the synthetic data in {data_root} (same size and seed)")
+        return data_root
+    steps.run("make_synthetic_ddl", [
+        sys.executable, ROOT / "datasets" / "make_synthetic_ddl.py", "--out", data_root,
+        "--num-train", args.num_train, "--num-val", args.num_val, "--seed", args.seed])
+    stamp.write_text(json.dumps(params))
+    return data_root
+
+
+def train_and_export(steps, args, config, model_dir):
+    export_dir = model_dir / "export"
+    opts = ["OUTPUT_DIR", model_dir, "TEST.EXPORT_DIR", export_dir, "DATASETS.TEST", f"('{VAL_DATASET}',)"]
+    if args.iters is not None:
+        opts += ["SOLVER.MAX_ITER", args.iters]
+    steps.run(f"train_{model_dir.name}", [
+        sys.executable, ROOT / "tools" / "train_net.py", "--config-file", config,
+        "--num-gpus", "1", *opts], show=_training_progress)
+    return export_dir
+
+
+def score(steps, export_dir, gt_dir, json_path):
+    steps.run(f"score_{json_path.stem}", [
+        sys.executable, ROOT / "tools" / "evaluate_predictions.py", "--pred", export_dir,
+        "--gt", gt_dir, "--json", json_path, "--no-progress"])
+    return json.loads(json_path.read_text())
+
+
+def pick_demo_images(gt_dir, count):
+    fakes = sorted((gt_dir / "fake").glob("*.png"))
+    reals = sorted((gt_dir / "real").glob("*.png"))
+    half = max(1, count // 2)
+    return fakes[:count - half] + reals[:half]
+
+
+def metrics_table(rows):
+    header = f"{'model':<28}{'AUC':>8}{'F1':>8}{'IoU':>8}{'score':>8}{'F1 px':>8}{'IoU px':>8}"
+    lines = [header, "-" * len(header)]
+    for name, m in rows:
+        lines.append(f"{name:<28}" + "".join(
+            f"{100 * m[k]:8.2f}" for k in ("auc", "f1", "iou", "score", "f1_pixel", "iou_pixel")))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    steps = Steps(out_dir)
+
+    steps.banner("1/5 synthetic DDL-format data")
+    data_root = generate_data(steps, args)
+    val_dir = data_root / "val"
+
+    steps.banner(f"2/5 training {QUICKSTART_CONFIGS['main'].name} on the CPU")
+    main_dir = out_dir / "model_main"
+    main_export = train_and_export(steps, args, QUICKSTART_CONFIGS["main"], main_dir)
+
+    steps.banner("3/5 scoring the exported predictions (tools/evaluate_predictions.py)")
+    rows = [(QUICKSTART_CONFIGS["main"].stem.replace("ddl_mask2former_", ""),
+             score(steps, main_export, val_dir, main_dir / "scores.json"))]
+
+    steps.banner("4/5 visualizer demo on val images (tools/demo.py)")
+    demo_dir = out_dir / "demo"
+    steps.run("demo", [
+        sys.executable, ROOT / "tools" / "demo.py", "--config-file", QUICKSTART_CONFIGS["main"],
+        "--input", *pick_demo_images(val_dir, args.demo_images), "--output", demo_dir,
+        "--opts", "MODEL.WEIGHTS", main_dir / "model_final.pth"])
+
+    steps.banner("5/5 ensemble (paper eq. 6)")
+    second_dir = out_dir / "model_second"
+    fused_dir = out_dir / "ensemble"
+    ensemble_cmd = [
+        sys.executable, ROOT / "tools" / "ensemble.py", "--inputs", main_export,
+        second_dir / "export", "--det-weights", "1", "1", "--loc-weights", "1", "1",
+        "--out", fused_dir, "--gt", val_dir, "--json", fused_dir / "scores.json", "--no-progress"]
+    if args.ensemble:
+        train_and_export(steps, args, QUICKSTART_CONFIGS["second"], second_dir)
+        rows.append((QUICKSTART_CONFIGS["second"].stem.replace("ddl_mask2former_", ""),
+                     score(steps, second_dir / "export", val_dir, second_dir / "scores.json")))
+        steps.run("ensemble", ensemble_cmd)
+        rows.append(("ensemble (1:1, 1:1)", json.loads((fused_dir / "scores.json").read_text())))
+    else:
+        print("skipped (run `python tools/quickstart.py --ensemble` to train a second model);"
+              " with two exports the fusion is:\n  "
+              + " ".join(str(c) for c in ensemble_cmd[1:]))
+
+    steps.banner("done")
+    print("Synthetic val split, percent (F1/IoU: per-image means; 'px': dataset-level):")
+    print(metrics_table(rows))
+    print(f"\ndata:        {data_root}")
+    print(f"checkpoint:  {main_dir / 'model_final.pth'} (TensorBoard events and metrics.json beside it)")
+    print(f"submission:  {main_export} (prediction.txt, mask/, prob/)")
+    print(f"demo:        {demo_dir} (overlays and predictions.jsonl)")
+    print(f"logs:        {out_dir / 'logs'}")
+    print(f"total time:  {(time.monotonic() - steps.start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
