@@ -5,7 +5,13 @@ without it). Components register themselves with detectron2 when their subpackag
 imported; ``register_all()`` imports every one of them in one place.
 """
 
+import warnings
+
 __version__ = "0.1.0"
+
+# detectron2 decorates helpers with torch.jit.script, which torch 2.14 deprecates with a warning
+# at import time; it says nothing about this project and buries every command's first lines.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 
 def register_all():
