@@ -37,7 +37,7 @@ step() {
 
 step environment bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
   command -v nvcc && nvcc --version | tail -1; \
-  $PYTHON -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.device_count(), torch.cuda.get_device_name(0))'"
+  $PYTHON -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\")'"
 
 # Stale in-place builds for another Python or torch must not be picked up.
 rm -rf "$ROOT/build" "$ROOT"/projects/DDLMask2Former/ddl_mask2former/ops/_C*.so
@@ -55,7 +55,7 @@ step bench_fp16 "$PYTHON" benchmarks/bench_msda.py --dtype float16 --json "$OUT/
 
 # Out-of-bounds and race checks of the kernels on a small case (best effort, time-capped).
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$PYTHON" -m pytest -q \
+  step memcheck timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$PYTHON" -m pytest -q \
     --noconftest -p no:cacheprovider tests/test_ops_cuda.py -k "matches_pytorch and float64"
 fi
 

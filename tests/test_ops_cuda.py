@@ -1,4 +1,5 @@
 """The compiled CUDA op against the PyTorch path (needs a GPU and the built extension)."""
+import importlib
 import logging
 import shutil
 
@@ -67,8 +68,9 @@ def _forward_backward(function, inputs, grad_output):
     return output.detach(), leaves[0].grad, leaves[3].grad, leaves[4].grad
 
 
-@pytest.mark.parametrize("head_dim,levels", CASES)
-@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-3, 1e-4)])
+@pytest.mark.parametrize("head_dim,levels", CASES, ids=[f"head_dim{c[0]}" for c in CASES])
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-3, 1e-4)],
+                         ids=["float64", "float32"])
 def test_compiled_matches_pytorch_forward_and_backward(head_dim, levels, dtype, rtol, atol):
     inputs = _cuda_inputs(head_dim, levels, dtype)
     grad_output = torch.randn(2, 6, 3 * head_dim, device="cuda", dtype=dtype,
@@ -142,11 +144,16 @@ def test_runs_on_the_current_stream():
 
 
 def test_kernel_errors_are_python_exceptions():
+    extension = importlib.import_module("ddl_mask2former.ops._C")
     value, shapes, starts, locations, weights = _cuda_inputs(8, ((3, 3),), torch.float32)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         ms_deform_attn(value, shapes, starts, locations.cpu(), weights)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
-        ms_deform_attn(value, shapes, starts, locations, weights.to(torch.complex64))
+        extension.ms_deform_attn_forward(value, shapes, starts, locations, weights.to(torch.complex64))
+    with pytest.raises(RuntimeError, match="int64"):
+        extension.ms_deform_attn_forward(value, shapes.int(), starts, locations, weights)
+    with pytest.raises(RuntimeError, match="attention_weights must be"):
+        extension.ms_deform_attn_forward(value, shapes, starts, locations, weights[..., :1])
 
 
 def test_compiled_path_is_logged_once(caplog):
