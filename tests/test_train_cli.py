@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import ddl_mask2former
 from ddl_mask2former.data.synthetic import generate_ddl_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,10 @@ def ddl_root(tmp_path_factory):
 
 
 def _env(ddl_root):
-    return dict(os.environ, DETECTRON2_DATASETS=str(ddl_root), DDL_INDEX_CACHE="off")
+    # One intra-op thread per process: on a busy 2-core machine two threads per process
+    # made the tiny model ~10x slower (docs/PERFORMANCE.md, section train).
+    return dict(os.environ, DETECTRON2_DATASETS=str(ddl_root), DDL_INDEX_CACHE="off",
+                OMP_NUM_THREADS="1")
 
 
 def _run(args, ddl_root, cwd):
@@ -233,3 +237,32 @@ def test_demo_input_collection(tmp_path):
     assert paths == [str(tmp_path / "a" / "sub" / "y.JPG"), str(tmp_path / "a" / "x.png"),
                      str(tmp_path / "named.bin")]
     assert [spec for spec, _ in problems] == [str(tmp_path / "empty"), str(tmp_path / "none*.png")]
+
+
+def test_trainer_stops_on_non_finite_loss_naming_iteration_and_terms(ddl_root, tmp_path):
+    from detectron2.config import get_cfg
+
+    from ddl_mask2former.config import add_ddl_mask2former_config
+    from ddl_mask2former.data import register_ddl_split
+    from ddl_mask2former.engine import NonFiniteLossError, Trainer
+
+    ddl_mask2former.register_all()
+    register_ddl_split("train_test_non_finite", str(ddl_root / "DDL-I" / "train"), cache_dir=None)
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.merge_from_file(str(TINY_CONFIG))
+    # A zero pixel std turns every normalized input into inf/NaN, so loss_det is NaN at once
+    # (detection only: the localization matcher would reject NaN costs before any loss).
+    cfg.merge_from_list([
+        "DATASETS.TRAIN", ("train_test_non_finite",), "MODEL.PIXEL_STD", [0.0, 0.0, 0.0],
+        "MODEL.DDL.TASKS", ["detection"], "OUTPUT_DIR", str(tmp_path / "run"),
+    ])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    weights_before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NonFiniteLossError) as excinfo:
+        trainer.train()
+    assert "Non-finite loss at iteration 0" in str(excinfo.value)
+    assert "loss_det=nan <-- non-finite" in str(excinfo.value)
+    for before, after in zip(weights_before, trainer.model.parameters()):
+        assert torch.equal(before, after.detach())
