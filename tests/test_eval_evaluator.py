@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddl_mask2former.evaluation import DDLEvaluator, compute_ddl_metrics, score_export
+from ddl_mask2former.evaluation import DDLEvaluator, score_export
 from ddl_mask2former.evaluation.export import decode_prob_u8, read_predictions
 from ddl_mask2former.evaluation.metrics import f1_from_counts, iou_from_counts, roc_auc
 

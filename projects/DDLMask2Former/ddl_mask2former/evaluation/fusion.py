@@ -29,7 +29,7 @@ from .export import (
     write_png,
     write_predictions,
 )
-from .metrics import ImageRecord, compute_ddl_metrics, mask_counts, roc_auc
+from .metrics import compute_ddl_metrics_from_arrays, mask_counts, roc_auc
 from .scoring import _progress, default_num_workers, iter_bounded, list_ddl_split
 
 __all__ = ["normalize_weights", "fuse_predictions", "fuse_exports", "weight_grid",
@@ -190,49 +190,55 @@ def search_weights(export_dirs: Sequence[str], split_dir: str, step: float = 0.1
 
     images = list_ddl_split(split_dir)
     grid = weight_grid(len(export_dirs), step)
+    # normalized exactly as fuse_exports will normalize the reported weights
+    normalized_grid = [normalize_weights(w, len(export_dirs), "search") for w in grid]
     result: Dict = {"grid_step": step}
     if search_det:
         all_scores = _read_all_scores(export_dirs)
-        missing = [i.name for i in images if i.name not in all_scores[0]]
+        missing = [name for name in images.names if name not in all_scores[0]]
         if missing or len(all_scores[0]) != len(images):
             raise ValueError(f"{export_dirs[0]}: {PREDICTION_FILE} does not cover exactly the "
                              f"images of {split_dir} (e.g. missing {missing[:5]})")
-        labels = np.asarray([i.label for i in images])
-        score_matrix = np.asarray([[s[i.name] for s in all_scores] for i in images])
+        score_columns = [np.asarray([scores[name] for name in images.names])
+                         for scores in all_scores]
+        del all_scores
         result["det"] = [
-            {"weights": w.tolist(),
-             "auc": roc_auc(labels, score_matrix @ w if (w > 0).sum() > 1
-                            else score_matrix[:, int(np.argmax(w))])}
+            {"weights": w.tolist(), "auc": roc_auc(images.labels, fuse_predictions(score_columns, w))}
             for w in grid
         ]
     if search_loc:
-        def count_one(image):
-            maps = np.stack([decode_prob_u8(_read_prob(d, image.name)) for d in export_dirs])
+        def count_one(i: int) -> np.ndarray:
+            image = images[i]
+            maps = [decode_prob_u8(_read_prob(d, image.name)) for d in export_dirs]
+            shape = (image.height, image.width)
+            for export_dir, prob in zip(export_dirs, maps):
+                if prob.shape != shape:
+                    raise ValueError(f"{os.path.join(export_dir, PROB_DIR, image.name)}: "
+                                     f"probability map is {prob.shape} but the image is {shape}")
             if image.label == 1:
                 gt = read_forgery_mask(image.mask_path, threshold=gt_mask_threshold)
-                if gt.shape != maps.shape[1:]:
-                    raise ValueError(f"{image.name}: probability maps are {maps.shape[1:]} but "
-                                     f"the ground-truth mask is {gt.shape}")
             else:
-                gt = np.zeros(maps.shape[1:], dtype=bool)
-            counts = []
-            for w in grid:
-                # same decision as the exported mask: fused code >= 128  <=>  fused prob > 0.5
-                fused = _fuse_decoded(maps, w)
-                counts.append(mask_counts(encode_prob_u8(fused) >= PROB_CODE_THRESHOLD, gt))
-            return image.label, gt.size, counts
+                gt = np.zeros(shape, dtype=bool)
+            # same decision as the exported mask: fused code >= 128  <=>  fused prob > 0.5
+            return np.asarray([
+                mask_counts(encode_prob_u8(_fuse_decoded(maps, w)) >= PROB_CODE_THRESHOLD, gt)
+                for w in normalized_grid
+            ])
 
-        per_point: List[List[ImageRecord]] = [[] for _ in grid]
+        # (grid point, image, TP/FP/FN): preallocated, so memory is fixed before the loop
+        counts = np.zeros((len(grid), len(images), 3), dtype=np.int64)
         workers = num_workers or default_num_workers()
-        for image, (label, num_pixels, counts) in zip(
-                images, _progress(iter_bounded(count_one, images, workers), len(images),
-                                  progress, "searching")):
-            for records, (tp, fp, fn) in zip(per_point, counts):
-                records.append(ImageRecord(image.name, label, float("nan"), tp, fp, fn,
-                                           num_pixels))
+        for i, image_counts in enumerate(_progress(
+                iter_bounded(count_one, range(len(images)), workers), len(images), progress,
+                "searching")):
+            counts[:, i] = image_counts
+        num_pixels = images.sizes[:, 0].astype(np.int64) * images.sizes[:, 1]
+        no_scores = np.full(len(images), np.nan)
         result["loc"] = []
-        for w, records in zip(grid, per_point):
-            metrics = compute_ddl_metrics(records)
+        for w, point_counts in zip(grid, counts):
+            metrics = compute_ddl_metrics_from_arrays(
+                images.labels, no_scores, point_counts[:, 0], point_counts[:, 1],
+                point_counts[:, 2], num_pixels)
             metrics.pop("num_unlabeled", None)
             result["loc"].append({"weights": w.tolist(), **metrics})
     best_det = max(result.get("det", []), key=lambda r: r["auc"], default=None)

@@ -29,6 +29,7 @@ __all__ = [
     "f1_from_counts",
     "iou_from_counts",
     "compute_ddl_metrics",
+    "compute_ddl_metrics_from_arrays",
     "compute_group_metrics",
     "LABEL_UNKNOWN",
 ]
@@ -126,9 +127,17 @@ def iou_from_counts(tp: int, fp: int, fn: int) -> float:
     return 1.0 if denominator == 0 else tp / denominator
 
 
-def _nan_mean(values: List[float]) -> float:
-    # fsum makes the mean independent of the order records arrive in (1 vs N processes)
-    return math.fsum(values) / len(values) if values else float("nan")
+def _mean(values: np.ndarray) -> float:
+    # fsum makes the mean independent of the order images arrive in (1 vs N processes)
+    return math.fsum(values.tolist()) / values.size if values.size else float("nan")
+
+
+def _per_image(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator per image, 1.0 where both masks are empty (denominator 0)."""
+    ratio = np.ones(denominator.shape, dtype=np.float64)
+    nonzero = denominator > 0
+    ratio[nonzero] = numerator[nonzero] / denominator[nonzero]
+    return ratio
 
 
 def compute_ddl_metrics(records: Iterable[ImageRecord], warn: bool = True) -> Dict[str, float]:
@@ -140,46 +149,63 @@ def compute_ddl_metrics(records: Iterable[ImageRecord], warn: bool = True) -> Di
     (label -1) are counted but not scored. Raises if only some records carry a task.
     """
     records = list(records)
-    labeled = [r for r in records if r.label != LABEL_UNKNOWN]
-    fakes = [r for r in labeled if r.label == 1]
-    reals = [r for r in labeled if r.label == 0]
+    columns = np.asarray([r[1:7] for r in records], dtype=np.float64).reshape(-1, 6)
+    return compute_ddl_metrics_from_arrays(
+        columns[:, 0], columns[:, 1], columns[:, 2], columns[:, 3], columns[:, 4],
+        columns[:, 5], names=[r.name for r in records], warn=warn)
+
+
+def compute_ddl_metrics_from_arrays(labels, fake_prob, tp, fp, fn, num_pixels, names=None,
+                                    warn: bool = True) -> Dict[str, float]:
+    """``compute_ddl_metrics`` on one array per ``ImageRecord`` field (the scorer's form).
+
+    Counts may be float64 arrays: they are exact integers far below 2**53.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    fake_prob = np.asarray(fake_prob, dtype=np.float64)
+    tp, fp, fn, num_pixels = (np.asarray(a, dtype=np.int64) for a in (tp, fp, fn, num_pixels))
+    labeled = labels != LABEL_UNKNOWN
+    fake = labels == 1
+    real = labels == 0
     results: Dict[str, float] = {
-        "num_real": len(reals),
-        "num_fake": len(fakes),
-        "num_unlabeled": len(records) - len(labeled),
+        "num_real": int(real.sum()),
+        "num_fake": int(fake.sum()),
+        "num_unlabeled": int((~labeled).sum()),
     }
-    has_det = _task_present(labeled, "has_detection", "a detection score (fake_prob)")
-    has_loc = _task_present(labeled, "has_localization", "localization counts (a mask)")
+    has_det = _task_present(~np.isnan(fake_prob), labeled, names, "a detection score (fake_prob)")
+    has_loc = _task_present(tp >= 0, labeled, names, "localization counts (a mask)")
     if has_det:
-        results["auc"] = roc_auc(
-            [r.label for r in labeled], [r.fake_prob for r in labeled], warn=warn
-        )
+        results["auc"] = roc_auc(labels[labeled], fake_prob[labeled], warn=warn)
     if has_loc:
-        results["f1"] = _nan_mean([f1_from_counts(r.tp, r.fp, r.fn) for r in fakes])
-        results["iou"] = _nan_mean([iou_from_counts(r.tp, r.fp, r.fn) for r in fakes])
-        tp = sum(r.tp for r in fakes)
-        fp = sum(r.fp for r in fakes)
-        fn = sum(r.fn for r in fakes)
-        results["f1_pixel"] = f1_from_counts(tp, fp, fn) if fakes else float("nan")
-        results["iou_pixel"] = iou_from_counts(tp, fp, fn) if fakes else float("nan")
-        real_pixels = sum(r.num_pixels for r in reals)
-        results["real_forged_frac"] = (
-            sum(r.fp for r in reals) / real_pixels if real_pixels else float("nan")
-        )
+        tp_fake, fp_fake, fn_fake = tp[fake], fp[fake], fn[fake]
+        results["f1"] = _mean(_per_image(2 * tp_fake, 2 * tp_fake + fp_fake + fn_fake))
+        results["iou"] = _mean(_per_image(tp_fake, tp_fake + fp_fake + fn_fake))
+        total_tp, total_fp, total_fn = (int(a.sum()) for a in (tp_fake, fp_fake, fn_fake))
+        has_fakes = results["num_fake"] > 0
+        results["f1_pixel"] = (f1_from_counts(total_tp, total_fp, total_fn) if has_fakes
+                               else float("nan"))
+        results["iou_pixel"] = (iou_from_counts(total_tp, total_fp, total_fn) if has_fakes
+                                else float("nan"))
+        real_pixels = int(num_pixels[real].sum())
+        results["real_forged_frac"] = (int(fp[real].sum()) / real_pixels if real_pixels
+                                       else float("nan"))
     if has_det and has_loc:
         results["score"] = (results["auc"] + results["f1"] + results["iou"]) / 3
     return results
 
 
-def _task_present(records: List[ImageRecord], attribute: str, what: str) -> bool:
-    present = sum(1 for r in records if getattr(r, attribute))
-    if 0 < present < len(records):
-        missing = next(r.name for r in records if not getattr(r, attribute))
+def _task_present(present: np.ndarray, labeled: np.ndarray, names, what: str) -> bool:
+    present = present[labeled]
+    count = int(present.sum())
+    if 0 < count < present.size:
+        example = ""
+        if names is not None:
+            example = f" (e.g. {np.asarray(names, dtype=object)[labeled][~present][0]})"
         raise ValueError(
-            f"{present} of {len(records)} labeled images have {what} but others do not "
-            f"(e.g. {missing}); every image must come from the same model configuration"
+            f"{count} of {present.size} labeled images have {what} but others do not{example}; "
+            "every image must come from the same model configuration"
         )
-    return present > 0
+    return count > 0
 
 
 def compute_group_metrics(records: Iterable[ImageRecord]) -> Dict[str, Dict[str, float]]:

@@ -10,15 +10,16 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
 from .export import MASK_DIR, PREDICTION_FILE, mask_file_name, read_gray_png, read_predictions
-from .metrics import ImageRecord, compute_ddl_metrics, mask_counts
+from .metrics import compute_ddl_metrics_from_arrays, mask_counts
 
 __all__ = [
     "SplitImage",
+    "SplitIndex",
     "list_ddl_split",
     "score_export",
     "iter_bounded",
@@ -37,41 +38,73 @@ PRED_MASK_THRESHOLD = 127
 class SplitImage(NamedTuple):
     name: str  # file name, the key used in prediction.txt
     label: int  # 0 real, 1 fake
-    image_path: str
     mask_path: Optional[str]  # ground-truth mask, fakes only
     height: int  # original size in display orientation
     width: int
 
 
-def list_ddl_split(split_dir: str) -> List[SplitImage]:
-    """Images of a labeled split folder in DDL layout, sorted by name.
+class SplitIndex:
+    """Compact listing of a labeled split in DDL layout: a name and a few bytes per image.
 
-    Indexed by ``ddl_mask2former.data.load_ddl_split`` (sizes from file headers; a fake
-    without a mask or a mask of the wrong size is an error naming the file).
+    Built from ``ddl_mask2former.data.load_ddl_split`` (sizes from file headers; a fake
+    without a mask or a mask of the wrong size is an error naming the file), whose dicts are
+    released one by one as they are read. ``index[i]`` gives a ``SplitImage``.
     """
-    from ..data.ddl_dataset import load_ddl_split
 
-    images = []
-    for record in load_ddl_split(split_dir):
-        if "label" not in record:
-            raise ValueError(f"{split_dir}: unlabeled split (no real/ and fake/ folders); "
-                             "scoring needs labels")
-        images.append(SplitImage(os.path.basename(record["file_name"]), record["label"],
-                                 record["file_name"], record.get("mask_file"),
-                                 record["height"], record["width"]))
-    images.sort()
-    _check_unique_export_names(images, split_dir)
-    return images
+    def __init__(self, split_dir: str):
+        from ..data.ddl_dataset import load_ddl_split
+
+        self.split_dir = split_dir
+        dicts = load_ddl_split(split_dir)
+        count = len(dicts)
+        self.names: List[str] = [""] * count
+        self.labels = np.empty(count, dtype=np.int8)
+        self.sizes = np.empty((count, 2), dtype=np.int32)
+        self.mask_dir: Optional[str] = None
+        # mask file names that differ from their image's name (DDL masks share the name)
+        self._other_mask_names: Dict[int, str] = {}
+        for i in range(count):
+            record, dicts[i] = dicts[i], None
+            if "label" not in record:
+                raise ValueError(f"{split_dir}: unlabeled split (no real/ and fake/ folders); "
+                                 "scoring needs labels")
+            name = os.path.basename(record["file_name"])
+            self.names[i] = name
+            self.labels[i] = record["label"]
+            self.sizes[i] = (record["height"], record["width"])
+            if record["label"] == 1:
+                mask_dir, mask_name = os.path.split(record["mask_file"])
+                self.mask_dir = self.mask_dir or mask_dir
+                if mask_name != name:
+                    self._other_mask_names[i] = mask_name
+        self._check_unique_export_names()
+
+    def _check_unique_export_names(self) -> None:
+        seen: Dict[str, int] = {}
+        for i, name in enumerate(self.names):
+            key = mask_file_name(name)
+            if key in seen:
+                raise ValueError(f"{self.split_dir}: images {self.names[seen[key]]} and {name} "
+                                 f"share the export name {key}; image names must be unique "
+                                 "across real/ and fake/")
+            seen[key] = i
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> SplitImage:
+        name, label = self.names[i], int(self.labels[i])
+        mask_path = (os.path.join(self.mask_dir, self._other_mask_names.get(i, name))
+                     if label == 1 else None)
+        return SplitImage(name, label, mask_path, int(self.sizes[i, 0]), int(self.sizes[i, 1]))
+
+    def __iter__(self) -> Iterator[SplitImage]:
+        return (self[i] for i in range(len(self)))
 
 
-def _check_unique_export_names(images: List[SplitImage], where: str) -> None:
-    seen: Dict[str, str] = {}
-    for image in images:
-        key = mask_file_name(image.name)
-        if key in seen:
-            raise ValueError(f"{where}: {image.image_path} and {seen[key]} share the export name "
-                             f"{key}; image names must be unique across real/ and fake/")
-        seen[key] = image.image_path
+def list_ddl_split(split_dir: str) -> SplitIndex:
+    """The images of a labeled split folder in DDL layout (see ``SplitIndex``)."""
+    return SplitIndex(split_dir)
 
 
 def default_num_workers() -> int:
@@ -139,24 +172,26 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
     if not (has_det or has_loc):
         raise FileNotFoundError(f"{pred_dir}: neither {PREDICTION_FILE} nor {MASK_DIR}/ found; "
                                 "nothing to score")
-    scores: Dict[str, float] = {}
-    missing_scores: List[str] = []
+    count = len(images)
+    fake_prob = np.full(count, np.nan)
+    num_missing_scores = 0
     if has_det:
         scores = read_predictions(prediction_path)
-        missing_scores = _compare((i.name for i in images), scores, "scores", prediction_path,
-                                  allow_missing)
+        num_missing_scores = len(_compare(images.names, scores, "scores", prediction_path,
+                                          allow_missing))
+        # a missing score counts as 0 ("certainly real") when allowed
+        fake_prob[:] = [scores.get(name, 0.0) for name in images.names]
+        del scores
     missing_masks = set()
     if has_loc:
         with os.scandir(mask_dir) as entries:
             found_masks = [e.name for e in entries if e.is_file()]
-        missing_masks = set(_compare((mask_file_name(i.name) for i in images), found_masks,
+        missing_masks = set(_compare((mask_file_name(n) for n in images.names), found_masks,
                                      "masks", mask_dir, allow_missing))
+        del found_masks
 
-    def score_image(image: SplitImage) -> ImageRecord:
-        fake_prob = scores.get(image.name, 0.0) if has_det else float("nan")
-        if not has_loc:
-            return ImageRecord(image.name, image.label, fake_prob, -1, -1, -1, 0)
-        mask_name = mask_file_name(image.name)
+    def score_image(i: int):
+        image = images[i]
         size = (image.height, image.width)
         gt = None
         if image.label == 1:
@@ -164,6 +199,7 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
             if gt.shape != size:
                 raise ValueError(f"{image.mask_path}: ground-truth mask is {gt.shape} but image "
                                  f"{image.name} is {size} (H, W)")
+        mask_name = mask_file_name(image.name)
         if mask_name in missing_masks:
             pred = np.zeros(size, dtype=bool)
         else:
@@ -173,16 +209,20 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
                 raise ValueError(f"{pred_path}: mask is {pred.shape[0]}x{pred.shape[1]} but "
                                  f"image {image.name} is {size[0]}x{size[1]} (height x width)")
         if gt is None:
-            return ImageRecord(image.name, 0, fake_prob, 0, int(np.count_nonzero(pred)), 0,
-                               pred.size)
-        tp, fp, fn = mask_counts(pred, gt)
-        return ImageRecord(image.name, 1, fake_prob, tp, fp, fn, pred.size)
+            # a real image: every pixel predicted forged is a false positive
+            return 0, int(np.count_nonzero(pred)), 0
+        return mask_counts(pred, gt)
 
-    workers = num_workers or default_num_workers()
-    # a detection-only export needs no decoding: no threads
-    records = list(_progress(iter_bounded(score_image, images, workers if has_loc else 1),
-                             len(images), progress, "scoring"))
-    results = compute_ddl_metrics(records)
-    results["num_missing_scores"] = len(missing_scores)
+    # per image three counts in preallocated arrays: memory does not grow while scoring
+    counts = np.full((count, 3), -1, dtype=np.int64)
+    if has_loc:
+        workers = num_workers or default_num_workers()
+        for i, image_counts in enumerate(_progress(
+                iter_bounded(score_image, range(count), workers), count, progress, "scoring")):
+            counts[i] = image_counts
+    results = compute_ddl_metrics_from_arrays(
+        images.labels, fake_prob, counts[:, 0], counts[:, 1], counts[:, 2],
+        images.sizes[:, 0].astype(np.int64) * images.sizes[:, 1], names=images.names)
+    results["num_missing_scores"] = num_missing_scores
     results["num_missing_masks"] = len(missing_masks)
     return results
