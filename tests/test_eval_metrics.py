@@ -170,6 +170,18 @@ def test_prob_codec_threshold_is_exact():
     assert np.abs(decoded - probs).max() <= 1 / 256
 
 
+def test_prob_codec_torch_equals_numpy():
+    import torch
+
+    rng = np.random.default_rng(1)
+    edges = np.arange(257, dtype=np.float32) / 256
+    probs = np.concatenate([rng.random(10000, dtype=np.float32), edges,
+                            np.nextafter(edges, np.float32(1))]).clip(0, 1).reshape(-1, 7)
+    np.testing.assert_array_equal(encode_prob_u8(torch.from_numpy(probs)), encode_prob_u8(probs))
+    with pytest.raises(ValueError, match="NaN"):
+        encode_prob_u8(torch.tensor([0.2, float("nan")]))
+
+
 def test_prob_codec_rejects_nan():
     with pytest.raises(ValueError, match="NaN"):
         encode_prob_u8(np.array([0.1, np.nan], np.float32))

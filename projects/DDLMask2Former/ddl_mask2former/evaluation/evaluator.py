@@ -143,7 +143,7 @@ class DDLEvaluator(DatasetEvaluator):
                              "outputs must be at the original resolution")
         if key == "mask_prob":
             prob = prediction.detach().float()
-            if not torch.isfinite(prob).all():
+            if not bool(torch.isfinite(prob).all()):
                 raise ValueError(f"{image_input['file_name']}: mask_prob has NaN or inf")
             pred = (prob > PROB_THRESHOLD).cpu().numpy()
             if self._writer is not None:

@@ -60,9 +60,18 @@ ZIP_FILE = "submission.zip"
 
 
 def encode_prob_u8(prob) -> np.ndarray:
-    """Forgery probabilities in [0, 1] (numpy array or torch tensor) -> uint8 codes."""
+    """Forgery probabilities in [0, 1] (numpy array or torch tensor) -> uint8 codes (numpy)."""
     if hasattr(prob, "detach"):
-        prob = prob.detach().float().cpu().numpy()
+        import torch  # only reached with a tensor, so torch is there
+
+        prob = prob.detach()
+        if not prob.is_floating_point():
+            raise TypeError(f"probabilities must be floating point, got {prob.dtype}")
+        if prob.numel() and not bool(prob.isfinite().all()):
+            raise ValueError("probability map contains NaN or inf")
+        # encode where the tensor lives (GPU at inference) and copy back one byte per pixel
+        codes = (prob.float() * 256).ceil_().sub_(1).clamp_(0, 255)
+        return codes.to(torch.uint8).cpu().numpy()
     prob = np.asarray(prob)
     if not np.issubdtype(prob.dtype, np.floating):
         raise TypeError(f"probabilities must be floating point, got {prob.dtype}")
