@@ -2,13 +2,15 @@
 """Train or evaluate DDL-Mask2Former with detectron2.
 
 Examples:
-    # train on one GPU (or CPU with MODEL.DEVICE cpu), resume after an interruption
-    python tools/train_net.py --config-file configs/ddl-i/swin_tiny.yaml --num-gpus 1
-    python tools/train_net.py --config-file configs/ddl-i/swin_tiny.yaml --resume
-    # two CPU processes over gloo
-    python tools/train_net.py --config-file cfg.yaml --num-gpus 2 MODEL.DEVICE cpu
-    # evaluate a checkpoint (and export predictions when the config names an export folder)
-    python tools/train_net.py --config-file cfg.yaml --eval-only MODEL.WEIGHTS model_final.pth
+    # train on one GPU (CPU: add MODEL.DEVICE cpu); after an interruption add --resume
+    python tools/train_net.py --num-gpus 1 \
+        --config-file configs/ddl-i/ddl_mask2former_swin_tiny.yaml
+    # two CPU processes over gloo (the quickstart configs set MODEL.DEVICE cpu)
+    python tools/train_net.py --num-gpus 2 \
+        --config-file configs/quickstart/ddl_mask2former_quickstart_swin.yaml
+    # evaluate a checkpoint and export a challenge submission
+    python tools/train_net.py --config-file cfg.yaml --eval-only \
+        MODEL.WEIGHTS output/model_final.pth TEST.EXPORT_DIR output/export
 
 Trailing ``KEY VALUE`` pairs override the config. Relative paths (config file, OUTPUT_DIR,
 MODEL.WEIGHTS) are relative to the current directory; the script runs from any directory.
