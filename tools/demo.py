@@ -100,6 +100,10 @@ def setup_cfg(args):
     add_ddl_mask2former_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but no CUDA device is visible: running on the CPU",
+                       cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
 
