@@ -47,8 +47,11 @@ step import "$PYTHON" -c "import sys, ddl_mask2former.ops as ops; print('compile
 assert 'detectron2' not in sys.modules, 'ddl_mask2former.ops imported detectron2'"
 
 # --noconftest: the ops tests need no shared fixtures, and a conftest must not pull in detectron2.
-step tests "$PYTHON" -m pytest -v --noconftest -p no:cacheprovider tests/test_ops_pytorch.py \
-  tests/test_ops_module.py tests/test_ops_extension.py tests/test_ops_cuda.py
+# The error-path test runs in its own process so a crash there cannot hide the other results.
+PYTEST=("$PYTHON" -m pytest -v --noconftest -p no:cacheprovider)
+step tests "${PYTEST[@]}" tests/test_ops_pytorch.py tests/test_ops_module.py tests/test_ops_extension.py \
+  tests/test_ops_cuda.py -k "not test_kernel_errors_are_python_exceptions"
+step error_tests "${PYTEST[@]}" tests/test_ops_cuda.py -k test_kernel_errors_are_python_exceptions
 
 step bench_fp32 "$PYTHON" benchmarks/bench_msda.py --json "$OUT/bench_fp32.json"
 step bench_fp16 "$PYTHON" benchmarks/bench_msda.py --dtype float16 --json "$OUT/bench_fp16.json"

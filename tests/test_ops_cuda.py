@@ -15,14 +15,23 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-# (head_dim, levels): head_dim covers every reduction mode of the backward kernel:
-# 32 a whole warp per head, 8 a sub-warp group, 64 several warps + atomics, 3 atomics per thread.
+# (head_dim, levels): head dims cover every vector width (4, 2, 1 channels per thread) and every
+# reduction mode of the backward kernel (one group per head within a warp, per-warp atomics for
+# 64 channels one at a time, per-thread atomics for 3 and for 6 in pairs).
 CASES = [
     (32, ((8, 10), (4, 5), (2, 3))),
     (8, ((7, 3), (1, 1))),
     (64, ((5, 6), (3, 3))),
+    (6, ((5, 4), (2, 2))),
     (3, ((4, 5), (2, 2), (1, 3))),
 ]
+
+
+@pytest.fixture(params=[0, 1], ids=["widest", "one_channel"])
+def kernel_variant(request, monkeypatch):
+    """Runs a test with the vectorized kernels (widest channel packs) and with one channel per thread."""
+    monkeypatch.setattr(ms_deform_attn_func, "_channels_per_thread", request.param)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +80,7 @@ def _forward_backward(function, inputs, grad_output):
 @pytest.mark.parametrize("head_dim,levels", CASES, ids=[f"head_dim{c[0]}" for c in CASES])
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-10, 1e-10), (torch.float32, 1e-3, 1e-4)],
                          ids=["float64", "float32"])
-def test_compiled_matches_pytorch_forward_and_backward(head_dim, levels, dtype, rtol, atol):
+def test_compiled_matches_pytorch_forward_and_backward(head_dim, levels, dtype, rtol, atol, kernel_variant):
     inputs = _cuda_inputs(head_dim, levels, dtype)
     grad_output = torch.randn(2, 6, 3 * head_dim, device="cuda", dtype=dtype,
                               generator=torch.Generator("cuda").manual_seed(1))
@@ -80,7 +89,7 @@ def test_compiled_matches_pytorch_forward_and_backward(head_dim, levels, dtype, 
     _assert_matches(compiled, reference, inputs[3], levels, rtol, atol)
 
 
-def test_many_queries_on_the_same_pixels_accumulate_atomically():
+def test_many_queries_on_the_same_pixels_accumulate_atomically(kernel_variant):
     # 400 queries sampling a tiny area stress the atomic scatter of the value gradient.
     levels = ((6, 6), (3, 3))
     inputs = _cuda_inputs(32, levels, torch.float64, n_queries=400, location_range=(0.45, 0.55))
@@ -91,7 +100,7 @@ def test_many_queries_on_the_same_pixels_accumulate_atomically():
     _assert_matches(compiled, reference, inputs[3], levels, 1e-10, 1e-10)
 
 
-def test_gradcheck_compiled_op():
+def test_gradcheck_compiled_op(kernel_variant):
     value, shapes, starts, locations, weights = _cuda_inputs(4, ((3, 4), (2, 2)), torch.float64, n_queries=2)
     value.requires_grad_(True)
     locations.requires_grad_(True)
@@ -105,8 +114,8 @@ def test_gradcheck_compiled_op():
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs(dtype):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_inputs(dtype, kernel_variant):
     levels = CASES[0][1]
     inputs32 = _cuda_inputs(32, levels, torch.float32)
     inputs16 = [t.to(dtype) if t.is_floating_point() else t for t in inputs32]
@@ -143,6 +152,15 @@ def test_runs_on_the_current_stream():
     torch.testing.assert_close(output, expected, rtol=1e-3, atol=1e-4)
 
 
+def test_misaligned_value_falls_back_to_narrower_packs():
+    # A view starting one element in breaks 16-byte alignment; results must not change.
+    value, shapes, starts, locations, weights = _cuda_inputs(32, CASES[0][1], torch.float32)
+    shifted = torch.empty(value.numel() + 1, device="cuda", dtype=value.dtype)[1:].view_as(value)
+    shifted.copy_(value)
+    torch.testing.assert_close(ms_deform_attn(shifted, shapes, starts, locations, weights),
+                               ms_deform_attn(value, shapes, starts, locations, weights), rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_errors_are_python_exceptions():
     extension = importlib.import_module("ddl_mask2former.ops._C")
     value, shapes, starts, locations, weights = _cuda_inputs(8, ((3, 3),), torch.float32)
@@ -150,9 +168,11 @@ def test_kernel_errors_are_python_exceptions():
         ms_deform_attn(value, shapes, starts, locations.cpu(), weights)
     with pytest.raises(RuntimeError, match="unsupported dtype"):
         extension.ms_deform_attn_forward(value, shapes, starts, locations, weights.to(torch.complex64))
+    with pytest.raises(RuntimeError, match="channels_per_thread"):
+        extension.ms_deform_attn_forward(value, shapes, starts, locations, weights, channels_per_thread=3)
     with pytest.raises(RuntimeError, match="int64"):
         extension.ms_deform_attn_forward(value, shapes.int(), starts, locations, weights)
-    with pytest.raises(RuntimeError, match="attention_weights must be"):
+    with pytest.raises(RuntimeError, match="attention_weights must have"):
         extension.ms_deform_attn_forward(value, shapes, starts, locations, weights[..., :1])
 
 

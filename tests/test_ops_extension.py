@@ -49,3 +49,5 @@ def test_extension_raises_python_errors_for_cpu_tensors():
     grad_output = torch.zeros(2, 5, 6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         extension.ms_deform_attn_backward(*inputs, grad_output)
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        extension.ms_deform_attn_forward(*inputs, channels_per_thread=1)

@@ -41,6 +41,8 @@ _EXTENSION_MODULE = "ddl_mask2former.ops._C"
 
 _extension = None
 _extension_checked = False
+# Channels per CUDA thread (0 = widest vector width that fits; 1 = one channel per thread).
+_channels_per_thread = 0
 _logged_paths: set[str] = set()
 
 
@@ -160,12 +162,14 @@ class _MSDeformAttnCUDA(torch.autograd.Function):
     """Autograd wrapper of the compiled kernels (first derivatives only)."""
 
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        extension = _load_extension()
-        output = extension.ms_deform_attn_forward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                channels_per_thread=0):
+        output = _load_extension().ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            channels_per_thread=channels_per_thread,
         )
         ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.channels_per_thread = channels_per_thread
         return output
 
     @staticmethod
@@ -174,9 +178,9 @@ class _MSDeformAttnCUDA(torch.autograd.Function):
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
         grad_value, grad_locations, grad_weights = _load_extension().ms_deform_attn_backward(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-            grad_output.contiguous(),
+            grad_output.contiguous(), channels_per_thread=ctx.channels_per_thread,
         )
-        return grad_value, None, None, grad_locations, grad_weights
+        return grad_value, None, None, grad_locations, grad_weights, None
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -202,7 +206,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
             _log_path_once("compiled", "ms_deform_attn: compiled CUDA op (ddl_mask2former.ops._C)")
             return _MSDeformAttnCUDA.apply(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                _channels_per_thread,
             )
         _log_path_once(
             "cuda-not-built",
