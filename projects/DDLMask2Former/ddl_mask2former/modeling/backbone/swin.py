@@ -7,10 +7,20 @@ window and shift, and the outputs equal a Swin built natively for that input siz
 feature maps to whole windows internally). timm returns NHWC maps; this wrapper applies one
 LayerNorm per output stage (as Swin's detection/segmentation heads do) and returns NCHW.
 
+Shifted-window masks: timm (like the official Swin) adds -100 to attention logits between
+tokens of different shifted regions. exp(-100) ~ 4e-44 is a float32 denormal, and denormals make
+CPU matrix products several times slower (the Swin-T backbone at 512 px spent ~1/3 of its CPU
+time on them). The wrapper turns those -100 entries into -inf, which is what they stand for:
+the masked weights become exact zeros (no row is ever fully masked: a token always sees its
+own region), and the outputs match timm's to float32 rounding.
+
 Parameter names: ``trunk.*`` are timm's own names, so timm checkpoints load after a prefix
 change (``tools/convert_pretrained.py`` also converts the official Swin release).
 """
+import types
+
 import timm
+from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
@@ -60,6 +70,9 @@ class D2SwinTransformer(Backbone):
             strict_img_size=False,
             always_partition=True,
         )
+        for module in self.trunk.modules():
+            if isinstance(module, SwinTransformerBlock):
+                _use_exact_window_masks(module)
         stage_indices = [_STAGE_NAMES.index(f) for f in out_features]
         self.trunk.prune_intermediate_layers(max(stage_indices) + 1, prune_norm=True, prune_head=True)
         self._out_features = list(out_features)
@@ -101,6 +114,19 @@ class D2SwinTransformer(Backbone):
             n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
             for n in self._out_features
         }
+
+
+def _use_exact_window_masks(block):
+    """Make ``block.get_attn_mask`` return -inf (not -100) for forbidden token pairs."""
+    original = block.get_attn_mask
+
+    def get_attn_mask(self, *args, **kwargs):
+        mask = original(*args, **kwargs)
+        return None if mask is None else mask.masked_fill(mask < 0, float("-inf"))
+
+    block.get_attn_mask = types.MethodType(get_attn_mask, block)
+    if getattr(block, "attn_mask", None) is not None:  # blocks built for a fixed size cache the mask
+        block.attn_mask = block.get_attn_mask(device=block.attn_mask.device, dtype=block.attn_mask.dtype)
 
 
 @BACKBONE_REGISTRY.register()
