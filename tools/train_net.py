@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate DDL-Mask2Former with detectron2.
+r"""Train or evaluate DDL-Mask2Former with detectron2.
 
 Examples:
     # train on one GPU (CPU: add MODEL.DEVICE cpu); after an interruption add --resume
@@ -95,7 +95,17 @@ def main(args):
 
 
 def invoke_main():
-    args = default_argument_parser().parse_args()
+    epilog = __doc__.split("\n\n", 1)[1] + """
+Several machines (same command on each, --machine-rank 0..N-1):
+    python tools/train_net.py --num-machines 2 --machine-rank 0 --dist-url tcp://HOST:PORT ...
+"""
+    parser = default_argument_parser(epilog=epilog)
+    args = parser.parse_args()
+    # Checked before launch so a bad path fails once, not in every spawned process.
+    if not args.config_file:
+        parser.error("--config-file is required")
+    if not os.path.isfile(args.config_file):
+        parser.error(f"config file not found: {args.config_file}")
     print("Command Line Args:", args)
     launch(
         main,
