@@ -238,3 +238,20 @@ def test_ddp_without_device_ids_on_cpu_averages_gradients(tmp_path):
     # Inputs were 1 and 2 on the two ranks: the averaged gradient is 1.5 everywhere.
     for grad in grads:
         assert torch.allclose(grad, torch.full((1, 3), 1.5))
+
+
+def test_atomic_checkpointer_writes_tag_and_removes_stale_partial_files(tmp_path):
+    from ddl_mask2former.engine import AtomicDetectionCheckpointer
+
+    stale = tmp_path / "model_0000009.pth.tmp.99999999"
+    stale.write_bytes(b"half a checkpoint")
+    model = nn.Linear(2, 2)
+    checkpointer = AtomicDetectionCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000019", iteration=19)
+    assert not stale.exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000019.pth"
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp." in p.name]
+    restored = nn.Linear(2, 2)
+    extra = AtomicDetectionCheckpointer(restored, str(tmp_path)).resume_or_load("", resume=True)
+    assert extra["iteration"] == 19
+    assert torch.equal(restored.weight, model.weight)

@@ -43,9 +43,12 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     (``kill -9``) leaves the previous checkpoint intact and ``--resume`` works.
     """
 
+    _TMP_MARK = ".tmp."
+
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
             return
+        self._remove_stale_temporary_files()
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
@@ -60,6 +63,16 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, "last_checkpoint")
         self._write_atomically(save_file, lambda f: f.write(last_filename_basename), mode="w")
 
+    def _remove_stale_temporary_files(self):
+        """Delete half-written files left by a killed process (they can be large)."""
+        if not os.path.isdir(self.save_dir):
+            return
+        own_suffix = f"{self._TMP_MARK}{os.getpid()}"
+        for entry in os.scandir(self.save_dir):
+            if self._TMP_MARK in entry.name and not entry.name.endswith(own_suffix):
+                self.logger.info(f"Removing {entry.path}, left by an interrupted save")
+                os.remove(entry.path)
+
     def _write_atomically(self, path, write, mode):
         local_path = self.path_manager.get_local_path(os.path.dirname(path) or ".")
         if not os.path.isdir(local_path):
@@ -67,7 +80,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             with self.path_manager.open(path, mode) as f:
                 write(f)
             return
-        tmp_path = f"{path}.tmp.{os.getpid()}"
+        tmp_path = f"{path}{self._TMP_MARK}{os.getpid()}"
         with open(tmp_path, mode) as f:
             write(f)
             f.flush()
