@@ -74,6 +74,57 @@ def generate(root, num_images, seed=0):
     return split, pred
 
 
+def add_prob_export(root, split, name, seed):
+    """A second kind of export for the ensemble timing: prediction.txt, prob/ and mask/."""
+    from ddl_mask2former.evaluation.export import encode_prob_u8
+
+    rng = np.random.default_rng(seed)
+    export = os.path.join(root, name)
+    os.makedirs(os.path.join(export, "prob"), exist_ok=True)
+    os.makedirs(os.path.join(export, "mask"), exist_ok=True)
+    pool = []
+    for _ in range(POOL):
+        # a soft blob: smooth probabilities, like a model's mask_prob
+        blob = cv2.GaussianBlur(_ellipse_mask(rng).astype(np.float32) / 255, (31, 31), 8)
+        codes = encode_prob_u8(np.clip(blob, 0, 1))
+        pool.append((cv2.imencode(".png", codes)[1].tobytes(),
+                     cv2.imencode(".png", np.where(codes >= 128, 255, 0).astype(np.uint8))[1]
+                     .tobytes()))
+    names = sorted(os.listdir(os.path.join(split, "real")) + os.listdir(os.path.join(split, "fake")))
+    lines = []
+    for index, image_name in enumerate(names):
+        prob_png, mask_png = pool[index % POOL]
+        with open(os.path.join(export, "prob", image_name), "wb") as f:
+            f.write(prob_png)
+        with open(os.path.join(export, "mask", image_name), "wb") as f:
+            f.write(mask_png)
+        lines.append(f"{image_name},{rng.random()!r}\n")
+    with open(os.path.join(export, "prediction.txt"), "w") as f:
+        f.writelines(lines)
+    return export
+
+
+def measure_ensemble(root, num_images, workers, step):
+    """Time fuse_exports and search_weights on two generated exports; print one JSON line."""
+    from ddl_mask2former.evaluation.fusion import fuse_exports, search_weights, weight_grid
+
+    split, _ = generate(root, num_images)
+    inputs = [add_prob_export(root, split, f"model_{i}", seed=10 + i) for i in range(2)]
+    start = time.perf_counter()
+    fuse_exports(inputs, os.path.join(root, "fused"), det_weights=[1, 2.5], loc_weights=[1, 1],
+                 num_workers=workers)
+    fuse_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    search_weights(inputs, split, step=step, num_workers=workers)
+    search_seconds = time.perf_counter() - start
+    print(json.dumps({
+        "images": num_images, "workers": workers,
+        "fuse_images_per_s": round(num_images / fuse_seconds, 1),
+        "search_grid_points": len(weight_grid(2, step)),
+        "search_images_per_s": round(num_images / search_seconds, 1),
+    }))
+
+
 def measure(split, pred, workers):
     """Score once in this process; print one JSON line."""
     from ddl_mask2former.evaluation.scoring import score_export
@@ -102,11 +153,23 @@ def main():
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=1, help="runs per (size, workers)")
     parser.add_argument("--out-json", help="also write all runs to this JSON file")
+    parser.add_argument("--ensemble", type=int, metavar="N",
+                        help="instead: time tools/ensemble.py's fusion and weight search on N "
+                             "images of two generated exports (first --workers value)")
+    parser.add_argument("--search-step", type=float, default=0.1,
+                        help="grid step of the timed weight search (default 0.1: 11 points)")
     parser.add_argument("--measure", nargs=3, metavar=("SPLIT", "PRED", "WORKERS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         measure(args.measure[0], args.measure[1], int(args.measure[2]))
+        return
+    if args.ensemble:
+        root = tempfile.mkdtemp(prefix="bench_ensemble_")
+        try:
+            measure_ensemble(root, args.ensemble, args.workers[0], args.search_step)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
         return
     runs = []
     root = tempfile.mkdtemp(prefix="bench_scoring_")

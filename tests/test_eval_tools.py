@@ -179,6 +179,20 @@ def test_ensemble_det_only_and_bad_weights(exports, tmp_path, capsys):
     assert "expected 2 (one per input)" in capsys.readouterr().err
 
 
+def test_search_with_three_inputs_agrees_with_scoring_fused_exports(exports, tmp_path):
+    # three inputs take the per-pixel path (two use code-pair tables): same criterion
+    split, model_a, model_b, _ = exports
+    inputs = [model_a, model_b, model_a]
+    result = search_weights(inputs, split, step=0.5, num_workers=1)
+    assert len(result["loc"]) == 6
+    for index, entry in enumerate(result["loc"]):
+        out = str(tmp_path / f"fused_{index}")
+        fuse_exports(inputs, out, loc_weights=entry["weights"])
+        scored = score_export(out, split)
+        for key in ("f1", "iou", "f1_pixel", "iou_pixel", "real_forged_frac"):
+            assert entry[key] == scored[key], (entry["weights"], key)
+
+
 def test_search_agrees_with_scoring_fused_exports(exports, tmp_path, capsys):
     split, model_a, model_b, _ = exports
     result = search_weights([model_a, model_b], split, step=0.5, num_workers=2)

@@ -12,6 +12,7 @@ model's predictions bit for bit.
 import itertools
 import logging
 import os
+import shutil
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -65,12 +66,16 @@ def fuse_predictions(predictions: Sequence, weights: Sequence[float]):
     return fused
 
 
-def _read_prob(export_dir: str, image_name: str) -> np.ndarray:
+def _prob_path(export_dir: str, image_name: str) -> str:
     path = os.path.join(export_dir, PROB_DIR, mask_file_name(image_name))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no probability map for {image_name} (ensembling "
                                 "needs prob/, written when TEST.EXPORT_PROB is on)")
-    return read_gray_png(path)
+    return path
+
+
+def _read_prob(export_dir: str, image_name: str) -> np.ndarray:
+    return read_gray_png(_prob_path(export_dir, image_name))
 
 
 def _fuse_prob_codes(export_dirs: Sequence[str], weights: np.ndarray,
@@ -150,9 +155,19 @@ def fuse_exports(export_dirs: Sequence[str], out_dir: str,
         os.makedirs(os.path.join(out_dir, MASK_DIR), exist_ok=True)
         os.makedirs(os.path.join(out_dir, PROB_DIR), exist_ok=True)
 
+        single_input = export_dirs[int(np.argmax(weights))] if (weights > 0).sum() == 1 else None
+
         def fuse_one(name: str) -> None:
-            codes = _fuse_prob_codes(export_dirs, weights, name)
             file_name = mask_file_name(name)
+            if single_input is not None:
+                # one model carries all the weight: its files are the fused result, byte for byte
+                shutil.copyfile(_prob_path(single_input, name),
+                                os.path.join(out_dir, PROB_DIR, file_name))
+                source_mask = os.path.join(single_input, MASK_DIR, file_name)
+                if os.path.isfile(source_mask):
+                    shutil.copyfile(source_mask, os.path.join(out_dir, MASK_DIR, file_name))
+                    return
+            codes = _fuse_prob_codes(export_dirs, weights, name)
             write_png(os.path.join(out_dir, PROB_DIR, file_name), codes)
             mask = np.where(codes >= PROB_CODE_THRESHOLD, np.uint8(255), np.uint8(0))
             write_png(os.path.join(out_dir, MASK_DIR, file_name), mask)
@@ -161,6 +176,31 @@ def fuse_exports(export_dirs: Sequence[str], out_dir: str,
                            len(names), progress, "fusing"):
             pass
     return len(names)
+
+
+def _pair_decision_tables(normalized_grid: Sequence[np.ndarray]) -> np.ndarray:
+    """For two inputs: (G, 65536) table, 1 where codes (q1, q2) fuse to a forged pixel.
+
+    Built with the very function that fuses real maps, applied to every code pair, so looking
+    the decision up is exactly what fusing the maps would give.
+    """
+    first, second = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8),
+                                indexing="ij")
+    maps = [decode_prob_u8(first), decode_prob_u8(second)]
+    return np.stack([
+        (encode_prob_u8(_fuse_decoded(maps, w)) >= PROB_CODE_THRESHOLD).ravel()
+        for w in normalized_grid
+    ]).astype(np.int64)
+
+
+def _pair_counts(codes: Sequence[np.ndarray], gt: np.ndarray, decisions: np.ndarray):
+    """(G, 3) TP/FP/FN of every grid point from histograms of the image's code pairs."""
+    pair = (codes[0].astype(np.intp) << 8) | codes[1]
+    all_pixels = np.bincount(pair.ravel(), minlength=65536)
+    forged_pixels = np.bincount(pair[gt], minlength=65536)
+    tp = decisions @ forged_pixels
+    predicted = decisions @ all_pixels
+    return np.stack([tp, predicted - tp, int(np.count_nonzero(gt)) - tp], axis=1)
 
 
 def weight_grid(num_inputs: int, step: float) -> np.ndarray:
@@ -207,18 +247,24 @@ def search_weights(export_dirs: Sequence[str], split_dir: str, step: float = 0.1
             for w in grid
         ]
     if search_loc:
+        pair_decisions = _pair_decision_tables(normalized_grid) if len(export_dirs) == 2 else None
+
         def count_one(i: int) -> np.ndarray:
             image = images[i]
-            maps = [decode_prob_u8(_read_prob(d, image.name)) for d in export_dirs]
+            codes = [_read_prob(d, image.name) for d in export_dirs]
             shape = (image.height, image.width)
-            for export_dir, prob in zip(export_dirs, maps):
-                if prob.shape != shape:
+            for export_dir, prob_codes in zip(export_dirs, codes):
+                if prob_codes.shape != shape:
                     raise ValueError(f"{os.path.join(export_dir, PROB_DIR, image.name)}: "
-                                     f"probability map is {prob.shape} but the image is {shape}")
+                                     f"probability map is {prob_codes.shape} but the image is "
+                                     f"{shape}")
             if image.label == 1:
                 gt = read_forgery_mask(image.mask_path, threshold=gt_mask_threshold)
             else:
                 gt = np.zeros(shape, dtype=bool)
+            if pair_decisions is not None:
+                return _pair_counts(codes, gt, pair_decisions)
+            maps = [decode_prob_u8(c) for c in codes]
             # same decision as the exported mask: fused code >= 128  <=>  fused prob > 0.5
             return np.asarray([
                 mask_counts(encode_prob_u8(_fuse_decoded(maps, w)) >= PROB_CODE_THRESHOLD, gt)
