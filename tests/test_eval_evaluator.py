@@ -205,3 +205,23 @@ def test_two_processes_equal_one_process(tmp_path):
         for name in names:
             np.testing.assert_array_equal(cv2.imread(os.path.join(one_dir, folder, name), -1),
                                           cv2.imread(os.path.join(two_dir, folder, name), -1))
+
+
+def test_build_from_config(tmp_path):
+    from detectron2.config import get_cfg
+
+    from ddl_mask2former.config import add_ddl_mask2former_config
+    from ddl_mask2former.evaluation import build_ddl_evaluator
+
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    assert cfg.TEST.EXPORT_DIR == "" and cfg.TEST.EXPORT_PROB and not cfg.TEST.EXPORT_ZIP
+    assert build_ddl_evaluator(cfg, "ddl_i_val").export_dir is None
+    cfg.merge_from_list(["TEST.EXPORT_DIR", str(tmp_path), "TEST.EXPORT_ZIP", "True",
+                         "TEST.EVAL_GROUP_KEY", "forgery_type", "INPUT.MASK_THRESHOLD", "0",
+                         "DATASETS.TEST", "('ddl_i_val', 'ddl_i_test')"])
+    evaluator = build_ddl_evaluator(cfg, "ddl_i_test", output_dir=str(tmp_path / "inference"))
+    # several test datasets export side by side, one folder each
+    assert evaluator.export_dir == str(tmp_path / "ddl_i_test")
+    assert (evaluator.export_zip, evaluator.group_key, evaluator.gt_mask_threshold) == \
+        (True, "forgery_type", 0)
