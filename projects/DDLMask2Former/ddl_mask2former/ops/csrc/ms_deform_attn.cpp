@@ -15,7 +15,8 @@
 namespace ddl_mask2former {
 namespace {
 
-// Shapes formatted by hand: error messages stay plain strings.
+// Error messages are built from strings only: formatting integers through the ostream inlined
+// here crashed (segfault) on the GPU machine's toolchain, while string arguments did not.
 std::string shape_of(const at::Tensor& tensor) {
   std::string text = "(";
   for (int64_t i = 0; i < tensor.dim(); ++i) {
@@ -55,7 +56,7 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
               "ms_deform_attn: spatial_shapes and level_start_index must be int64");
   const int64_t n_levels = spatial_shapes.size(0);
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == n_levels,
-              "ms_deform_attn: level_start_index must be (", n_levels, ",), got ",
+              "ms_deform_attn: level_start_index must be (", std::to_string(n_levels), ",), got ",
               shape_of(level_start_index));
   TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
               "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ",
@@ -64,7 +65,7 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                   sampling_locations.size(2) == value.size(2) &&
                   sampling_locations.size(3) == n_levels,
               "ms_deform_attn: sampling_locations ", shape_of(sampling_locations),
-              " do not match value ", shape_of(value), " and ", n_levels, " levels");
+              " do not match value ", shape_of(value), " and ", std::to_string(n_levels), " levels");
   bool weights_match = attention_weights.dim() == 5;
   for (int64_t i = 0; weights_match && i < 5; ++i) {
     weights_match = attention_weights.size(i) == sampling_locations.size(i);
@@ -78,7 +79,7 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   TORCH_CHECK(channels_per_thread == 0 || channels_per_thread == 1 || channels_per_thread == 2 ||
                   channels_per_thread == 4,
               "ms_deform_attn: channels_per_thread must be 0 (widest), 1, 2 or 4, got ",
-              channels_per_thread);
+              std::to_string(channels_per_thread));
 }
 
 // The dtype the kernels run in: float64 if any input is float64, else float32.
