@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One-shot GPU check of the multi-scale deformable attention op (needs no detectron2):
 # build the CUDA extension in place, run the ops tests, run the benchmark, log everything.
-#   OUT=/some/dir benchmarks/gpu_check.sh        (run from anywhere; default OUT=./gpu_check_out)
+#   OUT=/some/dir benchmarks/gpu_check.sh        (run from anywhere; default OUT=/tmp/ddl_gpu_check)
 #   PYTHON=python3 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 are the defaults here.
 # Exit status: number of failed steps (0 = all passed).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-OUT="${OUT:-$ROOT/gpu_check_out}"
+OUT="${OUT:-/tmp/ddl_gpu_check}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log") 2>&1
 
