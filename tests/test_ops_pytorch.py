@@ -1,5 +1,6 @@
 """The PyTorch path of ms_deform_attn: exact against a naive reference, gradients, dispatch, errors."""
 import logging
+import types
 
 import pytest
 import torch
@@ -114,3 +115,22 @@ def test_half_precision_on_cpu_runs_close_to_float32():
     output16 = ms_deform_attn(*inputs16)
     assert output16.dtype == torch.bfloat16
     torch.testing.assert_close(output16.float(), ms_deform_attn(*inputs32), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("failure,tolerated", [
+    (ModuleNotFoundError("No module named 'ddl_mask2former.ops._C'", name="ddl_mask2former.ops._C"), True),
+    (ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency"), False),
+    (ImportError("_C.so: undefined symbol: _ZN3c10", name="ddl_mask2former.ops._C"), False),
+])
+def test_only_a_missing_extension_is_tolerated(monkeypatch, failure, tolerated):
+    def failing_import(name):
+        raise failure
+
+    monkeypatch.setattr(ms_deform_attn_func, "_extension_checked", False)
+    monkeypatch.setattr(ms_deform_attn_func, "_extension", None)
+    monkeypatch.setattr(ms_deform_attn_func, "importlib", types.SimpleNamespace(import_module=failing_import))
+    if tolerated:
+        assert ms_deform_attn_func.compiled_op_available() is False
+    else:
+        with pytest.raises(ImportError, match=str(failure)):
+            ms_deform_attn_func.compiled_op_available()
