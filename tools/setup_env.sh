@@ -58,10 +58,7 @@ fi
 say "installing dependencies (requirements/base.txt, requirements/bench.txt)"
 "${PIP[@]}" -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/bench.txt"
 
-# The CUDA op compiles when nvcc is found; CUDA_HOME must point at the toolkit or linking fails.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  export CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-fi
+# The CUDA op compiles when nvcc is found (setup.py finds the toolkit root from nvcc itself).
 say "installing ddl-mask2former (editable; CUDA op built when nvcc is present: takes minutes)"
 (cd "$ROOT" && "${PIP[@]}" --no-build-isolation -e .)
 
