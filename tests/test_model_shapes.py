@@ -92,6 +92,10 @@ def test_bad_inputs_raise_clear_errors():
     del batch[1]["forgery_mask"]
     with pytest.raises(ValueError, match="fake.png.*forgery_mask"):
         model(batch)
+    batch = training_batch()
+    batch[1]["forgery_mask"] = batch[1]["forgery_mask"][:-2]
+    with pytest.raises(ValueError, match="fake.png.*forgery_mask shape"):
+        model(batch)
     model.eval()
     with pytest.raises(ValueError, match="bad.png.*'image'"):
         model([{"image": torch.zeros(64, 64), "file_name": "bad.png"}])

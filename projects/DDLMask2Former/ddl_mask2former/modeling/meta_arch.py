@@ -154,9 +154,13 @@ class DDLMask2Former(nn.Module):
         targets = []
         for record in batched_inputs:
             forgery_mask = record.get("forgery_mask")
+            name = record.get("file_name", "training input")
             if forgery_mask is None:
+                raise ValueError(f"{name}: localization training needs 'forgery_mask'")
+            if tuple(forgery_mask.shape) != tuple(record["image"].shape[-2:]):
                 raise ValueError(
-                    f"{record.get('file_name', 'training input')}: localization training needs 'forgery_mask'"
+                    f"{name}: forgery_mask shape {tuple(forgery_mask.shape)} differs from the image's "
+                    f"{tuple(record['image'].shape[-2:])}"
                 )
             forgery_mask = forgery_mask.to(self.device)
             padded = forgery_mask.new_full(padded_shape, IGNORE_VALUE)
