@@ -146,3 +146,31 @@ def test_crop_disabled_keeps_resized_image(tmp_path):
                   "INPUT.RANDOM_FLIP": "none", "INPUT.PHOTOMETRIC.ENABLED": False})
     out = DDLDatasetMapper(cfg, is_train=True)(sample)
     assert tuple(out["forgery_mask"].shape) == base_scale_size(60, 90, (128, 64))
+
+
+def test_base_scale_without_enlarging_keeps_small_images_native():
+    assert base_scale_size(300, 400, (1024, 1024), enlarge=False) == (300, 400)
+    assert base_scale_size(300, 400, (1024, 1024), enlarge=True) == (768, 1024)
+    # Larger than the base scale: shrunk exactly as with enlarging; the ratio still applies.
+    assert base_scale_size(2000, 1000, (1024, 1024), enlarge=False) == (1024, 512)
+    assert base_scale_size(300, 400, (1024, 1024), ratio=0.5, enlarge=False) == (150, 200)
+
+
+def test_crop_without_forged_pixels_is_labeled_real_for_detection(tmp_path):
+    sample = _pattern_sample(tmp_path)  # forged pixels only in rows 8-40, columns 10-55
+    kept = T.CropTransform(0, 0, 90, 60)
+    clean = T.CropTransform(60, 45, 30, 15)  # bottom-right corner: authentic pixels only
+    for crop_label_from_mask, crop, expected in [(True, kept, 1), (True, clean, 0),
+                                                 (False, clean, 1)]:
+        mapper = DDLDatasetMapper(True, augmentations=[_FixedTransform(crop)],
+                                  crop_label_from_mask=crop_label_from_mask)
+        assert mapper(sample)["label"] == expected
+
+
+class _FixedTransform(T.Augmentation):
+    def __init__(self, transform):
+        super().__init__()
+        self.transform = transform
+
+    def get_transform(self, image):
+        return self.transform

@@ -131,10 +131,14 @@ def _add_data_config(cfg):
     cfg.INPUT.CROP.SIZE = (512, 512)
     # Keep-ratio resize target (long, short): long side <= long, short side <= short (paper: 2048x512).
     cfg.INPUT.BASE_SCALE = (2048, 512)
+    # Also enlarge images smaller than BASE_SCALE (paper/MMSegmentation); False keeps their native size.
+    cfg.INPUT.BASE_SCALE_ENLARGE = True
     # Training multiplies BASE_SCALE by a ratio drawn uniformly from this range (paper: [0.5, 2.0]).
     cfg.INPUT.RATIO_RANGE = (0.5, 2.0)
     # A mask pixel is forged when its 8-bit gray value is above this (0/255 masks: any value 0-254).
     cfg.INPUT.MASK_THRESHOLD = 127
+    # Training: a fake image's crop with no forged pixel left is labeled real for detection.
+    cfg.INPUT.CROP_LABEL_FROM_MASK = True
     # Photometric distortion of training images (MMSegmentation's PhotoMetricDistortion).
     cfg.INPUT.PHOTOMETRIC = CN()
     # Apply it at all.

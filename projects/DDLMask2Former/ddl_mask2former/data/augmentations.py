@@ -16,23 +16,27 @@ from PIL import Image
 __all__ = ["BaseScaleResize", "PhotometricDistortion", "PadToSize", "base_scale_size"]
 
 
-def base_scale_size(height, width, base_scale, ratio=1.0):
+def base_scale_size(height, width, base_scale, ratio=1.0, enlarge=True):
     """Output (height, width) of a keep-ratio resize to ``base_scale`` times ``ratio``.
 
     ``base_scale`` = (long, short): the long side becomes at most long*ratio and the short
     side at most short*ratio, whichever is reached first (MMSegmentation's "scale" for
-    keep_ratio=True, which may enlarge small images).
+    keep_ratio=True, which may enlarge small images). With ``enlarge=False`` an image already
+    within the base scale keeps its size before the ratio applies: no resampling blurs the
+    pixel-level traces of a forgery that needs none.
     """
-    long_target = max(base_scale) * ratio
-    short_target = min(base_scale) * ratio
-    factor = min(long_target / max(height, width), short_target / min(height, width))
+    factor = min(max(base_scale) / max(height, width), min(base_scale) / min(height, width))
+    if not enlarge:
+        factor = min(factor, 1.0)
+    factor *= ratio
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 class BaseScaleResize(T.Augmentation):
     """Keep-ratio resize to ``base_scale`` times a ratio drawn uniformly from ``ratio_range``."""
 
-    def __init__(self, base_scale=(2048, 512), ratio_range=(1.0, 1.0), interp=Image.BILINEAR):
+    def __init__(self, base_scale=(2048, 512), ratio_range=(1.0, 1.0), interp=Image.BILINEAR,
+                 enlarge=True):
         super().__init__()
         if len(base_scale) != 2 or min(base_scale) <= 0:
             raise ValueError(f"base_scale must be two positive sizes, got {base_scale}")
@@ -44,7 +48,7 @@ class BaseScaleResize(T.Augmentation):
         height, width = image.shape[:2]
         low, high = self.ratio_range
         ratio = np.random.uniform(low, high) if high > low else low
-        new_h, new_w = base_scale_size(height, width, self.base_scale, ratio)
+        new_h, new_w = base_scale_size(height, width, self.base_scale, ratio, self.enlarge)
         if (new_h, new_w) == (height, width):
             return T.NoOpTransform()
         return T.ResizeTransform(height, width, new_h, new_w, self.interp)

@@ -44,7 +44,7 @@ class DDLDatasetMapper:
 
     @configurable
     def __init__(self, is_train, *, augmentations, image_format="RGB", mask_threshold=127,
-                 skip_bad_samples=False):
+                 skip_bad_samples=False, crop_label_from_mask=False):
         """
         Args:
             is_train: training (labels and masks required) or inference.
@@ -53,6 +53,8 @@ class DDLDatasetMapper:
             image_format: "RGB" or "BGR" channel order of the output image.
             mask_threshold: a mask pixel is forged when its 8-bit value is above this.
             skip_bad_samples: drop unreadable training samples (logged and counted).
+            crop_label_from_mask: in training, a fake image's crop that keeps no forged pixel
+                gets label 0 (its pixels are all authentic); the image's label otherwise.
         """
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"DDLDatasetMapper supports image_format RGB or BGR, got {image_format!r}")
@@ -61,6 +63,7 @@ class DDLDatasetMapper:
         self.image_format = image_format
         self.mask_threshold = mask_threshold
         self.skip_bad_samples = skip_bad_samples and is_train
+        self.crop_label_from_mask = crop_label_from_mask
         # Per process: each data-loader worker counts its own skips.
         self.num_skipped = 0
         mode = "training" if is_train else "inference"
@@ -69,8 +72,10 @@ class DDLDatasetMapper:
     @classmethod
     def from_config(cls, cfg, is_train=True):
         base_scale = tuple(cfg.INPUT.BASE_SCALE)
+        enlarge = cfg.INPUT.BASE_SCALE_ENLARGE
         if is_train:
-            augmentations = [BaseScaleResize(base_scale, tuple(cfg.INPUT.RATIO_RANGE))]
+            augmentations = [BaseScaleResize(base_scale, tuple(cfg.INPUT.RATIO_RANGE),
+                                             enlarge=enlarge)]
             if cfg.INPUT.CROP.ENABLED:
                 if cfg.INPUT.CROP.TYPE != "absolute":
                     raise ValueError(f"DDL training crops are 'absolute' (H, W) sizes; "
@@ -92,13 +97,14 @@ class DDLDatasetMapper:
             if cfg.INPUT.CROP.ENABLED:
                 augmentations.append(PadToSize(crop_size, pad_value=0, seg_pad_value=IGNORE_VALUE))
         else:
-            augmentations = [BaseScaleResize(base_scale)]
+            augmentations = [BaseScaleResize(base_scale, enlarge=enlarge)]
         return {
             "is_train": is_train,
             "augmentations": augmentations,
             "image_format": cfg.INPUT.FORMAT,
             "mask_threshold": cfg.INPUT.MASK_THRESHOLD,
             "skip_bad_samples": cfg.DATALOADER.SKIP_BAD_SAMPLES,
+            "crop_label_from_mask": cfg.INPUT.CROP_LABEL_FROM_MASK,
         }
 
     def __call__(self, dataset_dict):
@@ -134,6 +140,8 @@ class DDLDatasetMapper:
         if self.is_train:
             dataset_dict["forgery_mask"] = _to_tensor(aug_input.sem_seg)
             dataset_dict.pop("mask_file", None)
+            if self.crop_label_from_mask and not (aug_input.sem_seg == 1).any():
+                dataset_dict["label"] = 0
         return dataset_dict
 
     def _forgery_mask(self, dataset_dict, height, width):
