@@ -10,8 +10,10 @@ small but complete PNG files: zero-valued images of eight different sizes (256x2
 really runs. Files are distinct (one inode each), as in the release; ``--links`` hard-links
 one file per size instead (fast to create, little disk, but every open hits the same inode).
 
-Each measurement runs in a fresh Python process and reports wall seconds and peak RSS
-(including the ~0.7 GB of importing torch and detectron2, which training pays anyway):
+Each measurement runs in a fresh Python process and reports wall seconds, CPU seconds (user +
+system, header-reader processes included; less sensitive to other jobs on a shared machine
+than wall time) and peak RSS (including the ~0.7 GB of importing torch and detectron2, which
+training pays anyway):
 
 * ``index``: load_ddl_split without cache, once per --workers value;
 * ``cache build`` / ``cache load``: first and second load with an index cache;
@@ -82,6 +84,15 @@ def build_tree(split_dir, num, links):
     return time.perf_counter() - start
 
 
+def _cpu_seconds():
+    """User + system CPU of this process and its finished children (the header readers)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
 def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -92,11 +103,12 @@ def child(mode, split_dir, workers, cache_dir):
     from ddl_mask2former.data.ddl_dataset import load_ddl_split
 
     import_rss = _peak_rss_mb()
+    cpu_before = _cpu_seconds()
     start = time.perf_counter()
     dicts = load_ddl_split(split_dir, cache_dir=cache_dir)
     seconds = time.perf_counter() - start
     result = {"mode": mode, "workers": workers, "entries": len(dicts), "seconds": seconds,
-              "import_rss_mb": import_rss}
+              "cpu_seconds": _cpu_seconds() - cpu_before, "import_rss_mb": import_rss}
     if mode == "d2 serialize":
         from detectron2.data.common import DatasetFromList
 
@@ -148,27 +160,26 @@ def main():
         print(f"wrote {args.num} entries ({'hard links' if args.links else 'distinct files'}) "
               f"under {split_dir} in {build_seconds:.1f} s")
     cache_dir = os.path.join(root, "index_cache")
-    results = []
+    print(f"{'measurement':<14} {'workers':>7} {'seconds':>8} {'CPU s':>7} {'peak RSS MB':>12} "
+          f"{'after imports MB':>17}", flush=True)
+    plan = [("index", int(w)) for w in args.workers.split(",")]
+    plan += [("cache build", 1), ("cache load", 1), ("d2 serialize", 1)]
+    entries = None
     try:
-        for workers in [int(w) for w in args.workers.split(",")]:
-            results.append(run_child("index", split_dir, workers, None))
-        results.append(run_child("cache build", split_dir, 1, cache_dir))
-        results.append(run_child("cache load", split_dir, 1, cache_dir))
-        results.append(run_child("d2 serialize", split_dir, 1, None))
+        for mode, workers in plan:
+            r = run_child(mode, split_dir, workers, cache_dir if mode.startswith("cache") else None)
+            entries = r["entries"]
+            extra = (f"  (then DatasetFromList serialize {r['serialize_seconds']:.1f} s)"
+                     if "serialize_seconds" in r else "")
+            print(f"{r['mode']:<14} {r['workers']:>7} {r['seconds']:>8.1f} {r['cpu_seconds']:>7.1f} "
+                  f"{r['peak_rss_mb']:>12.0f} {r['import_rss_mb']:>17.0f}{extra}", flush=True)
+        print(f"DDL index benchmark: {entries} entries, {os.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.1f} at the end", flush=True)
     finally:
         if not args.keep:
+            print(f"removing {root} ...", flush=True)
             shutil.rmtree(root, ignore_errors=True)
-    print(f"\nDDL index benchmark: {results[0]['entries']} entries, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'measurement':<14} {'workers':>7} {'seconds':>8} {'peak RSS MB':>12} "
-          f"{'after imports MB':>17}")
-    for r in results:
-        extra = (f"  (+ DatasetFromList serialize {r['serialize_seconds']:.1f} s)"
-                 if "serialize_seconds" in r else "")
-        print(f"{r['mode']:<14} {r['workers']:>7} {r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f} "
-              f"{r['import_rss_mb']:>17.0f}{extra}")
-    if not args.keep:
-        print(f"removed {root}")
+            print(f"removed {root}")
 
 
 if __name__ == "__main__":
