@@ -22,7 +22,6 @@ Everything is deterministic for a seed: image ``i`` of a split draws from its ow
 seeded with (seed, split, i), so the result does not depend on worker count or order.
 """
 import json
-import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -39,7 +38,6 @@ __all__ = [
     "generate_ddl_dataset",
 ]
 
-logger = logging.getLogger(__name__)
 
 # Photographs bundled inside the scikit-image wheel (no download); camera is grayscale.
 SOURCE_PHOTOS = (
@@ -146,12 +144,14 @@ def _feathered_ellipse(rng, height, width, rel_axis_range, min_axis=3):
     return alpha, box
 
 
-def _match_colour(donor, target, weight):
-    """Shift donor's per-channel mean/std towards target's, as face-swap pipelines do."""
+def _match_colour(donor, target, region, weight):
+    """Move donor's per-channel mean/std inside ``region`` towards target's, as face-swap
+    pipelines do; the same affine change applies to the whole donor patch."""
     donor_f = donor.astype(np.float32)
-    target_f = target.astype(np.float32)
-    d_mean, d_std = donor_f.mean(axis=(0, 1)), donor_f.std(axis=(0, 1)) + 1e-3
-    t_mean, t_std = target_f.mean(axis=(0, 1)), target_f.std(axis=(0, 1)) + 1e-3
+    donor_px = donor_f[region] if region.any() else donor_f.reshape(-1, 3)
+    target_px = target[region].astype(np.float32) if region.any() else target.reshape(-1, 3).astype(np.float32)
+    d_mean, d_std = donor_px.mean(axis=0), donor_px.std(axis=0) + 1e-3
+    t_mean, t_std = target_px.mean(axis=0), target_px.std(axis=0) + 1e-3
     matched = (donor_f - d_mean) / d_std * t_std + t_mean
     return weight * matched + (1.0 - weight) * donor_f
 
@@ -186,16 +186,7 @@ def _forge_region(rng, image, photos, base_name, kind, rel_axis_range):
         if np.array_equal(patch[..., 0], patch[..., 1]) and np.array_equal(patch[..., 1], patch[..., 2]):
             # A grayscale photo gets a grayscale donor, as a colour face would be a giveaway.
             donor = np.repeat(cv2.cvtColor(donor, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
-        if inside.any():
-            forged = _match_colour(donor[inside][:, None, :], patch[inside][:, None, :],
-                                   rng.uniform(0.6, 0.95))
-            edited = patch.astype(np.float32)
-            edited[inside] = forged[:, 0, :]
-            # Outside the hard ellipse the donor is matched with the same statistics.
-            edited_out = _match_colour(donor, patch, 0.8)
-            edited[~inside] = edited_out[~inside]
-        else:
-            edited = donor.astype(np.float32)
+        edited = _match_colour(donor, patch, inside, rng.uniform(0.6, 0.95))
         edited = _region_trace(rng, edited)
     elif kind in ("reenact", "edit_warp"):
         amplitude = rng.uniform(0.04, 0.10) * min(patch_h, patch_w) + 1.0
