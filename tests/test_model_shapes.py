@@ -99,3 +99,22 @@ def test_bad_inputs_raise_clear_errors():
     model.eval()
     with pytest.raises(ValueError, match="bad.png.*'image'"):
         model([{"image": torch.zeros(64, 64), "file_name": "bad.png"}])
+
+
+def test_without_deep_supervision_only_final_losses():
+    cfg = tiny_cfg()
+    cfg.MODEL.DDL.LOSS.DEEP_SUPERVISION = False
+    model = build(cfg).train()
+    losses = model(training_batch())
+    assert set(losses) == {"loss_det"} | LOC_LOSSES
+    sum(losses.values()).backward()
+
+
+def test_large_original_size_is_one_upsampled_map():
+    """A 4096-px original: the base-scale input is decoded, then one probability map is upsampled."""
+    model = build(tiny_cfg()).eval()
+    image = torch.randint(0, 255, (3, 64, 256), dtype=torch.uint8)
+    with torch.no_grad():
+        (output,) = model([{"image": image, "height": 1024, "width": 4096}])
+    assert output["mask_prob"].shape == (1024, 4096) and output["mask"].shape == (1024, 4096)
+    assert 0 <= output["mask_prob"].min() and output["mask_prob"].max() <= 1

@@ -185,7 +185,9 @@ class DDLMask2Former(nn.Module):
         decoded = None
         if self.localization:
             mask_features, multi_scale = self.pixel_decoder(features)
-            decoded = self.transformer_decoder(multi_scale, mask_features, all_masks=self.training)
+            # Earlier layers' full-resolution masks are only needed for deep supervision.
+            all_masks = self.training and self.criterion.deep_supervision
+            decoded = self.transformer_decoder(multi_scale, mask_features, all_masks=all_masks)
 
         if self.training:
             losses = {}

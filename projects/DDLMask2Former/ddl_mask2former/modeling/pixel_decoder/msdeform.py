@@ -39,7 +39,7 @@ class DeformableEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, None)
         src = self.norm1(src + self.dropout(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout(ffn))
 
 

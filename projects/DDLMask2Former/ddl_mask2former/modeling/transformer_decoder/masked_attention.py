@@ -77,7 +77,7 @@ class DecoderLayer(nn.Module):
         queries = self.norm_cross(queries + self.dropout(attended))
         q = queries + query_pos
         queries = self.norm_self(queries + self.dropout(self.self_attn(q, q, queries)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries))))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(queries), inplace=True)))
         return self.norm_ffn(queries + self.dropout(ffn))
 
 
