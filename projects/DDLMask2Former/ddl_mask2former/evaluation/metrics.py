@@ -272,6 +272,7 @@ def format_metrics_table(metrics: Dict[str, float],
 
     table = tabulate([[name] + [cell(row, key) for key, _ in columns] for name, row in rows],
                      headers=["subset"] + [header for _, header in columns], tablefmt="pipe",
+                     disable_numparse=True,
                      stralign="right")
     if any(row.get("auc_vs_all_reals") for _, row in rows):
         table += "\n* AUC of the subset's fake images against all real images"
