@@ -45,6 +45,8 @@ def _add_model_config(cfg):
     cfg.MODEL.DDL.TASKS = ["detection", "localization"]
     # Batched inputs are padded to a multiple of this (raised to the backbone's own need).
     cfg.MODEL.DDL.SIZE_DIVISIBILITY = 32
+    # Append fixed SRM high-pass residuals to the RGB input (beyond the paper; for from-scratch training).
+    cfg.MODEL.DDL.NOISE_RESIDUALS = False
 
     # Detection head: global average pooling + one linear layer.
     cfg.MODEL.DDL.DET_HEAD = CN()

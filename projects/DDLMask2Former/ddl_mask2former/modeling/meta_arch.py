@@ -33,12 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from .criterion import LocalizationCriterion
 from .detection_head import DetectionHead
 from .matcher import HungarianMatcher
+from .noise_residuals import NoiseResiduals
 from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import build_transformer_decoder
 
@@ -62,6 +64,7 @@ class DDLMask2Former(nn.Module):
         pixel_mean=(123.675, 116.28, 103.53),
         pixel_std=(58.395, 57.12, 57.375),
         size_divisibility=32,
+        noise_residuals=None,
     ):
         super().__init__()
         tasks = tuple(tasks)
@@ -79,6 +82,8 @@ class DDLMask2Former(nn.Module):
         self.criterion = criterion
         self.detection_head = detection_head
         self.det_weight = det_weight
+        # Optional fixed high-pass channels appended to the normalized RGB (NoiseResiduals).
+        self.noise_residuals = noise_residuals
         self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
@@ -86,9 +91,12 @@ class DDLMask2Former(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         ddl = cfg.MODEL.DDL
-        backbone = build_backbone(cfg)
+        noise_residuals = NoiseResiduals(len(cfg.MODEL.PIXEL_MEAN)) if ddl.NOISE_RESIDUALS else None
+        in_channels = len(cfg.MODEL.PIXEL_MEAN) + (noise_residuals.out_channels if noise_residuals else 0)
+        backbone = build_backbone(cfg, ShapeSpec(channels=in_channels))
         args = {
             "backbone": backbone,
+            "noise_residuals": noise_residuals,
             "tasks": tuple(ddl.TASKS),
             "det_weight": ddl.LOSS.DET_WEIGHT,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
@@ -147,7 +155,11 @@ class DDLMask2Former(nn.Module):
                     f"input {index} ({record.get('file_name', 'no file_name')}): 'image' must be a "
                     f"({self.pixel_mean.shape[0]}, H, W) tensor, got {shape}"
                 )
-            images.append((image.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std)
+            pixels = image.to(self.device, non_blocking=True).float()
+            normalized = (pixels - self.pixel_mean) / self.pixel_std
+            if self.noise_residuals is not None:
+                normalized = torch.cat([normalized, self.noise_residuals(pixels[None])[0]])
+            images.append(normalized)
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def _localization_targets(self, batched_inputs, padded_shape):
