@@ -146,14 +146,20 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     for level, ((height, width), start) in enumerate(zip(level_shapes, level_starts)):
         level_value = value[:, start:start + height * width]
         level_value = level_value.permute(0, 2, 3, 1).reshape(batch * n_heads, head_dim, height, width)
-        level_grid = sampling_grids[:, :, :, level].transpose(1, 2).reshape(batch * n_heads, n_queries, n_points, 2)
+        # Points before queries, so each point's samples are one contiguous (D, Lq) slab.
+        level_grid = sampling_grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(
+            batch * n_heads, n_points, n_queries, 2)
         samples = F.grid_sample(
             level_value, level_grid.to(level_value.dtype), mode="bilinear",
             padding_mode="zeros", align_corners=False,
-        )  # (N*M, D, Lq, P)
-        level_weights = attention_weights[:, :, :, level].transpose(1, 2).reshape(batch * n_heads, 1, n_queries, n_points)
-        contribution = (samples * level_weights.to(samples.dtype)).sum(-1)  # (N*M, D, Lq)
-        output = contribution if output is None else output + contribution
+        )  # (N*M, D, P, Lq)
+        level_weights = attention_weights[:, :, :, level].permute(0, 2, 3, 1).reshape(
+            batch * n_heads, 1, n_points, n_queries).to(samples.dtype)
+        # A loop over the few points beats one (samples * weights).sum(): no (N*M, D, P, Lq)
+        # product is materialized, and each step streams over contiguous memory.
+        for point in range(n_points):
+            contribution = samples[:, :, point] * level_weights[:, :, point]  # (N*M, D, Lq)
+            output = contribution if output is None else output + contribution
     output = output.view(batch, n_heads * head_dim, n_queries)
     return output.transpose(1, 2).contiguous()
 
