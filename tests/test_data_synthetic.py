@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 
@@ -102,3 +103,23 @@ def test_cli_prints_where_and_counts(tmp_path, capsys):
     assert f"8 images under {out}" in printed
     with pytest.raises(SystemExit):
         cli.main(["--out", out, "--num-train", "-1"])
+
+
+@pytest.mark.parametrize("forgery_type", FORGERY_TYPES)
+def test_forgery_changes_the_masked_region_only(forgery_type):
+    # With the same seed a fake starts from the same view a real image would show.
+    photos = load_source_photos()
+    inside, outside = [], []
+    for index in range(4):
+        real, _ = make_real_image(np.random.default_rng([11, index]), photos, 96, 160)
+        fake, mask, _ = make_fake_image(np.random.default_rng([11, index]), photos, 96, 160,
+                                        forgery_type=forgery_type)
+        assert real.shape == fake.shape
+        difference = np.abs(fake.astype(np.float32) - real.astype(np.float32)).mean(axis=2)
+        # Feathered blending reaches a few pixels past the mask's edge.
+        near = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        inside.append(difference[mask].mean())
+        outside.append(difference[~near].mean())
+    # Away from the mask only the camera step (noise, JPEG quality) differs.
+    assert np.mean(outside) < 6.0
+    assert np.mean(inside) > 2.0 * np.mean(outside)
