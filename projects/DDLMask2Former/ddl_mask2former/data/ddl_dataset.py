@@ -92,7 +92,10 @@ def _index_workers():
     """Processes for header reading: $DDL_INDEX_WORKERS, else up to 4 of the machine's cores."""
     configured = os.environ.get("DDL_INDEX_WORKERS")
     if configured:
-        return max(1, int(configured))
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise ValueError(f"DDL_INDEX_WORKERS must be an integer, got {configured!r}") from None
     return max(1, min(4, os.cpu_count() or 1))
 
 
@@ -106,7 +109,7 @@ def _read_sizes(folder, names, check_end):
         return read_folder_sizes(folder, names, check_end)
     bounds = np.linspace(0, len(names), workers * 4 + 1).astype(int)
     chunks = [(folder, names[a:b], check_end) for a, b in zip(bounds[:-1], bounds[1:])]
-    # fork: children inherit the name list instead of receiving it pickled.
+    # fork: workers start at once, without re-importing torch and detectron2 as spawn would.
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         parts = pool.starmap(read_folder_sizes, chunks)
     return np.concatenate(parts) if parts else np.empty((0, 2), np.int32)
@@ -134,8 +137,8 @@ def _find_layout(split_dir):
         unknown = sorted(set(subfolders) - known)
         if unknown:
             raise DDLDataError(os.path.join(split_dir, unknown[0]),
-                               f"unexpected folder in a labeled split (expected real/, fake/, "
-                               f"masks/ or mask/)")
+                               "unexpected folder in a labeled split (expected real/, fake/, "
+                               "masks/ or mask/)")
         if all(name in subfolders for name in MASK_FOLDER_NAMES):
             raise DDLDataError(split_dir, "has both masks/ and mask/ folders; keep one")
         return "labeled", subfolders
