@@ -24,9 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIGS = {
-    "main": ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_R18.yaml",
-    "second": ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_swin.yaml",
+    "main": ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_swin.yaml",
+    "second": ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_R18.yaml",
 }
+# Two single-threaded gloo processes train fastest on 2 cores, and stay fast when other jobs
+# share the machine (two threads in one process slow down ten-fold then: docs/PERFORMANCE.md).
+TRAIN_PROCESSES = 2
 VAL_DATASET = "ddl_i_val"  # registered at $DETECTRON2_DATASETS/DDL-I/val
 
 
@@ -37,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-train", type=int, default=600, help="synthetic training images")
     parser.add_argument("--num-val", type=int, default=120, help="synthetic validation images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 768), metavar=("MIN", "MAX"),
+                        help="range of synthetic image sides in pixels")
     parser.add_argument("--iters", type=int, default=None,
                         help="training iterations (default: the config's SOLVER.MAX_ITER)")
     parser.add_argument("--ensemble", action="store_true",
@@ -88,13 +93,15 @@ def _training_progress(line):
 def generate_data(steps, args):
     data_root = steps.out_dir / "data" / "DDL-I"
     stamp = data_root / "quickstart_params.json"
-    params = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.seed}
+    params = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.seed,
+              "image_size": list(args.image_size)}
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         print(f"reusing the synthetic data in {data_root} (same size and seed)")
         return data_root
     steps.run("make_synthetic_ddl", [
         sys.executable, ROOT / "datasets" / "make_synthetic_ddl.py", "--out", data_root,
-        "--num-train", args.num_train, "--num-val", args.num_val, "--seed", args.seed])
+        "--num-train", args.num_train, "--num-val", args.num_val, "--seed", args.seed,
+        "--min-size", args.image_size[0], "--max-size", args.image_size[1]])
     stamp.write_text(json.dumps(params))
     return data_root
 
@@ -106,7 +113,7 @@ def train_and_export(steps, args, config, model_dir):
         opts += ["SOLVER.MAX_ITER", args.iters]
     steps.run(f"train_{model_dir.name}", [
         sys.executable, ROOT / "tools" / "train_net.py", "--config-file", config,
-        "--num-gpus", "1", *opts], show=_training_progress)
+        "--num-gpus", TRAIN_PROCESSES, "--dist-url", "auto", *opts], show=_training_progress)
     return export_dir
 
 
