@@ -38,3 +38,20 @@ def test_quickstart_rejects_bad_arguments():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "quickstart.py"), "--num-val", "x"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--num-val" in result.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_ensemble_trains_a_second_model_and_fuses(tmp_path):
+    out = tmp_path / "qs"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "quickstart.py"), "--out", str(out),
+         "--num-train", "4", "--num-val", "4", "--image-size", "96", "128", "--iters", "1",
+         "--demo-images", "2", "--ensemble"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    fused = out / "ensemble"
+    assert len((fused / "prediction.txt").read_text().splitlines()) == 4
+    assert len(list((fused / "prob").glob("*.png"))) == 4
+    # Both models and their fusion appear in the closing table.
+    table = result.stdout.split("Synthetic val split")[1]
+    assert "quickstart_swin" in table and "quickstart_R18" in table and "ensemble" in table
