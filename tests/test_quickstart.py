@@ -9,15 +9,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_quickstart(out, *options):
+    """tools/quickstart.py at toy size (tiny images and data); fails the test on a non-zero exit."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "quickstart.py"), "--out", str(out),
+         "--num-val", "4", "--image-size", "96", "128", "--demo-images", "2", *options],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 @pytest.mark.slow
 def test_quickstart_runs_every_step_and_reports(tmp_path):
     out = tmp_path / "qs"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "quickstart.py"), "--out", str(out),
-         "--num-train", "6", "--num-val", "4", "--image-size", "96", "128", "--iters", "2",
-         "--demo-images", "2"],
-        capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = _run_quickstart(out, "--num-train", "6", "--iters", "2")
     data = out / "data" / "DDL-I"
     assert len(list((data / "train" / "fake").glob("*.png"))) == 3
     assert (out / "model_main" / "model_final.pth").is_file()
@@ -43,12 +48,7 @@ def test_quickstart_rejects_bad_arguments():
 @pytest.mark.slow
 def test_quickstart_ensemble_trains_a_second_model_and_fuses(tmp_path):
     out = tmp_path / "qs"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "quickstart.py"), "--out", str(out),
-         "--num-train", "4", "--num-val", "4", "--image-size", "96", "128", "--iters", "1",
-         "--demo-images", "2", "--ensemble"],
-        capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = _run_quickstart(out, "--num-train", "4", "--iters", "1", "--ensemble")
     fused = out / "ensemble"
     assert len((fused / "prediction.txt").read_text().splitlines()) == 4
     assert len(list((fused / "prob").glob("*.png"))) == 4
