@@ -15,12 +15,16 @@ Steps, each printing where it wrote:
 It ends with the metrics table and the paths of pictures, checkpoints and logs.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIGS = {

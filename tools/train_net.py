@@ -15,17 +15,14 @@ Examples:
 Trailing ``KEY VALUE`` pairs override the config. Relative paths (config file, OUTPUT_DIR,
 MODEL.WEIGHTS) are relative to the current directory; the script runs from any directory.
 """
+import importlib.util
 import logging
 import os
 import sys
-from pathlib import Path
 
-try:
-    import ddl_mask2former  # noqa: F401  (installed with pip install -e .)
-except ModuleNotFoundError:
-    # Not installed: use the package from this checkout, wherever the command runs from.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "DDLMask2Former"))
-    import ddl_mask2former  # noqa: F401
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+import ddl_mask2former  # first: it hides detectron2's import-time torch.jit deprecation warning
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -35,7 +32,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ddl_mask2former.config import add_ddl_mask2former_config
+from ddl_mask2former import add_ddl_mask2former_config
 from ddl_mask2former.engine import Trainer
 
 
