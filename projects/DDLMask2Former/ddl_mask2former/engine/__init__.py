@@ -3,13 +3,17 @@ hooks, and the overlay rendering used by tools/demo.py."""
 from .hooks import NonFiniteLossError, NonFiniteLossHook
 from .lr_scheduler import PolyParamScheduler, build_lr_scheduler
 from .optimizer import build_optimizer, build_param_groups, with_gradient_clipping
+from .train_loop import DDLTrainLoop, amp_dtype_from_cfg, losses_to_host
 from .trainer import AtomicDetectionCheckpointer, Trainer, build_ddp_model
 
 __all__ = [
     "AtomicDetectionCheckpointer",
+    "DDLTrainLoop",
     "NonFiniteLossError",
     "NonFiniteLossHook",
     "PolyParamScheduler",
+    "amp_dtype_from_cfg",
+    "losses_to_host",
     "Trainer",
     "build_ddp_model",
     "build_lr_scheduler",

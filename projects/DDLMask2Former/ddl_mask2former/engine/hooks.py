@@ -41,9 +41,15 @@ class NonFiniteLossHook(HookBase):
 
     def after_backward(self):
         loss_dict, self._loss_dict = self._loss_dict, None
-        if loss_dict is None:
+        # DDLTrainLoop has already copied this step's losses to the host (one sync for all).
+        host_losses = getattr(self.trainer, "host_losses", None)
+        if host_losses is not None:
+            values = {name: float(value) for name, value in host_losses.items()}
+        elif loss_dict is None:
             return
-        values = {name: float(value.detach().float().sum()) for name, value in loss_dict.items()}
+        else:
+            stacked = torch.stack([value.detach().float().sum() for value in loss_dict.values()]).tolist()
+            values = dict(zip(loss_dict.keys(), stacked))
         local_bad = not all(math.isfinite(v) for v in values.values())
         if comm.get_world_size() > 1:
             device = "cuda" if dist.get_backend() == "nccl" else "cpu"

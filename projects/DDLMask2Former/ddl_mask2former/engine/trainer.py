@@ -6,7 +6,7 @@ import weakref
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .hooks import NonFiniteLossHook
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
+from .train_loop import DDLTrainLoop, amp_dtype_from_cfg, apply_memory_format, compile_submodules
 
 __all__ = ["AtomicDetectionCheckpointer", "Trainer", "build_ddp_model"]
 
@@ -93,23 +94,27 @@ class Trainer(DefaultTrainer):
     schedule, CPU-capable DDP and a stop on non-finite losses."""
 
     def __init__(self, cfg):
-        # Same construction order as DefaultTrainer.__init__, with two changes: DDP comes from
-        # build_ddp_model (works for CPU modules) and a NonFiniteLossHook watches the losses.
+        # Same construction order as DefaultTrainer.__init__, with these changes: DDP comes from
+        # build_ddp_model (works for CPU modules), the inner loop is DDLTrainLoop (float16 or
+        # bfloat16 autocast, one host sync per step for the losses), optional channels-last
+        # weights and torch.compile'd submodules, and a NonFiniteLossHook watches the losses.
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
+        apply_memory_format(model, cfg.SOLVER.CHANNELS_LAST)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        compile_submodules(model, cfg.SOLVER.COMPILE.MODULES, cfg.SOLVER.COMPILE.MODE)
         model = build_ddp_model(model, cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS)
 
-        use_amp = cfg.SOLVER.AMP.ENABLED
-        if use_amp and torch.device(cfg.MODEL.DEVICE).type != "cuda":
-            logger.warning("SOLVER.AMP.ENABLED is ignored on MODEL.DEVICE=%s (CUDA only)", cfg.MODEL.DEVICE)
-            use_amp = False
-        self._trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, data_loader, optimizer)
+        # SOLVER.AMP.PRECISION picks float16 (GradScaler) or bfloat16 (no scaler, CPU too).
+        self._trainer = DDLTrainLoop(
+            model, data_loader, optimizer, amp_dtype=amp_dtype_from_cfg(cfg),
+            device_type=torch.device(cfg.MODEL.DEVICE).type,
+        )
         self.non_finite_loss_hook = NonFiniteLossHook(model)
         # after_backward is called by the inner trainer's run_step, so the hook lives there.
         self._trainer.register_hooks([self.non_finite_loss_hook])

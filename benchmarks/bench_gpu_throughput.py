@@ -1,0 +1,504 @@
+#!/usr/bin/env python
+"""Training and inference throughput: DDL-Mask2Former vs Hugging Face Mask2Former (issue 10).
+
+    python benchmarks/bench_gpu_throughput.py [--json out.json]      # GPU, paper-size models
+    python benchmarks/bench_gpu_throughput.py --device cpu --small   # smoke test (seconds)
+
+Both models have random weights and the same shape: Swin-T backbone (96, [2,2,6,2], [3,6,12,24],
+window 7), 6-layer deformable pixel decoder (256 dims, 8 heads, 4 points), 100 queries, 9
+masked-attention decoder layers (HF ``decoder_layers=10`` counts the initial prediction), 12544
+points per mask, deep supervision. Measured, one model at a time:
+
+* training step at ``--batch`` (16): forward + backward + AdamW under autocast (``--amp``,
+  bfloat16 by default); our model gets what detectron2's loader yields (uint8 CPU images, CPU
+  forgery masks, half of them real with no target) and moves them itself; HF gets float
+  pixel values and mask/class labels already on the device. Median ms over ``--steps`` after
+  ``--warmup``; peak = ``torch.cuda.max_memory_allocated`` (weights, gradients, AdamW state and
+  activations).
+* inference at batch 1 and ``--batch``: ours returns full-resolution ``fake_prob``/``mask_prob``;
+  HF returns logits at stride 4. Our batched ``mask_prob`` is compared with each image run alone.
+* the quickstart model (``configs/quickstart/ddl_mask2former_quickstart_swin.yaml``, 128-px crops)
+  training at ``--quickstart-batch`` (32): iterations/s, fp32 as configured and bf16.
+* host synchronizations per training step of our model: on CUDA counted by
+  ``torch.cuda.set_sync_debug_mode``; everywhere the Python-level calls that force one when the
+  tensor is on a GPU (``.item``, ``.cpu``, ``.tolist``, ``.numpy``, ``nonzero``, ``bool()``,
+  ``linear_sum_assignment`` of the matcher), listed by call site.
+
+HF's model comes from ``transformers`` (``--skip-hf`` or a missing install skips it: the table
+then shows ours alone). Needs detectron2 for our model. ``--json`` writes every number.
+"""
+import argparse
+import collections
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "projects" / "DDLMask2Former"))
+
+PAPER_CONFIG = ROOT / "configs" / "ddl-i" / "ddl_mask2former_swin_tiny.yaml"
+QUICKSTART_CONFIG = ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_swin.yaml"
+TINY_CONFIG = ROOT / "tests" / "configs" / "tiny.yaml"
+
+# Model shapes shared by ours and HF's; "small" has tests/configs/tiny.yaml's widths but the paper's
+# 9 decoder layers, so the per-step count of operators and host syncs has the paper model's structure.
+SHAPES = {
+    "full": {"image": 512, "embed_dim": 96, "depths": [2, 2, 6, 2], "heads": [3, 6, 12, 24], "window": 7,
+             "dim": 256, "enc_layers": 6, "enc_heads": 8, "enc_ffn": 1024, "queries": 100, "dec_layers": 9,
+             "dec_heads": 8, "dec_ffn": 2048, "points": 12544},
+    "small": {"image": 64, "embed_dim": 16, "depths": [1, 1, 1, 1], "heads": [1, 1, 2, 2], "window": 4,
+              "dim": 32, "enc_layers": 1, "enc_heads": 2, "enc_ffn": 64, "queries": 16, "dec_layers": 9,
+              "dec_heads": 2, "dec_ffn": 64, "points": 256},
+}
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def allocated_gib(device):
+    return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def timed(function, device, steps, warmup):
+    """Median and minimum seconds of ``function()`` over ``steps`` calls after ``warmup``."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), min(times)
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def ddl_records(batch, size, seed=0, image_size=None):
+    """What DDLDatasetMapper yields: uint8 CHW images on the CPU, half of them fake with a mask."""
+    generator = torch.Generator().manual_seed(seed)
+    records = []
+    for index in range(batch):
+        mask = torch.zeros(size, size, dtype=torch.uint8)
+        label = index % 2
+        if label:
+            top, left = (int(v) for v in torch.randint(0, size // 2, (2,), generator=generator))
+            mask[top: top + size // 3, left: left + size // 3] = 1
+        records.append({"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator),
+                        "label": label, "forgery_mask": mask, "height": image_size or size,
+                        "width": image_size or size})
+    return records
+
+
+def hf_batch(records, device):
+    pixel_values = torch.stack([r["image"] for r in records]).float().div_(255.0).to(device)
+    mask_labels, class_labels = [], []
+    for record in records:
+        if record["label"]:
+            mask_labels.append(record["forgery_mask"][None].float().to(device))
+            class_labels.append(torch.zeros(1, dtype=torch.long, device=device))
+        else:
+            size = record["forgery_mask"].shape
+            mask_labels.append(torch.zeros((0,) + tuple(size), device=device))
+            class_labels.append(torch.zeros(0, dtype=torch.long, device=device))
+    return pixel_values, mask_labels, class_labels
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_ours(config_file, device, shape_name, overrides=()):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    import ddl_mask2former
+    from ddl_mask2former.config import add_ddl_mask2former_config
+
+    ddl_mask2former.register_all()
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.merge_from_file(str(config_file))
+    if shape_name == "small" and config_file == PAPER_CONFIG:
+        cfg.merge_from_file(str(TINY_CONFIG))
+        cfg.MODEL.DDL.TRANSFORMER_DECODER.DEC_LAYERS = SHAPES["small"]["dec_layers"]
+        cfg.MODEL.DDL.TRANSFORMER_DECODER.NUM_QUERIES = SHAPES["small"]["queries"]
+    cfg.merge_from_list(list(overrides))
+    cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = "", str(device)
+    torch.manual_seed(0)
+    return build_model(cfg), cfg
+
+
+def build_hf(shape, device):
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    backbone = SwinConfig(
+        embed_dim=shape["embed_dim"], depths=shape["depths"], num_heads=shape["heads"],
+        window_size=shape["window"], drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone, num_queries=shape["queries"], decoder_layers=shape["dec_layers"] + 1,
+        num_labels=1, feature_size=shape["dim"], mask_feature_size=shape["dim"], hidden_dim=shape["dim"],
+        encoder_layers=shape["enc_layers"], num_attention_heads=shape["dec_heads"],
+        dim_feedforward=shape["dec_ffn"], encoder_feedforward_dim=shape["enc_ffn"],
+        train_num_points=shape["points"],
+    )
+    torch.manual_seed(0)
+    return Mask2FormerForUniversalSegmentation(config).to(device)
+
+
+def parameters_m(model):
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+_SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "nonzero", "__bool__", "__int__", "__float__")
+
+
+@contextlib.contextmanager
+def count_host_syncs(counts, package_roots):
+    """Count Python-level calls that force a device->host sync when the tensor is on a GPU.
+
+    ``counts[(call, site)] += 1`` where site is the innermost caller frame under one of
+    ``package_roots`` (our package, detectron2's engine) or "other". On a CPU run nothing
+    actually waits, but the same calls are the GPU run's syncs.
+    """
+    originals = {name: getattr(torch.Tensor, name) for name in _SYNC_METHODS}
+    original_nonzero = torch.nonzero
+
+    def site():
+        first = frame = sys._getframe(2)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            for root in package_roots:
+                if root in filename:
+                    return f"{filename.split(root, 1)[1].lstrip('/')}:{frame.f_lineno} ({frame.f_code.co_name})"
+            frame = frame.f_back
+        # Outside our code (e.g. torch.optim reading its CPU step counters: no sync on a GPU).
+        return f"{first.f_code.co_filename.split('site-packages/')[-1]}:{first.f_lineno} ({first.f_code.co_name})"
+
+    def wrap(name, original):
+        def counted(*args, **kwargs):
+            counts[(name, site())] += 1
+            return original(*args, **kwargs)
+        return counted
+
+    matcher_module = None
+    try:
+        from ddl_mask2former.modeling import matcher as matcher_module
+    except ImportError:
+        pass
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    torch.nonzero = wrap("nonzero", original_nonzero)
+    original_lsa = getattr(matcher_module, "linear_sum_assignment", None)
+    if original_lsa is not None:
+        matcher_module.linear_sum_assignment = wrap("linear_sum_assignment", original_lsa)
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.nonzero = original_nonzero
+        if original_lsa is not None:
+            matcher_module.linear_sum_assignment = original_lsa
+
+
+def cuda_sync_count(function):
+    """Synchronizing CUDA calls made by ``function()``, from ``torch.cuda.set_sync_debug_mode``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    messages = collections.Counter()
+    for warning in caught:
+        text = str(warning.message)
+        if "synchronizing" in text.lower():
+            messages[f"{warning.filename.split('site-packages/')[-1].split('DDLMask2Former/')[-1]}:{warning.lineno}"] += 1
+    return sum(messages.values()), messages
+
+
+def profile_step(step, device, top=15):
+    """Operator calls (and CUDA kernel launches) of one step, and where the host time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    events = prof.key_averages()
+    aten = [e for e in events if e.key.startswith("aten::")]
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    summary = {"aten_calls": sum(e.count for e in aten), "kernel_launches": launches,
+               "top_self_cpu": [(e.key, e.count, round(e.self_cpu_time_total / 1000, 2))
+                                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]}
+    print(f"  profile: {summary['aten_calls']} aten operator calls, {launches} kernel launches per step; "
+          "top self-CPU (op, calls, ms):")
+    for key, count, ms in summary["top_self_cpu"]:
+        print(f"    {ms:9.2f} ms {count:6d}x  {key}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def ours_train_step(model, optimizer, records, device, amp_dtype):
+    def step():
+        with autocast(device, amp_dtype):
+            losses = model(records)
+            total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        return losses
+    return step
+
+
+def hf_train_step(model, optimizer, batch, device, amp_dtype):
+    pixel_values, mask_labels, class_labels = batch
+
+    def step():
+        with autocast(device, amp_dtype):
+            output = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        optimizer.step()
+        return output.loss
+    return step
+
+
+def measure_training(name, model, step, device, args, batch):
+    model.train()
+    reset_peak(device)
+    median, minimum = timed(step, device, args.steps, args.warmup)
+    row = {"model": name, "batch": batch, "ms": 1000 * median, "min_ms": 1000 * minimum,
+           "img_per_s": batch / median, "peak_gib": peak_gib(device), "params_m": parameters_m(model)}
+    print(f"  train {name}: {row['ms']:.1f} ms/step (min {row['min_ms']:.1f}), {row['img_per_s']:.1f} img/s, "
+          f"peak {row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 2)} GiB", flush=True)
+    return row
+
+
+def measure_inference(name, model, run, device, args, batch):
+    model.eval()
+    reset_peak(device)
+    base = allocated_gib(device)
+    with torch.no_grad():
+        median, minimum = timed(run, device, args.steps, args.warmup)
+    peak = peak_gib(device)
+    row = {"model": name, "batch": batch, "ms": 1000 * median, "min_ms": 1000 * minimum,
+           "img_per_s": batch / median, "peak_gib": peak, "peak_above_weights_gib": None if peak is None else peak - base}
+    print(f"  infer {name} batch {batch}: {row['ms']:.1f} ms ({row['img_per_s']:.1f} img/s)", flush=True)
+    return row
+
+
+def run_ours(args, device, shape, amp_dtype, results):
+    model, cfg = build_ours(PAPER_CONFIG, device, args.shape)
+    size = shape["image"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    records = ddl_records(args.batch, size)
+    step = ours_train_step(model, optimizer, records, device, amp_dtype)
+    results["train"].append(measure_training("ours", model, step, device, args, args.batch))
+
+    # Host syncs of one training step, by call site.
+    counts = collections.Counter()
+    with count_host_syncs(counts, ("ddl_mask2former/", "detectron2/")):
+        step()
+    synchronize(device)
+    results["host_sync_calls"] = {f"{call} @ {where}": n for (call, where), n in counts.most_common()}
+    results["host_sync_calls_total"] = sum(counts.values())
+    print(f"  ours: {sum(counts.values())} sync-forcing Python calls per training step:")
+    for (call, where), n in counts.most_common(12):
+        print(f"    {n:5d}  {call:22s} {where}")
+    if args.profile:
+        results["profile"] = profile_step(step, device)
+    if device.type == "cuda":
+        total, sites = cuda_sync_count(step)
+        results["cuda_syncs_per_step"] = total
+        results["cuda_sync_sites"] = dict(sites.most_common(20))
+        print(f"  ours: {total} synchronizing CUDA calls per training step (torch.cuda.set_sync_debug_mode)")
+
+    del optimizer
+    model.zero_grad(set_to_none=True)
+    outputs = {}
+    for batch in (1, args.batch):
+        inputs = [{"image": r["image"], "height": r["height"], "width": r["width"]} for r in ddl_records(batch, size, 1)]
+
+        def run(inputs=inputs, batch=batch):
+            with autocast(device, amp_dtype):
+                outputs[batch] = model(inputs)
+        results["inference"].append(measure_inference("ours", model, run, device, args, batch))
+    # Batched mask_prob vs the first image alone, and bf16 vs fp32 on one image.
+    batched = outputs[args.batch][0]["mask_prob"].float()
+    single = outputs[1][0]["mask_prob"].float()
+    results["mask_prob_batched_vs_single_max_abs"] = (batched - single).abs().max().item()
+    with torch.no_grad():
+        full = model([{"image": r["image"], "height": r["height"], "width": r["width"]}
+                      for r in ddl_records(1, size, 1)])[0]["mask_prob"]
+    results["mask_prob_amp_vs_fp32_max_abs"] = (single - full.float()).abs().max().item()
+    print(f"  ours mask_prob: batch {args.batch} vs alone max |diff| "
+          f"{results['mask_prob_batched_vs_single_max_abs']:.2e}; autocast vs fp32 "
+          f"{results['mask_prob_amp_vs_fp32_max_abs']:.2e}")
+    del model, outputs
+    reset_peak(device)
+
+
+def run_hf(args, device, shape, amp_dtype, results):
+    try:
+        model = build_hf(shape, device)
+    except ImportError as exc:
+        results["hf_skipped"] = f"transformers not importable: {exc}"
+        print(f"  HF skipped: {results['hf_skipped']}")
+        return
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = hf_batch(ddl_records(args.batch, shape["image"]), device)
+    step = hf_train_step(model, optimizer, batch, device, amp_dtype)
+    results["train"].append(measure_training("hf", model, step, device, args, args.batch))
+    if args.profile:
+        results["hf_profile"] = profile_step(step, device)
+    del optimizer, batch
+    model.zero_grad(set_to_none=True)
+    for size in (1, args.batch):
+        pixel_values = torch.randn(size, 3, shape["image"], shape["image"], device=device)
+
+        def run(pixel_values=pixel_values):
+            with autocast(device, amp_dtype):
+                model(pixel_values=pixel_values)
+        results["inference"].append(measure_inference("hf", model, run, device, args, size))
+    del model
+    reset_peak(device)
+
+
+def run_quickstart(args, device, results):
+    for label, amp_dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        model, cfg = build_ours(QUICKSTART_CONFIG, device, "full")
+        size = cfg.INPUT.CROP.SIZE[0]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        step = ours_train_step(model, optimizer, ddl_records(args.quickstart_batch, size, seed=2), device, amp_dtype)
+        model.train()
+        median, minimum = timed(step, device, args.steps, args.warmup)
+        row = {"precision": label, "batch": args.quickstart_batch, "crop": size, "s_per_it": median,
+               "it_per_s": 1 / median, "min_s": minimum}
+        results["quickstart"].append(row)
+        print(f"  quickstart model {label}, batch {args.quickstart_batch} at {size} px: "
+              f"{median * 1000:.1f} ms/it = {1 / median:.1f} it/s", flush=True)
+        del model, optimizer
+        reset_peak(device)
+
+
+def print_table(results, batch):
+    rows = {(r["model"], "train"): r for r in results["train"]}
+    rows.update({(r["model"], f"infer{r['batch']}"): r for r in results["inference"]})
+    print(f"\n{results['header']}")
+    print("| measurement | ours ms | HF ms | ratio ours/HF | ours img/s | HF img/s | ours peak GiB | HF peak GiB |"
+          " peak ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for key, label in (("train", f"training step, batch {batch}"), ("infer1", "inference, batch 1"),
+                       (f"infer{batch}", f"inference, batch {batch}")):
+        ours, hf = rows.get(("ours", key)), rows.get(("hf", key))
+        if ours is None:
+            continue
+
+        def fmt(row, field, digits=1):
+            value = None if row is None else row.get(field)
+            return "-" if value is None else f"{value:.{digits}f}"
+        ratio = "-" if hf is None else f"{ours['ms'] / hf['ms']:.3f}"
+        peak_ratio = ("-" if hf is None or ours.get("peak_gib") is None
+                      else f"{ours['peak_gib'] / hf['peak_gib']:.3f}")
+        print(f"| {label} | {fmt(ours, 'ms')} | {fmt(hf, 'ms')} | {ratio} | {fmt(ours, 'img_per_s')} | "
+              f"{fmt(hf, 'img_per_s')} | {fmt(ours, 'peak_gib', 2)} | {fmt(hf, 'peak_gib', 2)} | {peak_ratio} |")
+    for row in results["quickstart"]:
+        print(f"| quickstart model training, {row['precision']}, batch {row['batch']} ({row['crop']} px) | "
+              f"{row['s_per_it'] * 1000:.1f} | | | {row['it_per_s'] * row['batch']:.1f} | | | | |"
+              f"  ({row['it_per_s']:.1f} it/s)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny models and images (CPU smoke test)")
+    parser.add_argument("--batch", type=int, default=None, help="training and large inference batch (16; small: 2)")
+    parser.add_argument("--quickstart-batch", type=int, default=None, help="quickstart model batch (32; small: 4)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (10; small: 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (3; small: 1)")
+    parser.add_argument("--amp", choices=("bfloat16", "float16", "none"), default="bfloat16")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler summary of one training step")
+    parser.add_argument("--json", help="write all numbers here")
+    args = parser.parse_args()
+    args.shape = "small" if args.small else "full"
+    defaults = {"batch": (16, 2), "quickstart_batch": (32, 4), "steps": (10, 2), "warmup": (3, 1)}
+    for key, (full, small) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, small if args.small else full)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu_throughput.py: no CUDA device (use --device cpu --small for a smoke test)")
+    amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}[args.amp]
+    if amp_dtype == torch.float16 and device.type != "cuda":
+        raise SystemExit("bench_gpu_throughput.py: --amp float16 needs CUDA")
+    shape = SHAPES[args.shape]
+
+    from ddl_mask2former import ops
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (f"device {name} | torch {torch.__version__} | autocast {args.amp} | {args.shape} models, "
+              f"{shape['image']}x{shape['image']} | deformable attention: "
+              f"{'compiled op' if device.type == 'cuda' and ops.compiled_op_available() else 'PyTorch path'}")
+    print(header, flush=True)
+    results = {"header": header, "args": vars(args), "train": [], "inference": [], "quickstart": []}
+    failures = []
+    parts = [("ours", lambda: run_ours(args, device, shape, amp_dtype, results))]
+    if not args.skip_hf:
+        parts.append(("hf", lambda: run_hf(args, device, shape, amp_dtype, results)))
+    if not args.skip_quickstart:
+        parts.append(("quickstart", lambda: run_quickstart(args, device, results)))
+    for part, function in parts:
+        print(f"\n== {part}", flush=True)
+        try:
+            function()
+        except Exception:  # one broken part must not hide the others' numbers
+            failures.append(part)
+            traceback.print_exc()
+            reset_peak(device)
+    print_table(results, args.batch)
+    if args.json:
+        results["failed_parts"] = failures
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        print(f"numbers written to {os.path.abspath(args.json)}")
+    if failures:
+        raise SystemExit(f"bench_gpu_throughput.py: parts failed: {', '.join(failures)}")
+
+
+if __name__ == "__main__":
+    main()

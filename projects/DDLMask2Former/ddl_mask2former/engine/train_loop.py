@@ -1,0 +1,148 @@
+"""The inner training step: autocast in float16 (with a GradScaler) or bfloat16 (without),
+and one host synchronization per step for the whole loss dict.
+
+detectron2's ``SimpleTrainer`` / ``AMPTrainer`` log the losses with ``v.detach().cpu().item()``
+per term: with deep supervision that is ~30 device round trips per step, each waiting for the
+device. Here the loss terms are stacked and copied to the host once; the copy serves both the
+metrics and ``NonFiniteLossHook`` (which would otherwise read every term again).
+"""
+import logging
+import time
+
+import torch
+from detectron2.engine import SimpleTrainer
+
+__all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "amp_dtype_from_cfg", "apply_memory_format", "compile_submodules",
+           "losses_to_host"]
+
+logger = logging.getLogger(__name__)
+
+AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype_from_cfg(cfg):
+    """The autocast dtype SOLVER.AMP asks for on MODEL.DEVICE, or None for full precision.
+
+    float16 needs CUDA (it is ignored with a warning elsewhere, as before); bfloat16 also runs
+    on CPUs, whose autocast supports it.
+    """
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    precision = cfg.SOLVER.AMP.PRECISION
+    if precision not in AMP_PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION={precision!r} is not one of {sorted(AMP_PRECISIONS)}")
+    device_type = torch.device(cfg.MODEL.DEVICE).type
+    if precision == "float16" and device_type != "cuda":
+        logger.warning("SOLVER.AMP.ENABLED with PRECISION float16 is ignored on MODEL.DEVICE=%s (CUDA only; "
+                       "bfloat16 works there)", cfg.MODEL.DEVICE)
+        return None
+    return AMP_PRECISIONS[precision]
+
+
+def losses_to_host(loss_dict):
+    """{name: 0-dim CPU float32 tensor} from one stacked device-to-host copy (one sync)."""
+    if not loss_dict:
+        return {}
+    values = torch.stack([value.detach().float().sum() for value in loss_dict.values()]).cpu()
+    return dict(zip(loss_dict.keys(), values.unbind()))
+
+
+def compile_submodules(model, names, mode="default"):
+    """``torch.compile`` the named submodules of ``model`` in place (state-dict keys unchanged).
+
+    Names are attribute paths ("backbone", "pixel_decoder"); an unknown name raises.
+    """
+    compiled = []
+    for name in names:
+        module = model
+        for part in name.split("."):
+            if not hasattr(module, part):
+                raise ValueError(f"SOLVER.COMPILE.MODULES: {type(model).__name__} has no submodule {name!r}")
+            module = getattr(module, part)
+        if module is None:
+            continue  # a disabled branch (e.g. no localization)
+        module.compile(mode=None if mode == "default" else mode)
+        compiled.append(name)
+    if compiled:
+        logger.info("torch.compile (mode %s) on: %s", mode, ", ".join(compiled))
+    return compiled
+
+
+def apply_memory_format(model, channels_last):
+    """Convert the model's 4-D weights to channels-last when asked (convolutions then run NHWC)."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        logger.info("model weights converted to channels-last")
+    return model
+
+
+class DDLTrainLoop(SimpleTrainer):
+    """``SimpleTrainer`` with optional autocast and one host sync per step for the losses.
+
+    Args:
+        model, data_loader, optimizer: as for ``SimpleTrainer``.
+        amp_dtype: None (full precision), ``torch.float16`` (a GradScaler scales the loss) or
+            ``torch.bfloat16`` (same exponent range as float32: no scaler, no skipped steps).
+        device_type: autocast device type ("cuda" or "cpu").
+        grad_scaler: for float16; built when None.
+
+    After the backward, ``self.host_losses`` holds the step's loss terms as CPU tensors
+    (``NonFiniteLossHook`` reads them from there).
+    """
+
+    def __init__(self, model, data_loader, optimizer, *, amp_dtype=None, device_type="cuda", grad_scaler=None,
+                 **kwargs):
+        super().__init__(model, data_loader, optimizer, **kwargs)
+        if amp_dtype not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype}")
+        if amp_dtype == torch.float16 and grad_scaler is None:
+            grad_scaler = torch.amp.GradScaler(device_type)
+        self.amp_dtype = amp_dtype
+        self.device_type = device_type
+        self.grad_scaler = grad_scaler if amp_dtype == torch.float16 else None
+        self.host_losses = None
+
+    def run_step(self):
+        assert self.model.training, "[DDLTrainLoop] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+
+        self.host_losses = losses_to_host(loss_dict)
+        self.after_backward()
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(self._write_metrics, self.host_losses, data_time, iter=self.iter)
+        else:
+            self._write_metrics(self.host_losses, data_time)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

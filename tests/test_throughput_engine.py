@@ -1,0 +1,167 @@
+"""The training step of issue 10: bfloat16/float16 autocast choice, one host sync per step for
+the losses, and the opt-in speed options (channels-last, torch.compile)."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.utils.events import EventStorage
+from torch import nn
+
+from ddl_mask2former.config import add_ddl_mask2former_config
+from ddl_mask2former.engine import (
+    DDLTrainLoop,
+    NonFiniteLossError,
+    NonFiniteLossHook,
+    amp_dtype_from_cfg,
+    losses_to_host,
+)
+from ddl_mask2former.engine.train_loop import apply_memory_format, compile_submodules
+
+
+class _TermsModel(nn.Module):
+    """A linear layer whose loss dict has many terms (as deep supervision gives); records the
+    dtype its matmul ran in, to show which autocast was active."""
+
+    def __init__(self, terms=12, nan_at_call=None):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.terms = terms
+        self.nan_at_call = nan_at_call
+        self.calls = 0
+        self.seen_dtypes = []
+
+    def forward(self, batch):
+        out = self.linear(batch)
+        self.seen_dtypes.append(out.dtype)
+        self.calls += 1
+        losses = {f"loss_{i}": (out.float() * (i + 1)).pow(2).mean() for i in range(self.terms)}
+        if self.nan_at_call is not None and self.calls - 1 == self.nan_at_call:
+            losses["loss_3"] = losses["loss_3"] * float("nan")
+        return losses
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randn(8, 4, generator=generator)
+
+
+def _cfg(**overrides):
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = getattr(node, parent)
+        setattr(node, leaf, value)
+    return cfg
+
+
+def test_amp_precision_key_picks_the_autocast_dtype():
+    assert _cfg().SOLVER.AMP.PRECISION == "float16"  # today's behaviour stays the default
+    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": False})) is None
+    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cuda"})) == torch.float16
+    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cuda",
+                                      "SOLVER.AMP.PRECISION": "bfloat16"})) == torch.bfloat16
+    # float16 autocast is CUDA-only (ignored with a warning); bfloat16 also runs on CPUs.
+    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cpu"})) is None
+    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cpu",
+                                      "SOLVER.AMP.PRECISION": "bfloat16"})) == torch.bfloat16
+    with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
+        amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": "fp8"}))
+
+
+def test_losses_to_host_copies_once(monkeypatch):
+    losses = {f"loss_{i}": torch.tensor(float(i), requires_grad=True) * 2 for i in range(30)}
+    calls = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real_cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    host = losses_to_host(losses)
+    assert calls == [(30,)]
+    assert list(host) == list(losses)
+    assert [float(v) for v in host.values()] == [2.0 * i for i in range(30)]
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_train_loop_logs_every_term_from_one_copy(amp_dtype, monkeypatch):
+    torch.manual_seed(0)
+    model = _TermsModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=amp_dtype, device_type="cpu")
+    assert loop.grad_scaler is None  # bfloat16 needs no loss scaling
+    syncs = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: syncs.append(self.device) or real_item(self))
+    with EventStorage(0) as storage:
+        loop.storage = storage
+        for loop.iter in range(3):
+            storage.iter = loop.iter
+            loop.run_step()
+    assert model.seen_dtypes == [amp_dtype or torch.float32] * 3
+    history = storage.histories()
+    assert len(history["loss_7"].values()) == 3
+    assert history["total_loss"].latest() == pytest.approx(sum(float(v) for v in loop.host_losses.values()))
+    # detectron2's write_metrics still calls .item() per term, but on host tensors only.
+    assert syncs and all(device.type == "cpu" for device in syncs)
+
+
+def test_train_loop_bfloat16_gradients_match_full_precision():
+    results = {}
+    for amp_dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = _TermsModel()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=amp_dtype, device_type="cpu")
+        with EventStorage(0) as storage:
+            loop.storage = storage
+            loop.iter = 0
+            loop.run_step()
+        results[amp_dtype] = model.linear.weight.grad.clone()  # zero_grad runs before the backward
+    reference, bf16 = results[None], results[torch.bfloat16]
+    assert (bf16 - reference).abs().max() <= 0.02 * reference.abs().max()
+
+
+def test_non_finite_hook_reads_the_loops_host_losses():
+    model = _TermsModel(nan_at_call=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=torch.bfloat16, device_type="cpu")
+    hook = NonFiniteLossHook(model)
+    loop.register_hooks([hook])
+    with pytest.raises(NonFiniteLossError) as excinfo:
+        loop.train(0, 10)
+    message = str(excinfo.value)
+    assert "iteration 2" in message and "loss_3=nan <-- non-finite" in message and "loss_11=" in message
+    assert torch.isfinite(model.linear.weight).all()
+
+
+def test_float16_loop_on_cpu_uses_a_grad_scaler_state():
+    loop = DDLTrainLoop(_TermsModel(), _batches(), torch.optim.SGD(_TermsModel().parameters(), lr=0.1),
+                        amp_dtype=torch.float16, device_type="cpu")
+    assert loop.grad_scaler is not None
+    assert "grad_scaler" in loop.state_dict()
+
+
+def test_compile_submodules_in_place_keeps_state_dict_keys():
+    model = nn.Sequential()
+    model.backbone = nn.Conv2d(3, 4, 3)
+    model.head = None
+    keys = list(model.state_dict())
+    assert compile_submodules(model, ["backbone", "head"]) == ["backbone"]
+    assert model.backbone._compiled_call_impl is not None  # compiled lazily on the first call
+    assert list(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="no submodule 'pixel_decoder'"):
+        compile_submodules(model, ["pixel_decoder"])
+
+
+def test_channels_last_option_converts_conv_weights():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    reference = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    apply_memory_format(model, True)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    output = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
+    assert torch.allclose(output, reference, atol=1e-5)
