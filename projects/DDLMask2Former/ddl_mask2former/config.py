@@ -196,3 +196,14 @@ def _add_solver_config(cfg):
     cfg.SOLVER.DDP_FIND_UNUSED_PARAMETERS = False
     # Iterations between log lines / metrics.json / TensorBoard writes.
     cfg.SOLVER.LOG_PERIOD = 20
+    # Autocast dtype when SOLVER.AMP.ENABLED: "float16" (CUDA only, with a GradScaler) or
+    # "bfloat16" (no GradScaler; also runs on CPUs).
+    cfg.SOLVER.AMP.PRECISION = "float16"
+    # Training speed options, off by default (docs/PERFORMANCE.md "GPU throughput (issue 10)").
+    # Convert the model's 4-D weights to channels-last (NHWC convolutions).
+    cfg.SOLVER.CHANNELS_LAST = False
+    cfg.SOLVER.COMPILE = CN()
+    # Submodules of the model to torch.compile in place for training, e.g. ["backbone", "pixel_decoder"].
+    cfg.SOLVER.COMPILE.MODULES = []
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
+    cfg.SOLVER.COMPILE.MODE = "default"
