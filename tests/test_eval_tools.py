@@ -12,11 +12,11 @@ from ddl_mask2former.evaluation import DDLEvaluator, fuse_exports, score_export,
 from ddl_mask2former.evaluation.export import read_predictions
 
 from eval_helpers import make_outputs, write_split
+from tool_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import ensemble  # noqa: E402  (tools/ is not a package)
-import evaluate_predictions  # noqa: E402
+ensemble = load_tool("ensemble")
+evaluate_predictions = load_tool("evaluate_predictions")
 
 
 def _export(dicts, outputs, export_dir):

@@ -12,10 +12,15 @@ that task. --gt scores the result; --search grid-searches each task's weights on
 split (the inputs must be exports of that split) and prints the best weights and scores.
 """
 import argparse
+import importlib.util
 import json
+import logging
 import math
 import os
 import sys
+
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 from ddl_mask2former.evaluation.export import write_submission_zip
 from ddl_mask2former.evaluation.fusion import fuse_exports, search_weights
@@ -92,6 +97,8 @@ def run_search(args):
 
 
 def main(argv=None):
+    # Warnings from the library (e.g. scores outside [0, 1]) as one stderr line each.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
     payload = {}
     try:

@@ -12,11 +12,16 @@ the other computed entries. A missing, extra, wrong-size or malformed prediction
 naming the image; --allow-missing scores missing ones as 0 / empty and reports how many.
 """
 import argparse
+import importlib.util
 import json
+import logging
 import math
 import os
 import sys
 import time
+
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 from ddl_mask2former.evaluation.metrics import format_metrics_table
 from ddl_mask2former.evaluation.scoring import JSON_KEYS, default_num_workers, score_export
@@ -39,6 +44,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    # Warnings from the library (e.g. scores outside [0, 1]) as one stderr line each.
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
     start = time.perf_counter()
     try:

@@ -23,13 +23,13 @@ from .export import (
     write_predictions,
     write_submission_zip,
 )
+from .ground_truth import count_against_ground_truth
 from .metrics import (
     LABEL_UNKNOWN,
     ImageRecord,
     compute_ddl_metrics,
     compute_group_metrics,
     format_metrics_table,
-    mask_counts,
 )
 
 __all__ = ["DDLEvaluator", "build_ddl_evaluator", "to_percent_results"]
@@ -98,7 +98,7 @@ class DDLEvaluator(DatasetEvaluator):
         self._records: List[ImageRecord] = []
         self._writer: Optional[ExportWriter] = None
 
-    def reset(self):
+    def reset(self) -> None:
         self._records = []
         if self._writer is not None:
             self._writer.close()
@@ -106,11 +106,11 @@ class DDLEvaluator(DatasetEvaluator):
         if self.export_dir:
             self._writer = ExportWriter(self.export_dir, write_prob=self.export_prob)
 
-    def process(self, inputs, outputs):
+    def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
         for image_input, output in zip(inputs, outputs):
             self._records.append(self._process_one(image_input, output))
 
-    def _process_one(self, image_input: dict, output: dict) -> ImageRecord:
+    def _process_one(self, image_input: Dict, output: Dict) -> ImageRecord:
         file_name = image_input["file_name"]
         name = os.path.basename(file_name)
         label = int(image_input.get("label", LABEL_UNKNOWN))
@@ -125,15 +125,16 @@ class DDLEvaluator(DatasetEvaluator):
         num_pixels = int(image_input["height"]) * int(image_input["width"])
         if "mask_prob" in output or "mask" in output:
             pred = self._predicted_mask(image_input, output, name)
-            if label == 1:
-                tp, fp, fn = mask_counts(pred, self._read_gt(image_input, pred.shape))
-            else:
-                # a real image has no forged pixel: everything predicted forged is a false positive
-                tp, fp, fn = 0, int(np.count_nonzero(pred)), 0
+            mask_file = image_input.get("mask_file") if label == 1 else None
+            if label == 1 and not mask_file:
+                raise ValueError(f"{file_name}: a fake image (label 1) needs a 'mask_file' to "
+                                 "score localization")
+            tp, fp, fn = count_against_ground_truth(pred, mask_file, self.gt_mask_threshold,
+                                                    file_name)
         return ImageRecord(name, label, fake_prob, tp, fp, fn, num_pixels,
                            self._group_of(image_input))
 
-    def _predicted_mask(self, image_input: dict, output: dict, name: str) -> np.ndarray:
+    def _predicted_mask(self, image_input: Dict, output: Dict, name: str) -> np.ndarray:
         expected = (int(image_input["height"]), int(image_input["width"]))
         key = "mask_prob" if "mask_prob" in output else "mask"
         prediction = output[key]
@@ -154,20 +155,7 @@ class DDLEvaluator(DatasetEvaluator):
                 self._writer.submit_mask(name, pred)
         return pred
 
-    def _read_gt(self, image_input: dict, shape) -> np.ndarray:
-        from ..data.image_io import read_forgery_mask
-
-        mask_file = image_input.get("mask_file")
-        if not mask_file:
-            raise ValueError(f"{image_input['file_name']}: a fake image (label 1) needs a "
-                             "'mask_file' to score localization")
-        gt = read_forgery_mask(mask_file, threshold=self.gt_mask_threshold)
-        if gt.shape != tuple(shape):
-            raise ValueError(f"{mask_file}: ground-truth mask is {gt.shape} but the image "
-                             f"{image_input['file_name']} is {tuple(shape)} (H, W)")
-        return gt
-
-    def _group_of(self, image_input: dict) -> Optional[str]:
+    def _group_of(self, image_input: Dict) -> Optional[str]:
         if self.group_key is None:
             return None
         if self.group_key in image_input:
@@ -182,7 +170,7 @@ class DDLEvaluator(DatasetEvaluator):
             group = self._group_by_image_id.get(image_input["image_id"])
         return None if group is None else str(group)
 
-    def evaluate(self):
+    def evaluate(self) -> Dict:
         if self._writer is not None:
             self._writer.flush()
         if self.distributed:
@@ -199,15 +187,15 @@ class DDLEvaluator(DatasetEvaluator):
         if self.export_dir:
             self._write_export(records)
         if all(r.label == LABEL_UNKNOWN for r in records):
-            logger.info(f"{self.dataset_name}: {len(records)} unlabeled images, nothing scored")
+            logger.info("%s: %d unlabeled images, nothing scored", self.dataset_name, len(records))
             return {}
         metrics = compute_ddl_metrics(records)
         groups = compute_group_metrics(records) if self.group_key else {}
         if self.group_key and not groups:
-            logger.warning(f"{self.dataset_name}: no image has the group key "
-                           f"'{self.group_key}' (TEST.EVAL_GROUP_KEY); no breakdown")
-        logger.info(f"DDL evaluation on {self.dataset_name} ({len(records)} images, "
-                    f"percent):\n" + format_metrics_table(metrics, groups))
+            logger.warning("%s: no image has the group key '%s' (TEST.EVAL_GROUP_KEY); no breakdown",
+                           self.dataset_name, self.group_key)
+        logger.info("DDL evaluation on %s (%d images, percent):\n%s", self.dataset_name,
+                    len(records), format_metrics_table(metrics, groups))
         results = OrderedDict(ddl=to_percent_results(metrics))
         if groups:
             # one level deep, "group/metric": detectron2's print_csv_format needs flat floats
@@ -221,7 +209,7 @@ class DDLEvaluator(DatasetEvaluator):
             path = os.path.join(self.output_dir, "ddl_metrics.json")
             with open(path, "w") as f:
                 json.dump(_json_safe(results), f, indent=2)
-            logger.info(f"DDL metrics written to {path}")
+            logger.info("DDL metrics written to %s", path)
         return results
 
     @staticmethod
@@ -240,10 +228,9 @@ class DDLEvaluator(DatasetEvaluator):
                               [(r.name, r.fake_prob) for r in records])
         if self._writer is not None and any(r.has_localization for r in records):
             self._check_export_complete(records)
-        message = f"DDL submission for {len(records)} images exported to {self.export_dir}"
-        if self.export_zip:
-            message += f" (zip: {write_submission_zip(self.export_dir)})"
-        logger.info(message)
+        zip_note = f" (zip: {write_submission_zip(self.export_dir)})" if self.export_zip else ""
+        logger.info("DDL submission for %d images exported to %s%s", len(records), self.export_dir,
+                    zip_note)
 
     def _check_export_complete(self, records: List[ImageRecord]) -> None:
         mask_dir = os.path.join(self.export_dir, "mask")

@@ -27,6 +27,7 @@ from typing import Dict, Iterable, Tuple
 
 import cv2
 import numpy as np
+import torch
 
 __all__ = [
     "PROB_THRESHOLD",
@@ -61,9 +62,7 @@ ZIP_FILE = "submission.zip"
 
 def encode_prob_u8(prob) -> np.ndarray:
     """Forgery probabilities in [0, 1] (numpy array or torch tensor) -> uint8 codes (numpy)."""
-    if hasattr(prob, "detach"):
-        import torch  # only reached with a tensor, so torch is there
-
+    if isinstance(prob, torch.Tensor):
         prob = prob.detach()
         if not prob.is_floating_point():
             raise TypeError(f"probabilities must be floating point, got {prob.dtype}")
@@ -110,8 +109,13 @@ def write_predictions(path: str, scores: Iterable[Tuple[str, float]]) -> None:
 
 
 def read_predictions(path: str) -> Dict[str, float]:
-    """Parse a prediction.txt into {image_name: score}; errors name the line and the image."""
+    """Parse a prediction.txt into {image_name: score}; errors name the line and the image.
+
+    Scores are probabilities: values outside [0, 1] are kept as they are (AUC only ranks them)
+    but warned about once per file, naming the first such line and how many there are.
+    """
     scores: Dict[str, float] = {}
+    num_out_of_range, first_out_of_range = 0, None
     with open(path) as f:
         for line_number, line in enumerate(f, start=1):
             line = line.strip()
@@ -130,7 +134,15 @@ def read_predictions(path: str) -> Dict[str, float]:
                 raise ValueError(f"{where}: score of {name} is {value.strip()}, not finite")
             if name in scores:
                 raise ValueError(f"{where}: {name} has a second score")
+            if not 0.0 <= score <= 1.0:
+                num_out_of_range += 1
+                first_out_of_range = first_out_of_range or (line_number, name, value.strip())
             scores[name] = score
+    if num_out_of_range:
+        line_number, name, value = first_out_of_range
+        logger.warning("%s, line %d: score of %s is %s, outside [0, 1] (%d such score(s) in this "
+                       "file); scored as given, but scores should be forgery probabilities",
+                       path, line_number, name, value, num_out_of_range)
     return scores
 
 

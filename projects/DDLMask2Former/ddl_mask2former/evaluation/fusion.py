@@ -10,7 +10,6 @@ model's predictions bit for bit.
 ``search_weights`` grid-searches each task's weights on a labeled split.
 """
 import itertools
-import logging
 import os
 import shutil
 from typing import Dict, List, Optional, Sequence
@@ -30,13 +29,12 @@ from .export import (
     write_png,
     write_predictions,
 )
+from .ground_truth import read_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, mask_counts, roc_auc
-from .scoring import _progress, default_num_workers, iter_bounded, list_ddl_split
+from .scoring import SplitIndex, default_num_workers, iter_bounded, list_ddl_split, progress_bar
 
 __all__ = ["normalize_weights", "fuse_predictions", "fuse_exports", "weight_grid",
            "search_weights"]
-
-logger = logging.getLogger(__name__)
 
 
 def normalize_weights(weights: Sequence[float], num_inputs: int, task: str) -> np.ndarray:
@@ -172,7 +170,7 @@ def fuse_exports(export_dirs: Sequence[str], out_dir: str,
             mask = np.where(codes >= PROB_CODE_THRESHOLD, np.uint8(255), np.uint8(0))
             write_png(os.path.join(out_dir, MASK_DIR, file_name), mask)
 
-        for _ in _progress(iter_bounded(fuse_one, names, num_workers or default_num_workers()),
+        for _ in progress_bar(iter_bounded(fuse_one, names, num_workers or default_num_workers()),
                            len(names), progress, "fusing"):
             pass
     return len(names)
@@ -193,7 +191,7 @@ def _pair_decision_tables(normalized_grid: Sequence[np.ndarray]) -> np.ndarray:
     ]).astype(np.int64)
 
 
-def _pair_counts(codes: Sequence[np.ndarray], gt: np.ndarray, decisions: np.ndarray):
+def _pair_counts(codes: Sequence[np.ndarray], gt: np.ndarray, decisions: np.ndarray) -> np.ndarray:
     """(G, 3) TP/FP/FN of every grid point from histograms of the image's code pairs."""
     pair = (codes[0].astype(np.intp) << 8) | codes[1]
     all_pixels = np.bincount(pair.ravel(), minlength=65536)
@@ -226,77 +224,96 @@ def search_weights(export_dirs: Sequence[str], split_dir: str, step: float = 0.1
     "loc": [...], "best_det_weights", "best_loc_weights", "best"}``; each list holds one dict
     per grid point with its weights and metrics (fractions).
     """
-    from ..data.image_io import read_forgery_mask
-
     images = list_ddl_split(split_dir)
     grid = weight_grid(len(export_dirs), step)
-    # normalized exactly as fuse_exports will normalize the reported weights
-    normalized_grid = [normalize_weights(w, len(export_dirs), "search") for w in grid]
     result: Dict = {"grid_step": step}
     if search_det:
-        all_scores = _read_all_scores(export_dirs)
-        missing = [name for name in images.names if name not in all_scores[0]]
-        if missing or len(all_scores[0]) != len(images):
-            raise ValueError(f"{export_dirs[0]}: {PREDICTION_FILE} does not cover exactly the "
-                             f"images of {split_dir} (e.g. missing {missing[:5]})")
-        score_columns = [np.asarray([scores[name] for name in images.names])
-                         for scores in all_scores]
-        del all_scores
-        result["det"] = [
-            {"weights": w.tolist(), "auc": roc_auc(images.labels, fuse_predictions(score_columns, w))}
-            for w in grid
-        ]
+        result["det"] = _score_detection_grid(export_dirs, images, grid)
     if search_loc:
-        pair_decisions = _pair_decision_tables(normalized_grid) if len(export_dirs) == 2 else None
+        counts = _count_localization_grid(export_dirs, images, grid, gt_mask_threshold,
+                                          num_workers or default_num_workers(), progress)
+        result["loc"] = _score_localization_grid(images, grid, counts)
+    result.update(_best_weights(result))
+    return result
 
-        def count_one(i: int) -> np.ndarray:
-            image = images[i]
-            codes = [_read_prob(d, image.name) for d in export_dirs]
-            shape = (image.height, image.width)
-            for export_dir, prob_codes in zip(export_dirs, codes):
-                if prob_codes.shape != shape:
-                    raise ValueError(f"{os.path.join(export_dir, PROB_DIR, image.name)}: "
-                                     f"probability map is {prob_codes.shape} but the image is "
-                                     f"{shape}")
-            if image.label == 1:
-                gt = read_forgery_mask(image.mask_path, threshold=gt_mask_threshold)
-            else:
-                gt = np.zeros(shape, dtype=bool)
-            if pair_decisions is not None:
-                return _pair_counts(codes, gt, pair_decisions)
-            maps = [decode_prob_u8(c) for c in codes]
-            # same decision as the exported mask: fused code >= 128  <=>  fused prob > 0.5
-            return np.asarray([
-                mask_counts(encode_prob_u8(_fuse_decoded(maps, w)) >= PROB_CODE_THRESHOLD, gt)
-                for w in normalized_grid
-            ])
 
-        # (grid point, image, TP/FP/FN): preallocated, so memory is fixed before the loop
-        counts = np.zeros((len(grid), len(images), 3), dtype=np.int64)
-        workers = num_workers or default_num_workers()
-        for i, image_counts in enumerate(_progress(
-                iter_bounded(count_one, range(len(images)), workers), len(images), progress,
-                "searching")):
-            counts[:, i] = image_counts
-        num_pixels = images.sizes[:, 0].astype(np.int64) * images.sizes[:, 1]
-        no_scores = np.full(len(images), np.nan)
-        result["loc"] = []
-        for w, point_counts in zip(grid, counts):
-            metrics = compute_ddl_metrics_from_arrays(
-                images.labels, no_scores, point_counts[:, 0], point_counts[:, 1],
-                point_counts[:, 2], num_pixels)
-            metrics.pop("num_unlabeled", None)
-            result["loc"].append({"weights": w.tolist(), **metrics})
+def _score_detection_grid(export_dirs: Sequence[str], images: SplitIndex,
+                          grid: np.ndarray) -> List[Dict]:
+    """AUC of the fused scores at every grid point."""
+    all_scores = _read_all_scores(export_dirs)
+    missing = [name for name in images.names if name not in all_scores[0]]
+    if missing or len(all_scores[0]) != len(images):
+        raise ValueError(f"{export_dirs[0]}: {PREDICTION_FILE} does not cover exactly the "
+                         f"images of {images.split_dir} (e.g. missing {missing[:5]})")
+    score_columns = [np.asarray([scores[name] for name in images.names]) for scores in all_scores]
+    del all_scores  # the name -> score dicts are the big part: free them before the grid
+    return [{"weights": w.tolist(), "auc": roc_auc(images.labels, fuse_predictions(score_columns, w))}
+            for w in grid]
+
+
+def _count_localization_grid(export_dirs: Sequence[str], images: SplitIndex, grid: np.ndarray,
+                             gt_mask_threshold: int, num_workers: int,
+                             progress: bool) -> np.ndarray:
+    """(grid point, image, TP/FP/FN) pixel counts of the fused masks at every grid point."""
+    # normalized exactly as fuse_exports will normalize the reported weights
+    normalized_grid = [normalize_weights(w, len(export_dirs), "search") for w in grid]
+    pair_decisions = _pair_decision_tables(normalized_grid) if len(export_dirs) == 2 else None
+
+    def count_one(i: int) -> np.ndarray:
+        image = images[i]
+        shape = (image.height, image.width)
+        codes = [_read_prob(d, image.name) for d in export_dirs]
+        for export_dir, prob_codes in zip(export_dirs, codes):
+            if prob_codes.shape != shape:
+                raise ValueError(f"{os.path.join(export_dir, PROB_DIR, image.name)}: "
+                                 f"probability map is {prob_codes.shape} but the image is {shape}")
+        gt = read_ground_truth(image.mask_path, shape, gt_mask_threshold, image.name)
+        if pair_decisions is not None:
+            return _pair_counts(codes, gt, pair_decisions)
+        maps = [decode_prob_u8(c) for c in codes]
+        # same decision as the exported mask: fused code >= 128  <=>  fused prob > 0.5
+        return np.asarray([
+            mask_counts(encode_prob_u8(_fuse_decoded(maps, w)) >= PROB_CODE_THRESHOLD, gt)
+            for w in normalized_grid
+        ])
+
+    # preallocated, so memory is fixed before the loop
+    counts = np.zeros((len(grid), len(images), 3), dtype=np.int64)
+    for i, image_counts in enumerate(progress_bar(
+            iter_bounded(count_one, range(len(images)), num_workers), len(images), progress,
+            "searching")):
+        counts[:, i] = image_counts
+    return counts
+
+
+def _score_localization_grid(images: SplitIndex, grid: np.ndarray,
+                             counts: np.ndarray) -> List[Dict]:
+    """Per-image and pixel-level F1/IoU at every grid point from ``_count_localization_grid``."""
+    num_pixels = images.sizes[:, 0].astype(np.int64) * images.sizes[:, 1]
+    no_scores = np.full(len(images), np.nan)
+    scored = []
+    for w, point_counts in zip(grid, counts):
+        metrics = compute_ddl_metrics_from_arrays(
+            images.labels, no_scores, point_counts[:, 0], point_counts[:, 1], point_counts[:, 2],
+            num_pixels)
+        metrics.pop("num_unlabeled", None)
+        scored.append({"weights": w.tolist(), **metrics})
+    return scored
+
+
+def _best_weights(result: Dict) -> Dict:
+    """``best_det_weights``, ``best_loc_weights`` and ``best`` (the best metrics) of a search."""
     best_det = max(result.get("det", []), key=lambda r: r["auc"], default=None)
     best_loc = max(result.get("loc", []), key=lambda r: r["f1"] + r["iou"], default=None)
-    best = {}
+    summary: Dict = {}
+    best: Dict[str, float] = {}
     if best_det:
-        result["best_det_weights"] = best_det["weights"]
+        summary["best_det_weights"] = best_det["weights"]
         best["auc"] = best_det["auc"]
     if best_loc:
-        result["best_loc_weights"] = best_loc["weights"]
+        summary["best_loc_weights"] = best_loc["weights"]
         best.update({k: best_loc[k] for k in ("f1", "iou", "f1_pixel", "iou_pixel")})
     if best_det and best_loc:
         best["score"] = (best["auc"] + best["f1"] + best["iou"]) / 3
-    result["best"] = best
-    return result
+    summary["best"] = best
+    return summary

@@ -18,9 +18,10 @@ Conventions (the official scorer is not public; these are the ones DESIGN.md fix
 import math
 import warnings
 from collections import defaultdict
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+from tabulate import tabulate
 
 __all__ = [
     "ImageRecord",
@@ -105,7 +106,7 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float], warn: bool = True) -
     return twice_u / (2 * num_pos * num_neg)
 
 
-def mask_counts(pred: np.ndarray, gt: np.ndarray):
+def mask_counts(pred: np.ndarray, gt: np.ndarray) -> Tuple[int, int, int]:
     """(TP, FP, FN) pixel counts of two boolean masks of the same shape."""
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
@@ -256,8 +257,6 @@ _COUNT_KEYS = ("num_real", "num_fake")
 def format_metrics_table(metrics: Dict[str, float],
                          groups: Optional[Dict[str, Dict[str, float]]] = None) -> str:
     """A text table of ``compute_ddl_metrics`` output in percent, one row per group."""
-    from tabulate import tabulate
-
     rows = [("all", metrics)] + sorted((groups or {}).items())
     columns = [(key, header) for key, header in _TABLE_COLUMNS
                if any(key in row for _, row in rows)]

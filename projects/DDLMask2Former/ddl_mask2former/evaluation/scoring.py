@@ -10,12 +10,15 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
+from ..data.ddl_dataset import load_ddl_split
 from .export import MASK_DIR, PREDICTION_FILE, mask_file_name, read_gray_png, read_predictions
-from .metrics import compute_ddl_metrics_from_arrays, mask_counts
+from .ground_truth import count_against_ground_truth
+from .metrics import compute_ddl_metrics_from_arrays
 
 __all__ = [
     "SplitImage",
@@ -23,6 +26,7 @@ __all__ = [
     "list_ddl_split",
     "score_export",
     "iter_bounded",
+    "progress_bar",
     "default_num_workers",
     "JSON_KEYS",
 ]
@@ -52,8 +56,6 @@ class SplitIndex:
     """
 
     def __init__(self, split_dir: str):
-        from ..data.ddl_dataset import load_ddl_split
-
         self.split_dir = split_dir
         dicts = load_ddl_split(split_dir)
         count = len(dicts)
@@ -127,11 +129,10 @@ def iter_bounded(function: Callable, items: Iterable, num_workers: int,
             yield pending.popleft().result()
 
 
-def _progress(iterable, total: int, enabled: bool, description: str):
+def progress_bar(iterable: Iterable, total: int, enabled: bool, description: str) -> Iterable:
+    """``iterable`` with a tqdm bar on stderr when ``enabled``, else ``iterable`` itself."""
     if not enabled:
         return iterable
-    from tqdm import tqdm
-
     return tqdm(iterable, total=total, desc=description, unit="img", file=sys.stderr,
                 mininterval=1.0)
 
@@ -162,8 +163,6 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
     score is 0 and a missing mask is empty); extra predictions, masks of the wrong size and
     malformed lines always raise, naming the image.
     """
-    from ..data.image_io import read_forgery_mask
-
     images = list_ddl_split(split_dir)
     prediction_path = os.path.join(pred_dir, PREDICTION_FILE)
     mask_dir = os.path.join(pred_dir, MASK_DIR)
@@ -190,15 +189,9 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
                                      "masks", mask_dir, allow_missing))
         del found_masks
 
-    def score_image(i: int):
+    def score_image(i: int) -> Tuple[int, int, int]:
         image = images[i]
         size = (image.height, image.width)
-        gt = None
-        if image.label == 1:
-            gt = read_forgery_mask(image.mask_path, threshold=gt_mask_threshold)
-            if gt.shape != size:
-                raise ValueError(f"{image.mask_path}: ground-truth mask is {gt.shape} but image "
-                                 f"{image.name} is {size} (H, W)")
         mask_name = mask_file_name(image.name)
         if mask_name in missing_masks:
             pred = np.zeros(size, dtype=bool)
@@ -208,16 +201,13 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
             if pred.shape != size:
                 raise ValueError(f"{pred_path}: mask is {pred.shape[0]}x{pred.shape[1]} but "
                                  f"image {image.name} is {size[0]}x{size[1]} (height x width)")
-        if gt is None:
-            # a real image: every pixel predicted forged is a false positive
-            return 0, int(np.count_nonzero(pred)), 0
-        return mask_counts(pred, gt)
+        return count_against_ground_truth(pred, image.mask_path, gt_mask_threshold, image.name)
 
     # per image three counts in preallocated arrays: memory does not grow while scoring
     counts = np.full((count, 3), -1, dtype=np.int64)
     if has_loc:
         workers = num_workers or default_num_workers()
-        for i, image_counts in enumerate(_progress(
+        for i, image_counts in enumerate(progress_bar(
                 iter_bounded(score_image, range(count), workers), count, progress, "scoring")):
             counts[i] = image_counts
     results = compute_ddl_metrics_from_arrays(
