@@ -1,21 +1,10 @@
 """Tiny DDLMask2Former configs and inputs for the model tests (CPU, a fraction of a second each)."""
-import pytest
 import torch
-
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from ddl_mask2former.config import add_ddl_mask2former_config
-import ddl_mask2former.modeling  # noqa: F401  (registers the meta-architecture and backbone)
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run faster on one thread: on a shared CPU, extra threads mostly wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Importing the package registers the meta-architecture and backbone.
+from ddl_mask2former import add_ddl_mask2former_config
 
 
 def tiny_cfg(backbone="swin", tasks=("detection", "localization")):

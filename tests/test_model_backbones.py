@@ -1,7 +1,5 @@
 """The Swin wrapper equals timm on the same weights; converted checkpoints load and match."""
-import os
 import re
-import sys
 
 import pytest
 import timm
@@ -11,10 +9,12 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ddl_mask2former.modeling.backbone.swin import D2SwinTransformer
-from model_helpers import build, tiny_cfg, one_torch_thread  # noqa: F401  (autouse fixture)
+from model_helpers import build, tiny_cfg
+from tool_helpers import load_tool
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import convert_pretrained  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+convert_pretrained = load_tool("convert_pretrained")
+
 
 SWIN_ARCH = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), window_size=7)
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from ddl_mask2former.modeling.criterion import LocalizationCriterion
 from ddl_mask2former.modeling.matcher import HungarianMatcher, pairwise_mask_costs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_case(seed, queries, targets, size=8):

@@ -1,9 +1,12 @@
 """MODEL.DDL.NOISE_RESIDUALS: fixed high-pass input channels for from-scratch training."""
 import numpy as np
+import pytest
 import torch
 
-from model_helpers import build, eval_inputs, one_torch_thread, tiny_cfg, training_batch  # noqa: F401
+from model_helpers import build, eval_inputs, tiny_cfg, training_batch
 from ddl_mask2former.modeling.noise_residuals import NoiseResiduals
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_residuals_ignore_smooth_content_and_see_noise():

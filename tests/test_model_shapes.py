@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from model_helpers import build, eval_inputs, tiny_cfg, training_batch, one_torch_thread  # noqa: F401  (autouse fixture)
+from model_helpers import build, eval_inputs, tiny_cfg, training_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LOC_LOSSES = {"loss_cls", "loss_mask", "loss_dice"}
 

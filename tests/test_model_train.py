@@ -4,7 +4,9 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from model_helpers import build, eval_inputs, tiny_cfg, training_batch, one_torch_thread  # noqa: F401  (autouse fixture)
+from model_helpers import build, eval_inputs, tiny_cfg, training_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _iou(pred, target):

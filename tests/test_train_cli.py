@@ -3,7 +3,6 @@
 Every command runs in a scratch working directory, not the repository, to show the tools
 work from anywhere.
 """
-import importlib.util
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import torch
 
 import ddl_mask2former
 from ddl_mask2former.data.synthetic import generate_ddl_dataset
+from tool_helpers import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
@@ -170,13 +170,6 @@ def test_two_cpu_processes_over_gloo_train_and_evaluate(ddl_root, tmp_path):
     assert len((tmp_path / "export" / "prediction.txt").read_text().split()) == 4
 
 
-def _load_demo_module():
-    spec = importlib.util.spec_from_file_location("ddl_demo_under_test", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_demo_writes_overlays_and_json_and_reports_bad_files(killed_then_resumed, ddl_root,
                                                              tmp_path):
     weights = killed_then_resumed["output_dir"] / "model_final.pth"
@@ -211,7 +204,7 @@ def test_demo_writes_overlays_and_json_and_reports_bad_files(killed_then_resumed
 
 def test_demo_exit_code_zero_when_all_inputs_are_read(killed_then_resumed, ddl_root, tmp_path,
                                                       monkeypatch, capsys):
-    demo = _load_demo_module()
+    demo = load_tool("demo")
     weights = killed_then_resumed["output_dir"] / "model_final.pth"
     image = ddl_root / "DDL-I" / "val" / "fake"
     monkeypatch.chdir(tmp_path)
@@ -223,7 +216,7 @@ def test_demo_exit_code_zero_when_all_inputs_are_read(killed_then_resumed, ddl_r
 
 
 def test_demo_input_collection(tmp_path):
-    demo = _load_demo_module()
+    demo = load_tool("demo")
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"")
     (tmp_path / "a" / "sub").mkdir()

@@ -7,13 +7,15 @@
 For each readable image it writes ``OUTPUT/<name>_overlay.png`` (heat map of ``mask_prob``,
 outline of the predicted ``mask``, caption "FAKE 0.97" / "REAL 0.03") and prints one JSON
 line on stdout: ``{"file", "fake_prob", "forged_area_fraction", "output"}`` (the same lines
-go to ``OUTPUT/predictions.jsonl``). Images are resized to the config's test scale for
-inference; the overlay and fraction are at the original size. Progress and problems go to
-stderr; inputs that cannot be read are named there and skipped, and the exit code is 1 if
-any input failed, 2 for a bad command line.
+go to ``OUTPUT/predictions.jsonl``). The model runs through ``ddl_mask2former.ForgeryPredictor``
+(images resized to the config's test scale, outputs at the original size) and the pictures
+come from ``ddl_mask2former.visualization``; this script only finds inputs and writes files.
+Progress and problems go to stderr; inputs that cannot be read are named there and skipped,
+and the exit code is 1 if any input failed, 2 for a bad command line.
 """
 import argparse
 import glob
+import importlib.util
 import json
 import logging
 import os
@@ -21,16 +23,19 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import ddl_mask2former  # noqa: F401  (installed with pip install -e .)
-except ModuleNotFoundError:
-    # Not installed: use the package from this checkout, wherever the command runs from.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "projects" / "DDLMask2Former"))
-    import ddl_mask2former  # noqa: F401
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+# The package first: it hides detectron2's import-time torch.jit deprecation warning.
+from ddl_mask2former import ForgeryPredictor, add_ddl_mask2former_config
 
 import cv2
 import numpy as np
 import torch
+from detectron2.config import get_cfg
+
+from ddl_mask2former.data import DDLDataError
+from ddl_mask2former.predictor import load_image
+from ddl_mask2former.visualization import forged_area_fraction, render_forgery_overlay
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -90,10 +95,6 @@ def collect_inputs(specs):
 
 
 def setup_cfg(args):
-    from detectron2.config import get_cfg
-
-    from ddl_mask2former.config import add_ddl_mask2former_config
-
     if not os.path.isfile(args.config_file):
         raise FileNotFoundError(f"config file not found: {args.config_file}")
     cfg = get_cfg()
@@ -108,41 +109,6 @@ def setup_cfg(args):
     return cfg
 
 
-class ForgeryPredictor:
-    """Loads the model once and predicts one image at a time, at the config's test scale."""
-
-    def __init__(self, cfg):
-        from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.modeling import build_model
-
-        from ddl_mask2former.data import DDLDatasetMapper
-
-        ddl_mask2former.register_all()
-        self.model = build_model(cfg)
-        self.model.eval()
-        if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
-        else:
-            logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
-        self.mapper = DDLDatasetMapper(cfg, is_train=False)
-
-    def __call__(self, path):
-        """Return (image RGB uint8 at original size, prediction dict of numpy values)."""
-        from ddl_mask2former.data import read_image
-
-        # The mapper decodes the file, records its original size and resizes to the base scale.
-        record = self.mapper({"file_name": path, "image_id": os.path.basename(path)})
-        with torch.no_grad():
-            output = self.model([record])[0]
-        prediction = {}
-        if "fake_prob" in output:
-            prediction["fake_prob"] = float(output["fake_prob"])
-        if "mask_prob" in output:
-            prediction["mask_prob"] = output["mask_prob"].float().cpu().numpy()
-            prediction["mask"] = output["mask"].cpu().numpy().astype(bool)
-        return read_image(path, format="RGB"), prediction
-
-
 def _overlay_path(output_dir, path, used):
     stem = Path(path).stem or "image"
     name, suffix = f"{stem}_overlay.png", 1
@@ -155,9 +121,6 @@ def _overlay_path(output_dir, path, used):
 
 
 def run(args):
-    from ddl_mask2former.data import DDLDataError
-    from ddl_mask2former.engine.visualization import forged_area_fraction, render_forgery_overlay
-
     paths, failures = collect_inputs(args.input)
     for spec, problem in failures:
         logger.error("%s: %s", spec, problem)
@@ -175,7 +138,8 @@ def run(args):
         for index, path in enumerate(paths, 1):
             tick = time.perf_counter()
             try:
-                image, prediction = predictor(path)
+                image = load_image(path)
+                prediction = predictor(image)
             except (DDLDataError, OSError) as exc:
                 # The reader's message already starts with the file name.
                 message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"

@@ -1,10 +1,13 @@
-"""Overlay pictures of DDL-Mask2Former predictions (numpy + OpenCV, no detectron2).
+"""Overlay pictures of ``ForgeryPredictor`` outputs (numpy + OpenCV, no detectron2); tools/demo.py
+draws with these.
 
 An overlay shows ``mask_prob`` as a heat map blended over the image (the blend weight grows
 with the probability, so real regions keep their colours), the outline of ``mask`` and a
 caption with the detection verdict, e.g. "FAKE 0.97" or "REAL 0.03" (the number is always
 ``fake_prob``).
 """
+from typing import Optional
+
 import cv2
 import numpy as np
 
@@ -18,7 +21,8 @@ _NEUTRAL_BANNER_RGB = (60, 60, 60)
 _TEXT_RGB = (255, 255, 255)
 
 
-def format_caption(fake_prob=None, forged_fraction=None, threshold=0.5):
+def format_caption(fake_prob: Optional[float] = None, forged_fraction: Optional[float] = None,
+                   threshold: float = 0.5) -> str:
     """"FAKE 0.97" / "REAL 0.03" from ``fake_prob``; the forged-area share when there is no
     detection output (localization-only models)."""
     if fake_prob is not None:
@@ -29,7 +33,7 @@ def format_caption(fake_prob=None, forged_fraction=None, threshold=0.5):
     return "no prediction"
 
 
-def forged_area_fraction(mask):
+def forged_area_fraction(mask: np.ndarray) -> float:
     """Share of pixels predicted forged, in [0, 1]."""
     mask = np.asarray(mask)
     if mask.size == 0:
@@ -37,15 +41,16 @@ def forged_area_fraction(mask):
     return float(np.count_nonzero(mask)) / float(mask.size)
 
 
-def _check_map(name, array, height, width):
+def _check_map(name: str, array: np.ndarray, height: int, width: int) -> np.ndarray:
     array = np.asarray(array)
     if array.shape != (height, width):
         raise ValueError(f"{name} has shape {array.shape}, the image is {height}x{width}")
     return array
 
 
-def render_forgery_overlay(image, mask_prob=None, mask=None, fake_prob=None, alpha=0.6,
-                           threshold=0.5):
+def render_forgery_overlay(image: np.ndarray, mask_prob: Optional[np.ndarray] = None,
+                           mask: Optional[np.ndarray] = None, fake_prob: Optional[float] = None,
+                           alpha: float = 0.6, threshold: float = 0.5) -> np.ndarray:
     """Draw a prediction over an image.
 
     Args:
@@ -91,7 +96,7 @@ def render_forgery_overlay(image, mask_prob=None, mask=None, fake_prob=None, alp
     return canvas
 
 
-def _draw_caption(canvas, text, banner_rgb, scale):
+def _draw_caption(canvas: np.ndarray, text: str, banner_rgb: tuple, scale: float) -> None:
     font = cv2.FONT_HERSHEY_SIMPLEX
     font_scale = max(0.4, 0.9 * scale)
     text_thickness = max(1, int(round(2 * scale)))
