@@ -24,6 +24,7 @@ The page cache is warm after writing the tree (dropping it needs root and distur
 users); on a cold disk the first index is bounded by file-open latency instead.
 """
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -32,6 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 SIZES = ((256, 256), (384, 512), (512, 512), (512, 640), (600, 800), (720, 720),
          (768, 1024), (1024, 768))

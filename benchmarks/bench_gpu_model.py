@@ -8,22 +8,25 @@ bf16-autocast training steps (batch 4) are timed side by side with their peak me
 CUDA device and the built extension (``pip install -e .`` or ``setup.py build_ext --inplace``).
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+import ddl_mask2former  # first: it hides detectron2's import-time torch.jit deprecation warning
+
 import torch
 
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from ddl_mask2former import ops
+from ddl_mask2former.config import add_ddl_mask2former_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "projects" / "DDLMask2Former"))
-
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-import ddl_mask2former  # noqa: E402
-from ddl_mask2former import ops  # noqa: E402
-from ddl_mask2former.config import add_ddl_mask2former_config  # noqa: E402
 
 
 def batch(size, count, seed=0):

@@ -31,6 +31,7 @@ import argparse
 import collections
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -40,10 +41,12 @@ import traceback
 import warnings
 from pathlib import Path
 
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "projects" / "DDLMask2Former"))
 
 PAPER_CONFIG = ROOT / "configs" / "ddl-i" / "ddl_mask2former_swin_tiny.yaml"
 QUICKSTART_CONFIG = ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_swin.yaml"

@@ -11,6 +11,7 @@ Reports the median forward and forward+backward time and the peak memory above t
 child process per measurement). Ratios matter more than absolute times on a shared machine.
 """
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -18,12 +19,13 @@ import statistics
 import sys
 import time
 
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects", "DDLMask2Former"))
-
-from ddl_mask2former.ops import compiled_op_available, ms_deform_attn_pytorch  # noqa: E402
-from ddl_mask2former.ops.ms_deform_attn_func import _MSDeformAttnCUDA  # noqa: E402
+from ddl_mask2former.ops import compiled_op_available, ms_deform_attn_pytorch
+from ddl_mask2former.ops.ms_deform_attn_func import _MSDeformAttnCUDA
 
 LEVELS = ((64, 64), (32, 32), (16, 16))
 PATHS = {

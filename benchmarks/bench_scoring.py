@@ -13,6 +13,7 @@ image over all threads (independent of other load on the machine), and peak RSS 
 machine state; compare them as ratios on a busy machine.
 """
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -21,6 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 import cv2
 import numpy as np

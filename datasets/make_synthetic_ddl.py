@@ -9,17 +9,15 @@ with its answers in OUT/test_answers/, and one manifest_<split>.jsonl per split 
 every image (source photo, forgery type, forged fraction). See datasets/README.md.
 """
 import argparse
+import importlib.util
 import os
 import sys
 import time
 
-try:
-    from ddl_mask2former.data.synthetic import generate_ddl_dataset
-except ImportError:
-    # Not installed (no `pip install -e .`): use the checkout this script lives in.
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
-                                    "projects", "DDLMask2Former"))
-    from ddl_mask2former.data.synthetic import generate_ddl_dataset
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+
+from ddl_mask2former.data.synthetic import generate_ddl_dataset
 
 
 def parse_args(argv=None):

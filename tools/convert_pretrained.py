@@ -19,17 +19,16 @@ Usage:
   python tools/convert_pretrained.py resnet50-0676ba61.pth pretrained/R-50_torchvision_d2.pth
 """
 import argparse
+import importlib.util
 import os
 import re
 import sys
 from collections import OrderedDict
 
-import torch
+if importlib.util.find_spec("ddl_mask2former") is None:
+    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
-# Runs from any folder: the package is installed editable, but keep a source checkout working too.
-_PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "projects", "DDLMask2Former")
-if os.path.isdir(_PROJECT) and _PROJECT not in sys.path:
-    sys.path.insert(0, _PROJECT)
+import torch
 
 
 class ConversionError(RuntimeError):
