@@ -28,7 +28,7 @@ def test_decoder_has_exactly_configured_layers_and_deep_supervision():
     assert len(decoder.layers) == 9
     multi_scale, mask_features = _features(batch=2)
     out = decoder(multi_scale, mask_features, all_masks=True)
-    assert out["pred_logits"].shape == (2, 100)
+    assert out["pred_logits"].shape == (2, 100, 1)
     assert out["pred_masks"].shape == (2, 100, 16, 16)
     assert len(out["aux_outputs"]) == 9  # initial queries + layers 1..8; layer 9 is the output
     assert all(aux["pred_masks"].shape == (2, 100, 16, 16) for aux in out["aux_outputs"])

@@ -3,8 +3,10 @@
 For every supervised prediction (the final one and, with deep supervision, each earlier one)
 queries are matched to targets (``HungarianMatcher``). Then:
 
-* ``loss_cls``: BCE between each query's confidence logit and 1 (matched) / 0 (unmatched),
-  unmatched queries weighted by ``no_object_weight``; the weighted mean over all queries.
+* ``loss_cls``: BCE between each query's K confidence logits (one per class of
+  ``MODEL.DDL.TARGET_CLASSES``) and the one-hot class of its matched target (all zeros when
+  unmatched); unmatched queries weighted by ``no_object_weight``; the weighted mean over all
+  queries and classes. With K = 1 this is the paper's foreground-confidence BCE.
 * ``loss_mask`` / ``loss_dice``: for matched pairs only, on ``num_points`` points per mask
   chosen by importance sampling (PointRend-style: oversample ``oversample_ratio * num_points``
   random points, keep the ``importance_sample_ratio`` fraction the prediction is least certain
@@ -66,11 +68,13 @@ class LocalizationCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
 
-    def _class_loss(self, logits, indices):
+    def _class_loss(self, logits, targets, indices):
+        """logits (B, Q, K); a matched query's row is the one-hot of its target's class."""
         target = torch.zeros_like(logits)
-        for b, (query_idx, _) in enumerate(indices):
-            target[b, query_idx] = 1.0
-        weight = torch.where(target > 0, torch.ones_like(target), torch.full_like(target, self.no_object_weight))
+        weight = torch.full_like(logits, self.no_object_weight)
+        for b, (query_idx, target_idx) in enumerate(indices):
+            target[b, query_idx, targets[b]["labels"][target_idx]] = 1.0
+            weight[b, query_idx] = 1.0
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return (bce * weight).sum() / weight.sum()
 
@@ -107,7 +111,7 @@ class LocalizationCriterion(nn.Module):
 
     def _single(self, outputs, targets, num_masks, suffix):
         indices = self.matcher(outputs, targets)
-        loss_cls = self._class_loss(outputs["pred_logits"], indices)
+        loss_cls = self._class_loss(outputs["pred_logits"], targets, indices)
         loss_mask, loss_dice = self._mask_losses(outputs["pred_masks"], targets, indices, num_masks)
         scale = self.loc_weight
         return {
@@ -120,8 +124,8 @@ class LocalizationCriterion(nn.Module):
         """
         Args:
             outputs: transformer decoder output dict (``pred_logits``, ``pred_masks``, ``aux_outputs``).
-            targets: per image {"masks": (T, H, W) bool, "valid": (H, W) bool}, at the padded
-                input resolution; T is 0 for real images.
+            targets: per image {"masks": (T, H, W) bool, "labels": (T,) int64 class indices,
+                "valid": (H, W) bool}, at the padded input resolution; T may be 0.
         """
         with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
             outputs = _to_float(outputs)

@@ -1,7 +1,8 @@
-"""Hungarian matching of query predictions to forged-region targets.
+"""Hungarian matching of query predictions to localization targets.
 
+Each target j has a mask and a class label c_j (an index into ``MODEL.DDL.TARGET_CLASSES``).
 Cost of assigning query i to target j:
-    class_weight * (-sigmoid(confidence_i))
+    class_weight * (-sigmoid(confidence_i[c_j]))
   + mask_weight  * mean BCE(mask_i, target_j)      on sampled points
   + dice_weight  * Dice(mask_i, target_j)          on sampled points
 Points are drawn uniformly at random in [0, 1]^2, the same points for every query and target
@@ -52,8 +53,9 @@ class HungarianMatcher(nn.Module):
         self.dice_weight = dice_weight
         self.num_points = num_points
 
-    def cost_matrix(self, logits, mask_logits, target_masks, valid):
-        """(Q, T) cost for one image: logits (Q,), mask_logits (Q,h,w), target_masks (T,H,W), valid (H,W)."""
+    def cost_matrix(self, logits, mask_logits, target_masks, target_labels, valid):
+        """(Q, T) cost for one image: logits (Q, K), mask_logits (Q,h,w), target_masks (T,H,W),
+        target_labels (T,) class indices, valid (H,W)."""
         coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
         pred_points = point_sample(mask_logits[:, None].float(), coords.expand(mask_logits.shape[0], -1, -1),
                                    align_corners=False).squeeze(1)
@@ -61,15 +63,15 @@ class HungarianMatcher(nn.Module):
                                   align_corners=False, mode="nearest").squeeze(1)
         weights = point_sample(valid[None, None].float(), coords, align_corners=False, mode="nearest").view(-1)
         bce, dice = pairwise_mask_costs(pred_points, tgt_points, weights)
-        cost_class = -logits.float().sigmoid().unsqueeze(1).expand_as(bce)
+        cost_class = -logits.float().sigmoid()[:, target_labels]
         return self.class_weight * cost_class + self.mask_weight * bce + self.dice_weight * dice
 
     @torch.no_grad()
     def forward(self, outputs, targets):
         """
         Args:
-            outputs: {"pred_logits": (B, Q), "pred_masks": (B, Q, h, w)}
-            targets: per image {"masks": (T, H, W) bool/float, "valid": (H, W) bool}
+            outputs: {"pred_logits": (B, Q, K), "pred_masks": (B, Q, h, w)}
+            targets: per image {"masks": (T, H, W) bool/float, "labels": (T,) int64, "valid": (H, W) bool}
         """
         indices = []
         for b, target in enumerate(targets):
@@ -79,7 +81,8 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty))
                 continue
             cost = self.cost_matrix(
-                outputs["pred_logits"][b], outputs["pred_masks"][b], target["masks"], target["valid"]
+                outputs["pred_logits"][b], outputs["pred_masks"][b], target["masks"], target["labels"],
+                target["valid"],
             )
             rows, cols = linear_sum_assignment(cost.cpu().numpy())
             indices.append(

@@ -11,21 +11,29 @@ Training returns ``{"loss_det": det_weight * L_det, "loss_cls": ..., "loss_mask"
 "loss_dice": ..., "loss_cls_0": ... (deep supervision)}``, already weighted so that their sum
 is ``det_weight * L_det + loc_weight * L_loc`` (paper eq. 5).
 
-Targets: ONE target mask per fake image, the union of all forged pixels. The annotations are
-a single binary map per image with nothing that groups pixels into manipulations; connected
-components would split one manipulation (e.g. edited eyes and mouth) into arbitrary pieces and
-merge touching faces, and the metric (pixel F1/IoU) only sees the union anyway. A real image,
-or a fake crop with no forged pixel left, has no target: every query is "no object".
+Localization targets, chosen by ``MODEL.DDL.TARGET_CLASSES``:
+* ``["forged"]``: ONE target per image, the union of all forged pixels (none when the crop
+  holds no forged pixel). The annotations are a single binary map per image with nothing that
+  groups pixels into manipulations; connected components would split one manipulation into
+  arbitrary pieces and merge touching faces, and pixel F1/IoU only see the union anyway.
+* ``["authentic", "forged"]``: also one "authentic" target, the crop's valid pixels that are
+  not forged. This is MMSegmentation's Mask2Former set up for a binary task (one target per
+  class present), as the paper trained it: every crop, real ones included, gets dense mask
+  supervision, instead of only the crops that keep forged pixels.
+Queries carry one confidence logit per class; matching and losses use the target's class.
 
 Inference, per image, at the input dict's ``height`` x ``width`` (the original size):
 * ``fake_prob`` = sigmoid(detection logit), a 0-dim tensor.
-* ``mask_prob`` = max over queries q of sigmoid(confidence_q) * sigmoid(mask_q(x)): a pixel
-  is forged as far as the most confident query covering it says so. Max, rather than a sum or
-  noisy-OR, keeps the value in [0, 1] without many low-confidence queries adding up to a false
-  positive. It is computed at 1/4 of the (base-scale) network input, then this single map is
-  upsampled bilinearly (to the padded input, cropped to the image, then to the original
-  size), so a 4096-px image costs one H x W float map, never Q of them.
-* ``mask`` = ``mask_prob > 0.5``.
+* ``mask_prob``: for each class k, s_k(x) = max over queries q of sigmoid(confidence_qk) *
+  sigmoid(mask_q(x)) (the most confident query covering x); then
+  ``mask_prob = s_forged / (s_forged + s_authentic)`` where s_authentic is the authentic
+  class's map when it is modelled and ``1 - s_forged`` otherwise, which reduces to
+  ``mask_prob = s_forged`` for ``["forged"]``. Max rather than a sum or noisy-OR keeps each s_k
+  in [0, 1] without many low-confidence queries adding up to a false positive. It is computed
+  at 1/4 of the (base-scale) network input, then this single map is upsampled bilinearly (to
+  the padded input, cropped to the image, then to the original size), so a 4096-px image
+  costs one H x W float map, never Q of them.
+* ``mask`` = ``mask_prob > 0.5`` (for two classes: the forged score beats the authentic one).
 Keys of a disabled task are absent.
 """
 import torch
@@ -45,6 +53,8 @@ from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import build_transformer_decoder
 
 TASKS = ("detection", "localization")
+# The two supported MODEL.DDL.TARGET_CLASSES, see the module docstring.
+TARGET_CLASS_CHOICES = (("forged",), ("authentic", "forged"))
 IGNORE_VALUE = 255
 
 
@@ -65,6 +75,7 @@ class DDLMask2Former(nn.Module):
         pixel_std=(58.395, 57.12, 57.375),
         size_divisibility=32,
         noise_residuals=None,
+        target_classes=("forged",),
     ):
         super().__init__()
         tasks = tuple(tasks)
@@ -72,6 +83,11 @@ class DDLMask2Former(nn.Module):
         if unknown or not tasks:
             raise ValueError(f"MODEL.DDL.TASKS must be a non-empty subset of {TASKS}, got {list(tasks)}")
         self.tasks = tasks
+        target_classes = tuple(target_classes)
+        if target_classes not in TARGET_CLASS_CHOICES:
+            raise ValueError(f"MODEL.DDL.TARGET_CLASSES must be one of {[list(c) for c in TARGET_CLASS_CHOICES]}, "
+                             f"got {list(target_classes)}")
+        self.target_classes = target_classes
         self.backbone = backbone
         if self.localization and (pixel_decoder is None or transformer_decoder is None or criterion is None):
             raise ValueError("localization task needs pixel_decoder, transformer_decoder and criterion")
@@ -102,6 +118,7 @@ class DDLMask2Former(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": ddl.SIZE_DIVISIBILITY,
+            "target_classes": tuple(ddl.TARGET_CLASSES),
         }
         shapes = backbone.output_shape()
         if "localization" in ddl.TASKS:
@@ -177,9 +194,16 @@ class DDLMask2Former(nn.Module):
             forgery_mask = forgery_mask.to(self.device)
             padded = forgery_mask.new_full(padded_shape, IGNORE_VALUE)
             padded[: forgery_mask.shape[0], : forgery_mask.shape[1]] = forgery_mask
-            forged = padded == 1
-            masks = forged[None] if forged.any() else forged.new_zeros((0,) + tuple(padded_shape))
-            targets.append({"masks": masks, "valid": padded != IGNORE_VALUE})
+            valid = padded != IGNORE_VALUE
+            class_masks = {"forged": padded == 1, "authentic": padded == 0}
+            masks, labels = [], []
+            for label, name in enumerate(self.target_classes):
+                if class_masks[name].any():
+                    masks.append(class_masks[name])
+                    labels.append(label)
+            masks = torch.stack(masks) if masks else valid.new_zeros((0,) + tuple(padded_shape))
+            labels = torch.tensor(labels, dtype=torch.int64, device=self.device)
+            targets.append({"masks": masks, "labels": labels, "valid": valid})
         return targets
 
     def _labels(self, batched_inputs):
@@ -224,7 +248,9 @@ class DDLMask2Former(nn.Module):
             if self.detection:
                 result["fake_prob"] = det_logits[index].float().sigmoid()
             if self.localization:
-                mask_prob = self.combine_query_masks(decoded["pred_logits"][index], decoded["pred_masks"][index])
+                mask_prob = self.combine_query_masks(
+                    decoded["pred_logits"][index], decoded["pred_masks"][index], self.target_classes
+                )
                 mask_prob = self.resize_probability(mask_prob, padded_shape, image_size, (height, width))
                 result["mask_prob"] = mask_prob
                 result["mask"] = mask_prob > 0.5
@@ -232,10 +258,22 @@ class DDLMask2Former(nn.Module):
         return results
 
     @staticmethod
-    def combine_query_masks(query_logits, mask_logits):
-        """(Q,) confidence logits and (Q, h, w) mask logits -> (h, w) forgery probability (max over queries)."""
+    def combine_query_masks(query_logits, mask_logits, target_classes=("forged",)):
+        """(Q, K) confidence logits and (Q, h, w) mask logits -> (h, w) forgery probability.
+
+        Per class, the max over queries of confidence x mask probability; with an authentic
+        class, the forged share of the two (see the module docstring).
+        """
         confidence = query_logits.float().sigmoid()
-        return (confidence[:, None, None] * mask_logits.float().sigmoid()).amax(dim=0)
+        mask_probs = mask_logits.float().sigmoid()
+        # (K, h, w): one query-max map per class, without materializing (Q, K, h, w).
+        scores = torch.stack([(confidence[:, k, None, None] * mask_probs).amax(dim=0)
+                              for k in range(confidence.shape[1])])
+        forged = scores[target_classes.index("forged")]
+        if "authentic" not in target_classes:
+            return forged
+        authentic = scores[target_classes.index("authentic")]
+        return forged / (forged + authentic).clamp(min=1e-6)
 
     @staticmethod
     def resize_probability(mask_prob, padded_shape, image_size, output_size):

@@ -114,6 +114,7 @@ class MaskedAttentionDecoder(nn.Module):
         num_layers=9,
         num_feature_levels=3,
         dropout=0.0,
+        num_classes=1,
     ):
         super().__init__()
         if num_layers < 1:
@@ -133,7 +134,8 @@ class MaskedAttentionDecoder(nn.Module):
             DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, 1)
+        # One confidence logit per localization class (MODEL.DDL.TARGET_CLASSES).
+        self.class_embed = nn.Linear(hidden_dim, num_classes)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     @classmethod
@@ -149,12 +151,13 @@ class MaskedAttentionDecoder(nn.Module):
             "num_layers": td.DEC_LAYERS,
             "num_feature_levels": len(cfg.MODEL.DDL.PIXEL_DECODER.DEFORM_IN_FEATURES),
             "dropout": td.DROPOUT,
+            "num_classes": len(cfg.MODEL.DDL.TARGET_CLASSES),
         }
 
     def _predict(self, queries, mask_features, level_mask_features, full_mask):
         """Confidence logits, full-res mask logits (or None), and the keep-mask for the next level."""
         normed = self.decoder_norm(queries)
-        logits = self.class_embed(normed).squeeze(-1)
+        logits = self.class_embed(normed)
         embedding = self.mask_embed(normed)
         masks = torch.einsum("bqc,bchw->bqhw", embedding, mask_features) if full_mask else None
         keep = None
