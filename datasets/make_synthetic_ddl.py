@@ -17,7 +17,7 @@ import time
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
-from ddl_mask2former.data.synthetic import generate_ddl_dataset
+from ddl_mask2former.data.synthetic import DIFFICULTIES, generate_ddl_dataset
 
 
 def parse_args(argv=None):
@@ -31,6 +31,9 @@ def parse_args(argv=None):
     parser.add_argument("--fake-fraction", type=float, default=0.5, help="share of fake images")
     parser.add_argument("--min-size", type=int, default=256, help="smallest image side (px)")
     parser.add_argument("--max-size", type=int, default=768, help="largest image side (px)")
+    parser.add_argument("--difficulty", default="hard", choices=DIFFICULTIES,
+                        help="strength of the forgery traces (datasets/README.md); 'hard' is the "
+                             "subtlest")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="processes (the output does not depend on this)")
     parser.add_argument("--val-folder", default="val", choices=("val", "valid"),
@@ -55,7 +58,8 @@ def main(argv=None):
     summaries = generate_ddl_dataset(
         out, args.num_train, args.num_val, args.num_test, seed=args.seed,
         fake_fraction=args.fake_fraction, min_size=args.min_size, max_size=args.max_size,
-        workers=args.workers, val_folder=args.val_folder, mask_folder=args.mask_folder)
+        workers=args.workers, val_folder=args.val_folder, mask_folder=args.mask_folder,
+        difficulty=args.difficulty)
     seconds = time.perf_counter() - start
     for summary in summaries:
         kind = "unlabeled" if summary["split"] == "test" else "labeled"
@@ -63,7 +67,8 @@ def main(argv=None):
               f"({summary['num_real']} real, {summary['num_fake']} fake); "
               f"manifest {summary['manifest']}")
     total = sum(s["num_images"] for s in summaries)
-    print(f"synthetic DDL data: {total} images under {out} in {seconds:.1f} s (seed {args.seed})")
+    print(f"synthetic DDL data ({args.difficulty}): {total} images under {out} in {seconds:.1f} s "
+          f"(seed {args.seed})")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ def _add_model_config(cfg):
     cfg.MODEL.DDL.TASKS = ["detection", "localization"]
     # Batched inputs are padded to a multiple of this (raised to the backbone's own need).
     cfg.MODEL.DDL.SIZE_DIVISIBILITY = 32
+    # Localization classes given mask targets: ["forged"] (one target per image, the union of
+    # forged pixels) or ["authentic", "forged"] (also the authentic pixels, as MMSegmentation's
+    # binary Mask2Former); see modeling/README.md for the measured choice.
+    cfg.MODEL.DDL.TARGET_CLASSES = ["forged"]
     # Append fixed SRM high-pass residuals to the RGB input (beyond the paper; for from-scratch training).
     cfg.MODEL.DDL.NOISE_RESIDUALS = False
 
@@ -131,6 +135,10 @@ def _add_data_config(cfg):
     cfg.INPUT.CROP.TYPE = "absolute"
     # Crop (H, W) (paper: 512x512).
     cfg.INPUT.CROP.SIZE = (512, 512)
+    # Re-draw the crop (up to 10 times) until no class (authentic / forged) covers this share
+    # or more of it and both are present (MMSegmentation's cat_max_ratio; paper pipeline 0.75);
+    # 1.0 is a plain random crop.
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
     # Keep-ratio resize target (long, short): long side <= long, short side <= short (paper: 2048x512).
     cfg.INPUT.BASE_SCALE = (2048, 512)
     # Also enlarge images smaller than BASE_SCALE (paper/MMSegmentation); False keeps their native size.

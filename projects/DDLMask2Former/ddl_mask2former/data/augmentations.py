@@ -2,8 +2,11 @@
 
 The paper follows MMSegmentation's pipeline: keep-ratio resize to a base scale of 2048x512
 times a random ratio in [0.5, 2.0], random 512x512 crop, random horizontal flip, photometric
-distortion, then padding to the crop size. detectron2's RandomCrop and RandomFlip are used
-as they are; the resize, the photometric distortion and the padding are written here.
+distortion, then padding to the crop size. Its random crop re-draws the window (up to 10 times)
+until no single class covers more than ``cat_max_ratio`` (0.75) of it; ``CategoryAreaCrop``
+does the same (detectron2's RandomCrop_CategoryAreaConstraint, with each candidate counted in
+O(1) from integral images). detectron2's RandomCrop and RandomFlip are used as they are; the
+resize, the photometric distortion and the padding are written here.
 Every geometric step is a detectron2 Transform, so the forgery mask follows the image
 exactly (nearest-neighbour for the mask); photometric steps touch only the image.
 """
@@ -13,7 +16,7 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import PadTransform
 from PIL import Image
 
-__all__ = ["BaseScaleResize", "PhotometricDistortion", "PadToSize", "base_scale_size"]
+__all__ = ["BaseScaleResize", "CategoryAreaCrop", "PhotometricDistortion", "PadToSize", "base_scale_size"]
 
 
 def base_scale_size(height, width, base_scale, ratio=1.0, enlarge=True):
@@ -52,6 +55,46 @@ class BaseScaleResize(T.Augmentation):
         if (new_h, new_w) == (height, width):
             return T.NoOpTransform()
         return T.ResizeTransform(height, width, new_h, new_w, self.interp)
+
+
+class CategoryAreaCrop(T.Augmentation):
+    """Random crop of ``crop_size`` (H, W) that prefers windows holding several classes.
+
+    Draws up to ``max_tries`` uniformly placed windows and keeps the first in which at least two
+    classes are present and none covers ``single_category_max_area`` or more of the pixels
+    (``ignored_category`` not counted); if none qualifies, the last draw is kept. This is
+    MMSegmentation's ``cat_max_ratio`` and detectron2's ``RandomCrop_CategoryAreaConstraint``.
+    With ``single_category_max_area >= 1`` it is a plain random crop. Images smaller than the
+    crop are cropped to their own size along that side (PadToSize pads them afterwards).
+    A mask with a single class (a real image) cannot qualify, so it takes one draw only: the
+    result is the same uniform window either way.
+    """
+
+    def __init__(self, crop_size, single_category_max_area=1.0, ignored_category=255, max_tries=10):
+        super().__init__()
+        if not 0.0 < single_category_max_area:
+            raise ValueError(f"single_category_max_area must be > 0, got {single_category_max_area}")
+        self._init(locals())
+
+    def get_transform(self, image, sem_seg):
+        height, width = sem_seg.shape[:2]
+        crop_h, crop_w = min(self.crop_size[0], height), min(self.crop_size[1], width)
+        tries = self.max_tries if self.single_category_max_area < 1.0 else 1
+        categories = [c for c in np.unique(sem_seg) if c != self.ignored_category] if tries > 1 else []
+        if len(categories) < 2:
+            tries = 1
+        # Integral image per category: the count in any window is four look-ups.
+        integrals = [np.pad((sem_seg == c).cumsum(0).cumsum(1), ((1, 0), (1, 0))) for c in categories]
+        for _ in range(tries):
+            y0 = np.random.randint(height - crop_h + 1)
+            x0 = np.random.randint(width - crop_w + 1)
+            if tries == 1:
+                break
+            counts = np.array([ii[y0 + crop_h, x0 + crop_w] - ii[y0, x0 + crop_w] - ii[y0 + crop_h, x0] + ii[y0, x0]
+                               for ii in integrals])
+            if (counts > 0).sum() > 1 and counts.max() < counts.sum() * self.single_category_max_area:
+                break
+        return T.CropTransform(x0, y0, crop_w, crop_h)
 
 
 def _distort_photometric(image, brightness, contrast, contrast_first, saturation, hue):

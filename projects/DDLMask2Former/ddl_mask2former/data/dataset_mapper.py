@@ -2,7 +2,8 @@
 
 Training: decode the image (RGB, EXIF applied), read the forgery mask of a fake (> threshold
 is forged) or use an all-zero mask for a real image, then apply BaseScaleResize with a random
-ratio, RandomCrop, RandomFlip, PhotometricDistortion and PadToSize. Output:
+ratio, CategoryAreaCrop (a random crop, re-drawn while one class dominates it when
+INPUT.CROP.SINGLE_CATEGORY_MAX_AREA < 1), RandomFlip, PhotometricDistortion and PadToSize. Output:
 "image" uint8 (3, H, W) in cfg.INPUT.FORMAT, "label" int, "forgery_mask" uint8 (H, W) with
 0 real / 1 forged / 255 ignore (padding), plus "file_name", "image_id", "height", "width"
 (original size, as everywhere in detectron2).
@@ -22,7 +23,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from .augmentations import BaseScaleResize, PadToSize, PhotometricDistortion
+from .augmentations import BaseScaleResize, CategoryAreaCrop, PadToSize, PhotometricDistortion
 from .image_io import DDLDataError, read_forgery_mask, read_image
 
 __all__ = ["DDLDatasetMapper", "IGNORE_VALUE"]
@@ -81,7 +82,8 @@ class DDLDatasetMapper:
                     raise ValueError(f"DDL training crops are 'absolute' (H, W) sizes; "
                                      f"INPUT.CROP.TYPE is {cfg.INPUT.CROP.TYPE!r}")
                 crop_size = tuple(int(s) for s in cfg.INPUT.CROP.SIZE)
-                augmentations.append(T.RandomCrop("absolute", crop_size))
+                augmentations.append(CategoryAreaCrop(
+                    crop_size, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignored_category=IGNORE_VALUE))
             if cfg.INPUT.RANDOM_FLIP != "none":
                 augmentations.append(T.RandomFlip(
                     horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",

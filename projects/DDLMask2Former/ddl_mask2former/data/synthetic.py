@@ -12,11 +12,18 @@ crop and receive forgeries that imitate DDL-I's types:
   re-synthesised at another scale (attribute / component editing);
 * ``multi``: two to four forged regions in one image (multi-face scenes).
 
-Every forgery leaves only subtle traces: resampling, feathered blending, a different noise
-level or a different JPEG quality inside the region. Real and fake images then share the
-same final "camera" processing (mild noise, optional JPEG round trip), so the global
-statistics do not give the label away. Masks are 0/255 PNGs marking pixels whose blend
-weight is above one half.
+Every forgery leaves only physical traces: resampling, blur, feathered blending, imperfect
+colour matching, a different noise level or a different JPEG quality inside the region. Real
+and fake images then share the same final "camera" processing (noise, optional JPEG round
+trip), so the global statistics do not give the label away. Masks are 0/255 PNGs marking
+pixels whose blend weight is above one half.
+
+How strong the traces are is a ``difficulty`` level (``TRACE_PROFILES``): "hard" (the
+default, and this generator's original output, byte for byte) hides them under a feathered
+blend, close colour matching and a camera pipeline of comparable noise and JPEG; "medium" and
+"easy" make the same traces stronger (more region noise, lower region JPEG quality, more
+resampling blur, harder blend edges, looser colour matching, larger regions) and the shared
+camera processing lighter. No level marks forgeries in any other way.
 
 Everything is deterministic for a seed: image ``i`` of a split draws from its own generator
 seeded with (seed, split, i), so the result does not depend on worker count or order.
@@ -24,6 +31,8 @@ seeded with (seed, split, i), so the result does not depend on worker count or o
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -31,6 +40,10 @@ import numpy as np
 __all__ = [
     "SOURCE_PHOTOS",
     "FORGERY_TYPES",
+    "DIFFICULTIES",
+    "TRACE_PROFILES",
+    "TraceProfile",
+    "trace_profile",
     "load_source_photos",
     "make_real_image",
     "make_fake_image",
@@ -51,6 +64,64 @@ _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 _INTERPOLATIONS = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4)
 
 _PHOTO_CACHE = {}
+
+
+@dataclass(frozen=True)
+class TraceProfile:
+    """The physics of one difficulty level: every range is (low, high) for a uniform draw."""
+
+    # Gaussian noise sigma added inside a region (8-bit levels).
+    region_noise: tuple
+    # JPEG quality of a region's separate compression.
+    region_jpeg_quality: tuple
+    # Gaussian blur sigma applied inside warped regions after resampling (None: no extra blur).
+    warp_blur: Optional[tuple]
+    # Down-sampling factor of re-synthesised regions (smaller: blurrier).
+    resynth_factor: tuple
+    # Grain sigma of inpainted regions (smaller: flatter than the camera noise around them).
+    inpaint_grain: tuple
+    # Blend feather: Gaussian sigma as a fraction of the ellipse's short axis.
+    feather: float
+    # Weight of colour matching of a swapped face to its surroundings (1: fully matched).
+    colour_match: tuple
+    # Region half-axes as fractions of the image's short side: face-sized, small, multi-face.
+    large_region: tuple
+    small_region: tuple
+    multi_face_region: tuple
+    # Camera pipeline shared by real and fake images: noise sigma, JPEG probability and quality.
+    camera_noise: tuple
+    camera_jpeg_prob: float
+    camera_jpeg_quality: tuple
+
+
+TRACE_PROFILES = {
+    "hard": TraceProfile(
+        region_noise=(1.5, 3.5), region_jpeg_quality=(55, 85), warp_blur=None,
+        resynth_factor=(0.35, 0.7), inpaint_grain=(0.5, 1.5), feather=0.12,
+        colour_match=(0.6, 0.95), large_region=(0.15, 0.32), small_region=(0.05, 0.12),
+        multi_face_region=(0.10, 0.20), camera_noise=(0.3, 1.5), camera_jpeg_prob=0.6,
+        camera_jpeg_quality=(85, 99)),
+    "medium": TraceProfile(
+        region_noise=(3.0, 6.0), region_jpeg_quality=(35, 65), warp_blur=(0.5, 1.0),
+        resynth_factor=(0.3, 0.55), inpaint_grain=(0.2, 0.8), feather=0.08,
+        colour_match=(0.3, 0.8), large_region=(0.18, 0.34), small_region=(0.08, 0.15),
+        multi_face_region=(0.12, 0.22), camera_noise=(0.3, 1.0), camera_jpeg_prob=0.4,
+        camera_jpeg_quality=(90, 99)),
+    "easy": TraceProfile(
+        region_noise=(5.0, 9.0), region_jpeg_quality=(15, 40), warp_blur=(0.8, 1.6),
+        resynth_factor=(0.2, 0.4), inpaint_grain=(0.0, 0.3), feather=0.04,
+        colour_match=(0.0, 0.5), large_region=(0.2, 0.36), small_region=(0.1, 0.18),
+        multi_face_region=(0.14, 0.24), camera_noise=(0.2, 0.6), camera_jpeg_prob=0.3,
+        camera_jpeg_quality=(93, 99)),
+}
+DIFFICULTIES = tuple(TRACE_PROFILES)
+
+
+def trace_profile(difficulty):
+    """The TraceProfile of a difficulty name, with a clear error for unknown names."""
+    if difficulty not in TRACE_PROFILES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; expected one of {DIFFICULTIES}")
+    return TRACE_PROFILES[difficulty]
 
 
 def load_source_photos():
@@ -106,11 +177,11 @@ def _add_noise(rng, image, sigma):
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
-def _camera_pipeline(rng, image):
+def _camera_pipeline(rng, image, profile):
     """Processing shared by real and fake images so global statistics carry no label."""
-    image = _add_noise(rng, image, rng.uniform(0.3, 1.5))
-    if rng.random() < 0.6:
-        image = _jpeg_round_trip(image, rng.integers(85, 99))
+    image = _add_noise(rng, image, rng.uniform(*profile.camera_noise))
+    if rng.random() < profile.camera_jpeg_prob:
+        image = _jpeg_round_trip(image, rng.integers(*profile.camera_jpeg_quality))
     return image
 
 
@@ -118,16 +189,17 @@ def _image_size(rng, min_size, max_size):
     return int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1))
 
 
-def make_real_image(rng, photos, min_size=256, max_size=768):
+def make_real_image(rng, photos, min_size=256, max_size=768, difficulty="hard"):
     """A real image: a random view of one photograph through the camera pipeline."""
+    profile = trace_profile(difficulty)
     names = sorted(photos)
     height, width = _image_size(rng, min_size, max_size)
     base = names[int(rng.integers(len(names)))]
     image = _random_view(rng, photos[base], height, width)
-    return _camera_pipeline(rng, image), {"source": base}
+    return _camera_pipeline(rng, image, profile), {"source": base}
 
 
-def _feathered_ellipse(rng, height, width, rel_axis_range, min_axis=3):
+def _feathered_ellipse(rng, height, width, rel_axis_range, feather, min_axis=3):
     """A soft ellipse at a random place: (alpha, box), alpha float32 in [0,1] over the image
     box (y0, y1, x0, x1) that holds all of it."""
     short = min(height, width)
@@ -137,7 +209,7 @@ def _feathered_ellipse(rng, height, width, rel_axis_range, min_axis=3):
     center_x = rng.uniform(axis_x * 0.6, max(axis_x * 0.6, width - axis_x * 0.6))
     center_y = rng.uniform(axis_y * 0.6, max(axis_y * 0.6, height - axis_y * 0.6))
     angle = rng.uniform(-25.0, 25.0)
-    sigma = max(0.8, 0.12 * min(axis_x, axis_y))
+    sigma = max(0.8, feather * min(axis_x, axis_y))
     # Work in a box around the ellipse: the blur's reach is about 4 sigma.
     reach = max(axis_x, axis_y) + 4 * sigma + 2
     y0, y1 = max(0, int(center_y - reach)), min(height, int(np.ceil(center_y + reach)) + 1)
@@ -168,18 +240,18 @@ def _smooth_displacement(rng, height, width, amplitude):
     return [cv2.resize(g, (width, height), interpolation=cv2.INTER_CUBIC) * amplitude for g in grid]
 
 
-def _region_trace(rng, region):
+def _region_trace(rng, region, profile):
     """A local inconsistency: a different JPEG quality or noise level inside the region."""
     if rng.random() < 0.5:
         return _jpeg_round_trip(np.clip(np.rint(region), 0, 255).astype(np.uint8),
-                                rng.integers(55, 85)).astype(np.float32)
-    return region + _gaussian_noise(rng, region.shape, rng.uniform(1.5, 3.5))
+                                rng.integers(*profile.region_jpeg_quality)).astype(np.float32)
+    return region + _gaussian_noise(rng, region.shape, rng.uniform(*profile.region_noise))
 
 
-def _forge_region(rng, image, photos, base_name, kind, rel_axis_range):
+def _forge_region(rng, image, photos, base_name, kind, rel_axis_range, profile):
     """Apply one forgery of ``kind`` to ``image`` in place; return (forged pixels, box)."""
     height, width = image.shape[:2]
-    alpha, (y0, y1, x0, x1) = _feathered_ellipse(rng, height, width, rel_axis_range)
+    alpha, (y0, y1, x0, x1) = _feathered_ellipse(rng, height, width, rel_axis_range, profile.feather)
     patch = image[y0:y1, x0:x1]
     patch_h, patch_w = patch.shape[:2]
     inside = alpha > 0.5
@@ -190,8 +262,8 @@ def _forge_region(rng, image, photos, base_name, kind, rel_axis_range):
         if np.array_equal(patch[..., 0], patch[..., 1]) and np.array_equal(patch[..., 1], patch[..., 2]):
             # A grayscale photo gets a grayscale donor, as a colour face would be a giveaway.
             donor = np.repeat(cv2.cvtColor(donor, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
-        edited = _match_colour(donor, patch, inside, rng.uniform(0.6, 0.95))
-        edited = _region_trace(rng, edited)
+        edited = _match_colour(donor, patch, inside, rng.uniform(*profile.colour_match))
+        edited = _region_trace(rng, edited, profile)
     elif kind in ("reenact", "edit_warp"):
         amplitude = rng.uniform(0.04, 0.10) * min(patch_h, patch_w) + 1.0
         disp_x, disp_y = _smooth_displacement(rng, patch_h, patch_w, amplitude)
@@ -200,16 +272,19 @@ def _forge_region(rng, image, photos, base_name, kind, rel_axis_range):
         map_y = grid_y + disp_y * alpha
         edited = cv2.remap(patch, map_x, map_y, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+        if profile.warp_blur is not None:
+            edited = cv2.GaussianBlur(edited, (0, 0), rng.uniform(*profile.warp_blur))
         if kind == "reenact":
-            edited = _region_trace(rng, edited)
+            edited = _region_trace(rng, edited, profile)
     elif kind == "edit_inpaint":
         hole = inside.astype(np.uint8) * 255
         # A small neighbourhood keeps Telea's cost low; the fill still follows the surroundings.
         edited = cv2.inpaint(np.ascontiguousarray(patch), hole, 3, cv2.INPAINT_TELEA)
         # Inpainting is smooth; add a weaker grain than the camera's so the area is not flat.
-        edited = edited.astype(np.float32) + _gaussian_noise(rng, edited.shape, rng.uniform(0.5, 1.5))
+        edited = edited.astype(np.float32) + _gaussian_noise(rng, edited.shape,
+                                                             rng.uniform(*profile.inpaint_grain))
     elif kind == "edit_resynth":
-        factor = rng.uniform(0.35, 0.7)
+        factor = rng.uniform(*profile.resynth_factor)
         small = cv2.resize(patch, (max(1, int(patch_w * factor)), max(1, int(patch_h * factor))),
                            interpolation=cv2.INTER_AREA)
         edited = cv2.resize(small, (patch_w, patch_h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
@@ -225,21 +300,21 @@ def _forge_region(rng, image, photos, base_name, kind, rel_axis_range):
     return inside, (y0, y1, x0, x1)
 
 
-def make_fake_image(rng, photos, min_size=256, max_size=768, forgery_type=None):
+def make_fake_image(rng, photos, min_size=256, max_size=768, forgery_type=None, difficulty="hard"):
     """A fake image, its bool forgery mask and a metadata dict (type, regions)."""
+    profile = trace_profile(difficulty)
     names = sorted(photos)
     height, width = _image_size(rng, min_size, max_size)
     base = names[int(rng.integers(len(names)))]
     image = _random_view(rng, photos[base], height, width)
     if forgery_type is None:
         forgery_type = FORGERY_TYPES[int(rng.choice(len(FORGERY_TYPES), p=_FORGERY_TYPE_PROBS))]
-    large = (0.15, 0.32)
-    small = (0.05, 0.12)
+    large, small = profile.large_region, profile.small_region
     if forgery_type == "multi":
         kinds = [str(k) for k in rng.choice(["face_swap", "face_swap", "reenact", "edit_warp",
                                              "edit_inpaint", "edit_resynth"],
                                             size=int(rng.integers(2, 5)))]
-        ranges = [(0.10, 0.20) if k in ("face_swap", "reenact") else small for k in kinds]
+        ranges = [profile.multi_face_region if k in ("face_swap", "reenact") else small for k in kinds]
     elif forgery_type in ("face_swap", "reenact"):
         kinds, ranges = [forgery_type], [large]
     elif forgery_type in FORGERY_TYPES:
@@ -248,13 +323,14 @@ def make_fake_image(rng, photos, min_size=256, max_size=768, forgery_type=None):
         raise ValueError(f"unknown forgery type {forgery_type!r}; expected one of {FORGERY_TYPES}")
     mask = np.zeros((height, width), bool)
     for kind, rel_range in zip(kinds, ranges):
-        forged, (y0, y1, x0, x1) = _forge_region(rng, image, photos, base, kind, rel_range)
+        forged, (y0, y1, x0, x1) = _forge_region(rng, image, photos, base, kind, rel_range, profile)
         mask[y0:y1, x0:x1] |= forged
     if not mask.any():
         # Degenerate tiny images: one larger region so that a fake always has forged pixels.
-        forged, (y0, y1, x0, x1) = _forge_region(rng, image, photos, base, "edit_resynth", (0.3, 0.4))
+        forged, (y0, y1, x0, x1) = _forge_region(rng, image, photos, base, "edit_resynth", (0.3, 0.4),
+                                                 profile)
         mask[y0:y1, x0:x1] |= forged
-    image = _camera_pipeline(rng, image)
+    image = _camera_pipeline(rng, image, profile)
     return image, mask, {"source": base, "forgery_type": forgery_type, "regions": kinds}
 
 
@@ -272,17 +348,17 @@ def _write_png(path, rgb_or_gray):
 
 def _generate_one(job):
     """Worker: make and write one image (and mask); return its manifest record."""
-    (seed, split_id, index, is_fake, image_path, mask_path, min_size, max_size) = job
+    (seed, split_id, index, is_fake, image_path, mask_path, min_size, max_size, difficulty) = job
     cv2.setNumThreads(1)
     rng = np.random.default_rng([seed, split_id, index])
     photos = load_source_photos()
     if is_fake:
-        image, mask, meta = make_fake_image(rng, photos, min_size, max_size)
+        image, mask, meta = make_fake_image(rng, photos, min_size, max_size, difficulty=difficulty)
         if mask_path is not None:
             _write_png(mask_path, mask.astype(np.uint8) * 255)
         meta["forged_fraction"] = round(float(mask.mean()), 4)
     else:
-        image, meta = make_real_image(rng, photos, min_size, max_size)
+        image, meta = make_real_image(rng, photos, min_size, max_size, difficulty=difficulty)
     _write_png(image_path, image)
     meta.update(file=os.path.basename(image_path), label=int(is_fake),
                 height=int(image.shape[0]), width=int(image.shape[1]))
@@ -291,14 +367,15 @@ def _generate_one(job):
 
 def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_size=256,
                    max_size=768, workers=1, folder_name=None, mask_folder="masks", flat=False,
-                   answers_dir=None):
+                   answers_dir=None, difficulty="hard"):
     """Write one split in DDL layout and return a summary dict.
 
     Labeled splits go to ``out_dir/<folder_name>/{real,fake,<mask_folder>}``. With
     ``flat=True`` (the unlabeled test split) all images go to ``out_dir/<folder_name>/`` and,
     if ``answers_dir`` is given, labels and masks are written there instead (for scoring).
-    File names never reveal the label.
+    File names never reveal the label. ``difficulty`` names a TRACE_PROFILES level.
     """
+    trace_profile(difficulty)  # fail early on an unknown level
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
     if not 0.0 <= fake_fraction <= 1.0:
@@ -323,7 +400,8 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
         name = f"{split}_{index:06d}.png"
         mask_path = os.path.join(mask_dir, name) if (is_fake and mask_dir) else None
         jobs.append((seed, _SPLIT_IDS[split], index, bool(is_fake),
-                     os.path.join(image_dirs[int(is_fake)], name), mask_path, min_size, max_size))
+                     os.path.join(image_dirs[int(is_fake)], name), mask_path, min_size, max_size,
+                     difficulty))
     records = _run_jobs(jobs, workers)
     manifest_dir = answers_dir if (flat and answers_dir) else out_dir
     manifest = os.path.join(manifest_dir, f"manifest_{folder_name or split}.jsonl")
@@ -331,7 +409,7 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
         for record in records:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
     return {"split": split, "dir": split_dir, "num_images": num_images, "num_fake": num_fake,
-            "num_real": num_images - num_fake, "manifest": manifest}
+            "num_real": num_images - num_fake, "manifest": manifest, "difficulty": difficulty}
 
 
 def _run_jobs(jobs, workers):
@@ -344,7 +422,7 @@ def _run_jobs(jobs, workers):
 
 def generate_ddl_dataset(out_dir, num_train, num_val, num_test=0, seed=0, fake_fraction=0.5,
                          min_size=256, max_size=768, workers=1, val_folder="val",
-                         mask_folder="masks"):
+                         mask_folder="masks", difficulty="hard"):
     """Write train/, val/ (or ``val_folder``) and optionally a flat test/ under ``out_dir``.
 
     The test split's labels and masks go to ``out_dir/test_answers/`` so submissions can be
@@ -354,10 +432,11 @@ def generate_ddl_dataset(out_dir, num_train, num_val, num_test=0, seed=0, fake_f
     for split, count, folder in (("train", num_train, "train"), ("val", num_val, val_folder)):
         if count > 0:
             summaries.append(generate_split(out_dir, split, count, seed, fake_fraction, min_size,
-                                            max_size, workers, folder, mask_folder))
+                                            max_size, workers, folder, mask_folder,
+                                            difficulty=difficulty))
     if num_test > 0:
         answers = os.path.join(out_dir, "test_answers")
         summaries.append(generate_split(out_dir, "test", num_test, seed, fake_fraction, min_size,
                                         max_size, workers, "test", mask_folder, flat=True,
-                                        answers_dir=answers))
+                                        answers_dir=answers, difficulty=difficulty))
     return summaries
