@@ -14,16 +14,19 @@ queries are matched to targets (``HungarianMatcher``). Then:
   over matched pairs and divided by the number of targets in the whole (distributed) batch.
 
 Each term is multiplied by its weight and by ``loc_weight`` so the returned dict sums to
-``loc_weight * L_loc`` directly. Everything runs in fp32, outside autocast.
+``loc_weight * L_loc`` directly. Everything runs in fp32, outside autocast (only the matched
+masks are cast, never all queries' masks).
+
+Speed: all supervised predictions are matched together (``HungarianMatcher.match_layers``: at
+most one device->host copy per step, none with one target per image), and the class and mask
+losses of all layers are computed in one batched pass (one importance sampling over every
+layer's matched masks), so the number of operators does not grow with batch x layers.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.projects.point_rend.point_features import (
-    get_uncertain_point_coords_with_randomness,
-    point_sample,
-)
+from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
 
 
@@ -34,11 +37,33 @@ def _uncertainty(logits):
 
 def _distributed_mean_count(count, device):
     """Number of targets averaged over workers, so every worker normalizes the same way."""
-    total = torch.as_tensor([float(count)], device=device)
     world = get_world_size()
-    if world > 1:
-        torch.distributed.all_reduce(total)
+    if world == 1:
+        return max(float(count), 1.0)  # no device round trip in one process
+    total = torch.as_tensor([float(count)], device=device)
+    torch.distributed.all_reduce(total)
     return (total / world).clamp(min=1.0).item()
+
+
+def uncertain_point_coords(mask_logits, num_points, oversample_ratio, importance_sample_ratio):
+    """PointRend's training points for (N, 1, h, w) logits: (N, num_points, 2) in [0, 1]^2.
+
+    Draws ``oversample_ratio * num_points`` uniform points, keeps the
+    ``importance_sample_ratio * num_points`` most uncertain (logit nearest 0) and fills the rest
+    with fresh uniform points (same draws and selection as detectron2's
+    ``get_uncertain_point_coords_with_randomness``).
+    """
+    count = mask_logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    coords = torch.rand(count, num_sampled, 2, device=mask_logits.device)
+    uncertainty = _uncertainty(point_sample(mask_logits, coords, align_corners=False))[:, 0]
+    num_uncertain = int(importance_sample_ratio * num_points)
+    chosen = uncertainty.topk(num_uncertain, dim=1).indices
+    coords = coords.gather(1, chosen[..., None].expand(-1, -1, 2))
+    num_random = num_points - num_uncertain
+    if num_random > 0:
+        coords = torch.cat([coords, torch.rand(count, num_random, 2, device=mask_logits.device)], dim=1)
+    return coords
 
 
 class LocalizationCriterion(nn.Module):
@@ -68,57 +93,60 @@ class LocalizationCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
 
-    def _class_loss(self, logits, targets, indices):
-        """logits (B, Q, K); a matched query's row is the one-hot of its target's class."""
+    def _class_losses(self, layers, labels, pairs):
+        """(L,) class losses. logits of each layer (B, Q, K); a matched query's row is the one-hot
+        of its target's class, unmatched rows are all zeros with weight ``no_object_weight``."""
+        logits = torch.stack([layer["pred_logits"].float() for layer in layers])  # (L, B, Q, K)
         target = torch.zeros_like(logits)
         weight = torch.full_like(logits, self.no_object_weight)
-        for b, (query_idx, target_idx) in enumerate(indices):
-            target[b, query_idx, targets[b]["labels"][target_idx]] = 1.0
-            weight[b, query_idx] = 1.0
+        layer_idx = torch.cat([torch.full_like(p.batch, i) for i, p in enumerate(pairs)])
+        batch_idx = torch.cat([p.batch for p in pairs])
+        query_idx = torch.cat([p.query for p in pairs])
+        class_idx = labels[torch.cat([p.target for p in pairs])]
+        target[layer_idx, batch_idx, query_idx, class_idx] = 1.0
+        weight[layer_idx, batch_idx, query_idx] = 1.0
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return (bce * weight).sum() / weight.sum()
+        return (bce * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3))
 
-    def _mask_losses(self, pred_masks, targets, indices, num_masks):
-        src, tgt, valid = [], [], []
-        for b, (query_idx, target_idx) in enumerate(indices):
-            if query_idx.numel() == 0:
-                continue
-            src.append(pred_masks[b, query_idx])
-            tgt.append(targets[b]["masks"][target_idx].float())
-            valid.append(targets[b]["valid"].float().expand(len(target_idx), -1, -1))
-        if not src:
+    def _mask_losses(self, layers, target_masks, target_valid, pairs, num_masks):
+        """(L,) mask BCE and (L,) Dice losses over every layer's matched pairs, in one pass."""
+        matches = pairs[0].batch.shape[0]
+        if matches == 0:
             # Keeps every mask parameter in the graph (DDP) while contributing zero.
-            zero = pred_masks.sum() * 0.0
+            zero = torch.stack([layer["pred_masks"].sum().float() * 0.0 for layer in layers])
             return zero, zero
-        src = torch.cat(src)[:, None]
-        tgt = torch.cat(tgt)[:, None]
-        valid = torch.cat(valid)[:, None]
+        # Only the matched masks are gathered and cast to fp32: (L*N, 1, h, w).
+        src = torch.cat([layer["pred_masks"][p.batch, p.query] for layer, p in zip(layers, pairs)])
+        src = src.float()[:, None]
         with torch.no_grad():
-            coords = get_uncertain_point_coords_with_randomness(
-                src, _uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
-            )
-            labels = point_sample(tgt, coords, align_corners=False, mode="nearest").squeeze(1)
-            weights = point_sample(valid, coords, align_corners=False, mode="nearest").squeeze(1)
-        point_logits = point_sample(src, coords, align_corners=False).squeeze(1)
+            coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
+                                            self.importance_sample_ratio)  # (L*N, P, 2)
+            num_layers = len(layers)
+            if all(p.targets_in_order for p in pairs):
+                # Every layer matched every target in order: each target is sampled once, at its
+                # points of all layers, (N, L*P, 2), without copying a mask per layer.
+                per_target = coords.view(num_layers, matches, -1, 2).transpose(0, 1).reshape(matches, -1, 2)
+                labels = point_sample(target_masks[:, None].float(), per_target, align_corners=False, mode="nearest")
+                weights = point_sample(target_valid[:, None].float(), per_target, align_corners=False, mode="nearest")
+                labels = labels.view(matches, num_layers, -1).transpose(0, 1).reshape(num_layers * matches, -1)
+                weights = weights.view(matches, num_layers, -1).transpose(0, 1).reshape(num_layers * matches, -1)
+            else:
+                flat = torch.cat([p.target for p in pairs])
+                labels = point_sample(target_masks[flat][:, None].float(), coords, align_corners=False,
+                                      mode="nearest").squeeze(1)
+                weights = point_sample(target_valid[flat][:, None].float(), coords, align_corners=False,
+                                       mode="nearest").squeeze(1)
+        point_logits = point_sample(src, coords, align_corners=False).squeeze(1)  # (L*N, P)
 
         bce = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none")
-        loss_mask = ((bce * weights).sum(1) / weights.sum(1).clamp(min=1.0)).sum() / num_masks
+        per_mask_bce = (bce * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         probs = point_logits.sigmoid() * weights
         numerator = 2 * (probs * labels).sum(1)
         denominator = probs.sum(1) + (labels * weights).sum(1)
-        loss_dice = (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+        per_mask_dice = 1 - (numerator + 1) / (denominator + 1)
+        loss_mask = per_mask_bce.view(num_layers, matches).sum(1) / num_masks
+        loss_dice = per_mask_dice.view(num_layers, matches).sum(1) / num_masks
         return loss_mask, loss_dice
-
-    def _single(self, outputs, targets, num_masks, suffix):
-        indices = self.matcher(outputs, targets)
-        loss_cls = self._class_loss(outputs["pred_logits"], targets, indices)
-        loss_mask, loss_dice = self._mask_losses(outputs["pred_masks"], targets, indices, num_masks)
-        scale = self.loc_weight
-        return {
-            f"loss_cls{suffix}": scale * self.class_weight * loss_cls,
-            f"loss_mask{suffix}": scale * self.mask_weight * loss_mask,
-            f"loss_dice{suffix}": scale * self.dice_weight * loss_dice,
-        }
 
     def forward(self, outputs, targets):
         """
@@ -128,17 +156,27 @@ class LocalizationCriterion(nn.Module):
                 "valid": (H, W) bool}, at the padded input resolution; T may be 0.
         """
         with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
-            outputs = _to_float(outputs)
+            layers = [outputs]
+            suffixes = [""]
+            if self.deep_supervision:
+                layers += list(outputs["aux_outputs"])
+                suffixes += [f"_{index}" for index in range(len(outputs["aux_outputs"]))]
             num_masks = _distributed_mean_count(sum(t["masks"].shape[0] for t in targets),
                                                 outputs["pred_logits"].device)
-            losses = self._single(outputs, targets, num_masks, "")
-            if self.deep_supervision:
-                for index, aux in enumerate(outputs["aux_outputs"]):
-                    losses.update(self._single(aux, targets, num_masks, f"_{index}"))
+            pairs = self.matcher.match_layers(layers, targets)
+            labels = torch.cat([t["labels"] for t in targets])
+            target_masks = torch.cat([t["masks"] for t in targets])
+            # Each target's image's valid map, (T, H, W) as views (expand copies nothing).
+            target_valid = torch.cat([t["valid"][None].expand(t["masks"].shape[0], -1, -1) for t in targets])
+            loss_cls = self._class_losses(layers, labels, pairs)
+            loss_mask, loss_dice = self._mask_losses(layers, target_masks, target_valid, pairs, num_masks)
+            scale = self.loc_weight
+            loss_cls = scale * self.class_weight * loss_cls
+            loss_mask = scale * self.mask_weight * loss_mask
+            loss_dice = scale * self.dice_weight * loss_dice
+            losses = {}
+            for index, suffix in enumerate(suffixes):
+                losses[f"loss_cls{suffix}"] = loss_cls[index]
+                losses[f"loss_mask{suffix}"] = loss_mask[index]
+                losses[f"loss_dice{suffix}"] = loss_dice[index]
         return losses
-
-
-def _to_float(outputs):
-    converted = {k: v.float() for k, v in outputs.items() if k != "aux_outputs"}
-    converted["aux_outputs"] = [{k: v.float() for k, v in aux.items()} for aux in outputs.get("aux_outputs", [])]
-    return converted

@@ -172,15 +172,30 @@ class DDLMask2Former(nn.Module):
                     f"input {index} ({record.get('file_name', 'no file_name')}): 'image' must be a "
                     f"({self.pixel_mean.shape[0]}, H, W) tensor, got {shape}"
                 )
+            images.append(image)
+        if len({tuple(image.shape) for image in images}) == 1:
+            # Same-size batch (training crops): one host->device copy and batched normalization.
+            pixels = torch.stack(images).to(self.device, non_blocking=True).float()
+            normalized = (pixels - self.pixel_mean) / self.pixel_std
+            if self.noise_residuals is not None:
+                normalized = torch.cat([normalized, self.noise_residuals(pixels)], dim=1)
+            return ImageList.from_tensors(list(normalized.unbind(0)), self.size_divisibility)
+        normalized_images = []
+        for image in images:
             pixels = image.to(self.device, non_blocking=True).float()
             normalized = (pixels - self.pixel_mean) / self.pixel_std
             if self.noise_residuals is not None:
                 normalized = torch.cat([normalized, self.noise_residuals(pixels[None])[0]])
-            images.append(normalized)
-        return ImageList.from_tensors(images, self.size_divisibility)
+            normalized_images.append(normalized)
+        return ImageList.from_tensors(normalized_images, self.size_divisibility)
 
     def _localization_targets(self, batched_inputs, padded_shape):
-        targets = []
+        """Per image {"masks", "labels", "valid"} on the device, in one host->device copy.
+
+        Which classes are present is read from the masks before they move (the loader's masks
+        are on the CPU), so building the targets never waits for the device.
+        """
+        forgery_masks, present = [], []
         for record in batched_inputs:
             forgery_mask = record.get("forgery_mask")
             name = record.get("file_name", "training input")
@@ -191,19 +206,30 @@ class DDLMask2Former(nn.Module):
                     f"{name}: forgery_mask shape {tuple(forgery_mask.shape)} differs from the image's "
                     f"{tuple(record['image'].shape[-2:])}"
                 )
-            forgery_mask = forgery_mask.to(self.device)
-            padded = forgery_mask.new_full(padded_shape, IGNORE_VALUE)
-            padded[: forgery_mask.shape[0], : forgery_mask.shape[1]] = forgery_mask
-            valid = padded != IGNORE_VALUE
-            class_masks = {"forged": padded == 1, "authentic": padded == 0}
-            masks, labels = [], []
-            for label, name in enumerate(self.target_classes):
-                if class_masks[name].any():
-                    masks.append(class_masks[name])
-                    labels.append(label)
-            masks = torch.stack(masks) if masks else valid.new_zeros((0,) + tuple(padded_shape))
-            labels = torch.tensor(labels, dtype=torch.int64, device=self.device)
-            targets.append({"masks": masks, "labels": labels, "valid": valid})
+            # Padding is IGNORE_VALUE, so presence in the original equals presence after padding.
+            values = {"forged": 1, "authentic": 0}
+            image_labels = []
+            for label, cls in enumerate(self.target_classes):
+                if bool((forgery_mask == values[cls]).any()):
+                    image_labels.append(label)
+            present.append(image_labels)
+            forgery_masks.append(forgery_mask)
+        height, width = padded_shape
+        padded = torch.full((len(forgery_masks), height, width), IGNORE_VALUE, dtype=forgery_masks[0].dtype)
+        for index, forgery_mask in enumerate(forgery_masks):
+            padded[index, : forgery_mask.shape[0], : forgery_mask.shape[1]] = forgery_mask.to(padded.device)
+        padded = padded.to(self.device, non_blocking=True)
+        labels = torch.tensor([label for labels in present for label in labels], dtype=torch.int64)
+        labels = labels.to(self.device, non_blocking=True).split([len(p) for p in present])
+        class_values = [1 if cls == "forged" else 0 for cls in self.target_classes]
+        targets = []
+        for index, image_labels in enumerate(present):
+            valid = padded[index] != IGNORE_VALUE
+            if image_labels:
+                masks = torch.stack([padded[index] == class_values[label] for label in image_labels])
+            else:
+                masks = valid.new_zeros((0,) + tuple(padded_shape))
+            targets.append({"masks": masks, "labels": labels[index], "valid": valid})
         return targets
 
     def _labels(self, batched_inputs):
@@ -238,48 +264,61 @@ class DDLMask2Former(nn.Module):
         return self.inference(batched_inputs, images, det_logits, decoded)
 
     def inference(self, batched_inputs, images, det_logits, decoded):
-        results = []
         padded_shape = images.tensor.shape[-2:]
+        output_sizes = []
         for index, record in enumerate(batched_inputs):
             image_size = images.image_sizes[index]
-            height = int(record.get("height", image_size[0]))
-            width = int(record.get("width", image_size[1]))
+            output_sizes.append((int(record.get("height", image_size[0])), int(record.get("width", image_size[1]))))
+        fake_probs = det_logits.float().sigmoid() if self.detection else None
+        mask_probs = [None] * len(batched_inputs)
+        if self.localization:
+            combined = self.combine_query_masks(decoded["pred_logits"], decoded["pred_masks"], self.target_classes)
+            sizes = {(tuple(images.image_sizes[i]), output_sizes[i]) for i in range(len(batched_inputs))}
+            if len(sizes) == 1:
+                # Same image and output size for the whole batch: one resize for all of it.
+                ((image_size, output_size),) = sizes
+                mask_probs = list(self.resize_probability(combined, padded_shape, image_size, output_size).unbind(0))
+            else:
+                mask_probs = [self.resize_probability(combined[i], padded_shape, images.image_sizes[i], output_sizes[i])
+                              for i in range(len(batched_inputs))]
+        results = []
+        for index in range(len(batched_inputs)):
             result = {}
             if self.detection:
-                result["fake_prob"] = det_logits[index].float().sigmoid()
+                result["fake_prob"] = fake_probs[index]
             if self.localization:
-                mask_prob = self.combine_query_masks(
-                    decoded["pred_logits"][index], decoded["pred_masks"][index], self.target_classes
-                )
-                mask_prob = self.resize_probability(mask_prob, padded_shape, image_size, (height, width))
-                result["mask_prob"] = mask_prob
-                result["mask"] = mask_prob > 0.5
+                result["mask_prob"] = mask_probs[index]
+                result["mask"] = mask_probs[index] > 0.5
             results.append(result)
         return results
 
     @staticmethod
     def combine_query_masks(query_logits, mask_logits, target_classes=("forged",)):
-        """(Q, K) confidence logits and (Q, h, w) mask logits -> (h, w) forgery probability.
+        """([B,] Q, K) confidence logits and ([B,] Q, h, w) mask logits -> ([B,] h, w) forgery probability.
 
         Per class, the max over queries of confidence x mask probability; with an authentic
         class, the forged share of the two (see the module docstring).
         """
         confidence = query_logits.float().sigmoid()
         mask_probs = mask_logits.float().sigmoid()
-        # (K, h, w): one query-max map per class, without materializing (Q, K, h, w).
-        scores = torch.stack([(confidence[:, k, None, None] * mask_probs).amax(dim=0)
-                              for k in range(confidence.shape[1])])
-        forged = scores[target_classes.index("forged")]
+        # (..., K, h, w): one query-max map per class, without materializing (Q, K, h, w).
+        scores = torch.stack([(confidence[..., k, None, None] * mask_probs).amax(dim=-3)
+                              for k in range(confidence.shape[-1])], dim=-3)
+        forged = scores[..., target_classes.index("forged"), :, :]
         if "authentic" not in target_classes:
             return forged
-        authentic = scores[target_classes.index("authentic")]
+        authentic = scores[..., target_classes.index("authentic"), :, :]
         return forged / (forged + authentic).clamp(min=1e-6)
 
     @staticmethod
     def resize_probability(mask_prob, padded_shape, image_size, output_size):
-        """Stride-4 map -> padded input size -> crop the image's region -> bilinear to the original size."""
-        padded = F.interpolate(mask_prob[None, None], size=tuple(padded_shape), mode="bilinear", align_corners=False)
+        """([B,] h, w) stride-4 map -> padded input size -> crop the image's region -> bilinear to
+        the original size."""
+        batched = mask_prob.dim() == 3
+        maps = mask_prob[:, None] if batched else mask_prob[None, None]
+        padded = F.interpolate(maps, size=tuple(padded_shape), mode="bilinear", align_corners=False)
         cropped = padded[:, :, : image_size[0], : image_size[1]]
         if tuple(cropped.shape[-2:]) != tuple(output_size):
             cropped = F.interpolate(cropped, size=output_size, mode="bilinear", align_corners=False)
-        return cropped[0, 0].clamp(0.0, 1.0)
+        cropped = cropped[:, 0].clamp(0.0, 1.0)
+        return cropped if batched else cropped[0]

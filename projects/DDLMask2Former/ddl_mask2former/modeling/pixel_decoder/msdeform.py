@@ -141,22 +141,29 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "dropout": pd.DROPOUT,
         }
 
-    def _reference_points(self, spatial_shapes, batch, device):
-        """Pixel-centre (x, y) in [0, 1] for every flattened token, repeated for each level."""
-        key = (tuple(map(tuple, spatial_shapes.tolist())), device)
-        ref = self._reference_cache.get(key)
-        if ref is None:
+    def _level_geometry(self, shapes, batch, device):
+        """(spatial_shapes, level_start_index, reference points) for level sizes ``shapes``
+        (Python ints), cached per sizes and device: built on the host, never read back."""
+        key = (tuple(shapes), device)
+        cached = self._reference_cache.get(key)
+        if cached is None:
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+            starts = [0]
+            for height, width in shapes[:-1]:
+                starts.append(starts[-1] + height * width)
+            level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
             per_level = []
-            for height, width in key[0]:
+            for height, width in shapes:
                 ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
                 xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
                 grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
                 per_level.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))
-            ref = torch.cat(per_level, dim=0)[None, :, None, :].expand(1, -1, len(key[0]), 2)
+            ref = torch.cat(per_level, dim=0)[None, :, None, :].expand(1, -1, len(shapes), 2)
             if len(self._reference_cache) > 32:  # bounded: test-time inputs can come in many sizes
                 self._reference_cache.clear()
-            self._reference_cache[key] = ref
-        return ref.expand(batch, -1, -1, -1)
+            cached = self._reference_cache[key] = (spatial_shapes, level_start_index, ref)
+        spatial_shapes, level_start_index, ref = cached
+        return spatial_shapes, level_start_index, ref.expand(batch, -1, -1, -1)
 
     def forward(self, features):
         tokens, positions, shapes = [], [], []
@@ -168,18 +175,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
             positions.append(pos + self.level_embed[level].to(pos.dtype))
         src = torch.cat(tokens, dim=1)
         pos = torch.cat(positions, dim=1)
-        device = src.device
-        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=device)
-        sizes = spatial_shapes.prod(1)
-        level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
-        reference_points = self._reference_points(spatial_shapes, src.shape[0], device)
+        shapes = [(int(h), int(w)) for h, w in shapes]
+        spatial_shapes, level_start_index, reference_points = self._level_geometry(shapes, src.shape[0], src.device)
         for layer in self.encoder:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
 
         batch = src.shape[0]
         multi_scale = [
             chunk.transpose(1, 2).reshape(batch, self.conv_dim, int(h), int(w))
-            for chunk, (h, w) in zip(src.split(sizes.tolist(), dim=1), shapes)
+            for chunk, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         finest = multi_scale[-1]
         for name, lateral, output in zip(self.fpn_features, self.lateral_convs, self.output_convs):
