@@ -326,6 +326,11 @@ def measure_inference(name, model, run, device, args, batch):
 
 def run_ours(args, device, shape, amp_dtype, results):
     model, cfg = build_ours(PAPER_CONFIG, device, args.shape)
+    if args.channels_last or args.compile:
+        from ddl_mask2former.engine.train_loop import apply_memory_format, compile_submodules
+
+        apply_memory_format(model, args.channels_last)
+        compile_submodules(model, args.compile)
     size = shape["image"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     records = ddl_records(args.batch, size)
@@ -457,6 +462,9 @@ def main():
     parser.add_argument("--amp", choices=("bfloat16", "float16", "none"), default="bfloat16")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-quickstart", action="store_true")
+    parser.add_argument("--compile", nargs="+", default=[], metavar="MODULE",
+                        help="torch.compile these submodules of our model (as SOLVER.COMPILE.MODULES)")
+    parser.add_argument("--channels-last", action="store_true", help="our model's weights channels-last")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of one training step")
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()
@@ -475,7 +483,9 @@ def main():
 
     from ddl_mask2former import ops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = (f"device {name} | torch {torch.__version__} | autocast {args.amp} | {args.shape} models, "
+    extras = "".join([f" | ours compiled: {','.join(args.compile)}" if args.compile else "",
+                      " | ours channels-last" if args.channels_last else ""])
+    header = (f"device {name} | torch {torch.__version__} | autocast {args.amp}{extras} | {args.shape} models, "
               f"{shape['image']}x{shape['image']} | deformable attention: "
               f"{'compiled op' if device.type == 'cuda' and ops.compiled_op_available() else 'PyTorch path'}")
     print(header, flush=True)
