@@ -3,6 +3,7 @@ inference rule, and the trace strength of the synthetic difficulty levels."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model_helpers import build, eval_inputs, tiny_cfg, training_batch
 from ddl_mask2former.data.augmentations import CategoryAreaCrop
@@ -173,3 +174,21 @@ def test_difficulty_levels_are_named_and_unknown_ones_rejected():
     easy, hard = trace_profile("easy"), trace_profile("hard")
     assert easy.large_region[0] > hard.large_region[0]
     assert easy.camera_noise[1] < hard.camera_noise[1]
+
+
+def test_max_pooled_detection_head_is_the_linear_layer_at_the_best_position():
+    from ddl_mask2former.modeling.detection_head import DetectionHead
+
+    torch.manual_seed(0)
+    features = {"res4": torch.randn(2, 6, 4, 6), "res5": torch.randn(2, 8, 2, 3)}
+    avg = DetectionHead({"res4": 6, "res5": 8}, ("res4", "res5"), pooling="avg")
+    head = DetectionHead({"res4": 6, "res5": 8}, ("res4", "res5"), pooling="max")
+    head.load_state_dict(avg.state_dict())  # same parameters in both forms
+    res4_on_grid = F.avg_pool2d(features["res4"], 2)
+    per_position = torch.cat([res4_on_grid, features["res5"]], dim=1).permute(0, 2, 3, 1) @ head.classifier.weight.T
+    expected = (per_position[..., 0] + head.classifier.bias).flatten(1).amax(1)
+    assert torch.allclose(head(features), expected, atol=1e-6)
+    # The mean of the position scores is the paper's average-pooled head.
+    assert torch.allclose(head.position_logits(features).mean(dim=(1, 2)), avg(features), atol=1e-6)
+    with pytest.raises(ValueError, match="POOLING"):
+        DetectionHead({"res5": 8}, pooling="median")

@@ -58,6 +58,9 @@ def _add_model_config(cfg):
     cfg.MODEL.DDL.DET_HEAD.IN_FEATURES = ["res5"]
     # Dropout on the pooled vector.
     cfg.MODEL.DDL.DET_HEAD.DROPOUT = 0.0
+    # "avg": global average pooling, then the linear layer (paper); "max": the linear layer scores
+    # every position and the image takes the highest score (small regions are not diluted).
+    cfg.MODEL.DDL.DET_HEAD.POOLING = "avg"
 
     # Pixel decoder (registry DDL_PIXEL_DECODER).
     cfg.MODEL.DDL.PIXEL_DECODER = CN()

@@ -5,7 +5,7 @@ times a random ratio in [0.5, 2.0], random 512x512 crop, random horizontal flip,
 distortion, then padding to the crop size. Its random crop re-draws the window (up to 10 times)
 until no single class covers more than ``cat_max_ratio`` (0.75) of it; ``CategoryAreaCrop``
 does the same (detectron2's RandomCrop_CategoryAreaConstraint, with each candidate counted in
-O(1) from integral images). detectron2's RandomCrop and RandomFlip are used as they are; the
+by a bincount). detectron2's RandomCrop and RandomFlip are used as they are; the
 resize, the photometric distortion and the padding are written here.
 Every geometric step is a detectron2 Transform, so the forgery mask follows the image
 exactly (nearest-neighbour for the mask); photometric steps touch only the image.
@@ -79,22 +79,24 @@ class CategoryAreaCrop(T.Augmentation):
     def get_transform(self, image, sem_seg):
         height, width = sem_seg.shape[:2]
         crop_h, crop_w = min(self.crop_size[0], height), min(self.crop_size[1], width)
-        tries = self.max_tries if self.single_category_max_area < 1.0 else 1
-        categories = [c for c in np.unique(sem_seg) if c != self.ignored_category] if tries > 1 else []
-        if len(categories) < 2:
-            tries = 1
-        # Integral image per category: the count in any window is four look-ups.
-        integrals = [np.pad((sem_seg == c).cumsum(0).cumsum(1), ((1, 0), (1, 0))) for c in categories]
+        mixed = self.single_category_max_area < 1.0 and len(self._category_counts(sem_seg)) > 1
+        tries = self.max_tries if mixed else 1
         for _ in range(tries):
             y0 = np.random.randint(height - crop_h + 1)
             x0 = np.random.randint(width - crop_w + 1)
             if tries == 1:
                 break
-            counts = np.array([ii[y0 + crop_h, x0 + crop_w] - ii[y0, x0 + crop_w] - ii[y0 + crop_h, x0] + ii[y0, x0]
-                               for ii in integrals])
+            counts = self._category_counts(sem_seg[y0:y0 + crop_h, x0:x0 + crop_w])
             if (counts > 0).sum() > 1 and counts.max() < counts.sum() * self.single_category_max_area:
                 break
         return T.CropTransform(x0, y0, crop_w, crop_h)
+
+    def _category_counts(self, sem_seg):
+        """Pixels per category present, the ignored one left out (bincount: labels are small ints)."""
+        counts = np.bincount(sem_seg.ravel())
+        if self.ignored_category is not None and self.ignored_category < len(counts):
+            counts[self.ignored_category] = 0
+        return counts[counts > 0]
 
 
 def _distort_photometric(image, brightness, contrast, contrast_first, saturation, hue):

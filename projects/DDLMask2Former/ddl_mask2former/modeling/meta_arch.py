@@ -146,7 +146,8 @@ class DDLMask2Former(nn.Module):
             )
         if "detection" in ddl.TASKS:
             args["detection_head"] = DetectionHead(
-                {k: v.channels for k, v in shapes.items()}, tuple(ddl.DET_HEAD.IN_FEATURES), ddl.DET_HEAD.DROPOUT
+                {k: v.channels for k, v in shapes.items()}, tuple(ddl.DET_HEAD.IN_FEATURES), ddl.DET_HEAD.DROPOUT,
+                ddl.DET_HEAD.POOLING,
             )
         return args
 
