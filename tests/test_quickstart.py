@@ -37,6 +37,12 @@ def test_quickstart_runs_every_step_and_reports(tmp_path):
     # The closing summary names the metrics and where everything went.
     assert "AUC" in result.stdout and "checkpoint:" in result.stdout and "demo:" in result.stdout
     assert "tools/ensemble.py" in result.stdout  # the ready ensemble command
+    # Pictures: the learning curve (with the evaluations along the way) and the val contact sheet.
+    assert (out / "model_main" / "learning_curve.png").is_file()
+    assert (out / "model_main" / "val_contact_sheet.png").is_file()
+    assert "learning_curve.png" in result.stdout and "val_contact_sheet.png" in result.stdout
+    # The terminal shows condensed progress and each evaluation, not every loss term.
+    assert "val after iter" in result.stdout and "loss_dice_0" not in result.stdout
 
 
 def test_quickstart_rejects_bad_arguments():

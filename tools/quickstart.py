@@ -4,20 +4,24 @@
     python tools/quickstart.py [--out output/quickstart] [--ensemble]
 
 Steps, each printing where it wrote:
-  1. generate a synthetic DDL-format dataset (datasets/make_synthetic_ddl.py);
+  1. generate a synthetic DDL-format dataset (datasets/make_synthetic_ddl.py) at a trace
+     difficulty (default "easy": traces a from-scratch CPU model can learn in minutes);
   2. train a small DDL-Mask2Former from scratch on the CPU (tools/train_net.py, a config from
-     configs/quickstart/), evaluating on the synthetic val split at the end and exporting the
-     predictions in the challenge's submission format;
-  3. score the export with tools/evaluate_predictions.py;
+     configs/quickstart/), evaluating on the synthetic val split a few times and at the end,
+     exporting the final predictions in the challenge's submission format;
+  3. score the export with tools/evaluate_predictions.py, and draw the learning curve and a
+     contact sheet of val predictions;
   4. run the visualizer demo (tools/demo.py) on a few val images;
   5. with --ensemble: train a second model (another backbone) and fuse both exports with
      tools/ensemble.py (paper eq. 6); without it, print the ready command.
-It ends with the metrics table and the paths of pictures, checkpoints and logs.
+The terminal shows progress with an ETA, the loss and each evaluation; full logs go to
+<out>/logs/. It ends with the metrics table and the paths of pictures, checkpoints and logs.
 """
 import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-train", type=int, default=600, help="synthetic training images")
     parser.add_argument("--num-val", type=int, default=120, help="synthetic validation images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--difficulty", default="easy", choices=("easy", "medium", "hard"),
+                        help="strength of the synthetic forgery traces (datasets/README.md)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(256, 768), metavar=("MIN", "MAX"),
                         help="range of synthetic image sides in pixels")
     parser.add_argument("--iters", type=int, default=None,
@@ -67,8 +73,9 @@ class Steps:
         elapsed = time.monotonic() - self.start
         print(f"\n=== [{elapsed / 60:5.1f} min] {text}", flush=True)
 
-    def run(self, name, cmd, show=lambda line: True):
-        """Run ``cmd``; keep its whole output in <out>/logs/<name>.log, echo the lines ``show`` keeps."""
+    def run(self, name, cmd, show=lambda line: line):
+        """Run ``cmd``; keep its whole output in <out>/logs/<name>.log and echo what ``show``
+        makes of each line (None hides it)."""
         log_path = self.out_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print("$ " + " ".join(str(c) for c in cmd), flush=True)
@@ -79,8 +86,9 @@ class Steps:
         ) as proc:
             for line in proc.stdout:
                 log.write(line)
-                if show(line):
-                    print("  " + line.rstrip(), flush=True)
+                shown = show(line)
+                if shown:
+                    print("  " + shown.rstrip(), flush=True)
         if proc.returncode != 0:
             raise SystemExit(f"quickstart: step '{name}' failed (exit {proc.returncode}); "
                              f"its full output is in {log_path}")
@@ -88,37 +96,91 @@ class Steps:
         return log_path
 
 
-def _training_progress(line):
-    # detectron2's periodic "eta: ... iter: ..." lines, the metrics table and our own messages.
-    return ("eta:" in line or line.startswith("|") or "copypaste" in line
-            or "Traceback" in line or "Error" in line or "written to" in line)
+_EVENT_LINE = re.compile(r"eta: (?P<eta>\S+)\s+iter: (?P<iter>\d+)\s+total_loss: (?P<loss>\S+)")
+_METRIC_NAMES = ("AUC", "F1", "IoU")
+
+
+class TrainingProgress:
+    """Condenses train_net.py's output for the terminal: one line per log period (iteration,
+    loss, ETA) and one per evaluation (AUC, F1, IoU); errors pass through. The log keeps all."""
+
+    def __init__(self, max_iter):
+        self.max_iter = max_iter
+        self.header = None
+        self.last_iter = 0
+
+    def __call__(self, line):
+        event = _EVENT_LINE.search(line)
+        if event:
+            self.last_iter = int(event["iter"]) + 1
+            return (f"iter {self.last_iter:>5}/{self.max_iter}   loss {float(event['loss']):7.3f}"
+                    f"   eta {event['eta']}")
+        if "copypaste:" in line:
+            fields = line.split("copypaste:", 1)[1].strip().split(",")
+            if "AUC" in fields:
+                self.header = fields
+            elif self.header and len(fields) == len(self.header):
+                values = dict(zip(self.header, fields))
+                metrics = "  ".join(f"{name} {float(values[name]):5.1f}" for name in _METRIC_NAMES)
+                return f"val after iter {self.last_iter:>5}:  {metrics}  (percent)"
+            return None
+        if "Traceback" in line or "Error" in line or "exported to" in line:
+            return line.rstrip()
+        return None
 
 
 def generate_data(steps, args):
     data_root = steps.out_dir / "data" / "DDL-I"
     stamp = data_root / "quickstart_params.json"
     params = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.seed,
-              "image_size": list(args.image_size)}
+              "image_size": list(args.image_size), "difficulty": args.difficulty}
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
-        print(f"reusing the synthetic data in {data_root} (same size and seed)")
+        print(f"reusing the synthetic data in {data_root} (same size, seed and difficulty)")
         return data_root
     steps.run("make_synthetic_ddl", [
         sys.executable, ROOT / "datasets" / "make_synthetic_ddl.py", "--out", data_root,
         "--num-train", args.num_train, "--num-val", args.num_val, "--seed", args.seed,
-        "--min-size", args.image_size[0], "--max-size", args.image_size[1]])
+        "--min-size", args.image_size[0], "--max-size", args.image_size[1],
+        "--difficulty", args.difficulty])
     stamp.write_text(json.dumps(params))
     return data_root
+
+
+def config_value(config, key):
+    """A SOLVER/TEST value of a quickstart config, read the way train_net.py reads it."""
+    from detectron2.config import get_cfg
+    from ddl_mask2former import add_ddl_mask2former_config
+
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.merge_from_file(str(config))
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def train_and_export(steps, args, config, model_dir):
     export_dir = model_dir / "export"
     opts = ["OUTPUT_DIR", model_dir, "TEST.EXPORT_DIR", export_dir, "DATASETS.TEST", f"('{VAL_DATASET}',)"]
+    max_iter = args.iters if args.iters is not None else config_value(config, "SOLVER.MAX_ITER")
     if args.iters is not None:
-        opts += ["SOLVER.MAX_ITER", args.iters]
+        # A few evaluation points along the way, whatever the length.
+        opts += ["SOLVER.MAX_ITER", args.iters, "TEST.EVAL_PERIOD", max(1, args.iters // 3)]
     steps.run(f"train_{model_dir.name}", [
         sys.executable, ROOT / "tools" / "train_net.py", "--config-file", config,
-        "--num-gpus", TRAIN_PROCESSES, "--dist-url", "auto", *opts], show=_training_progress)
+        "--num-gpus", TRAIN_PROCESSES, "--dist-url", "auto", *opts], show=TrainingProgress(max_iter))
     return export_dir
+
+
+def draw_pictures(model_dir, export_dir, val_dir, title):
+    """Learning curve and contact sheet of a trained model; returns their paths."""
+    from ddl_mask2former.report import plot_learning_curve, write_contact_sheet
+
+    curve = plot_learning_curve(str(model_dir / "metrics.json"), str(model_dir / "learning_curve.png"), title)
+    sheet = write_contact_sheet(str(export_dir), str(val_dir), str(model_dir / "val_contact_sheet.png"))
+    print(f"  learning curve: {curve}\n  contact sheet:  {sheet}")
+    return curve, sheet
 
 
 def score(steps, export_dir, gt_dir, json_path):
@@ -158,9 +220,11 @@ def main(argv=None):
     main_dir = out_dir / "model_main"
     main_export = train_and_export(steps, args, QUICKSTART_CONFIGS["main"], main_dir)
 
-    steps.banner("3/5 scoring the exported predictions (tools/evaluate_predictions.py)")
+    steps.banner("3/5 scoring the exported predictions (tools/evaluate_predictions.py) and drawing them")
     rows = [(QUICKSTART_CONFIGS["main"].stem.replace("ddl_mask2former_", ""),
              score(steps, main_export, val_dir, main_dir / "scores.json"))]
+    curve, sheet = draw_pictures(main_dir, main_export, val_dir,
+                                 f"{QUICKSTART_CONFIGS['main'].stem} on synthetic '{args.difficulty}' data")
 
     steps.banner("4/5 visualizer demo on val images (tools/demo.py)")
     demo_dir = out_dir / "demo"
@@ -190,12 +254,14 @@ def main(argv=None):
               + " ".join(str(c) for c in ensemble_cmd[1:]))
 
     steps.banner("done")
-    print("Synthetic val split, percent (F1/IoU: per-image means; 'px': dataset-level):")
+    print(f"Synthetic val split ('{args.difficulty}' traces), percent "
+          "(F1/IoU: per-image means; 'px': dataset-level):")
     print(metrics_table(rows))
     print(f"\ndata:        {data_root}")
     print(f"checkpoint:  {main_dir / 'model_final.pth'} (TensorBoard events and metrics.json beside it)")
     print(f"submission:  {main_export} (prediction.txt, mask/, prob/)")
     print(f"demo:        {demo_dir} (overlays and predictions.jsonl)")
+    print(f"pictures:    {curve} (learning curve)\n             {sheet} (val contact sheet)")
     print(f"logs:        {out_dir / 'logs'}")
     print(f"total time:  {(time.monotonic() - steps.start) / 60:.1f} min")
 
