@@ -273,6 +273,24 @@ def profile_step(step, device, top=15):
     return summary
 
 
+def saved_tensor_mib(model, records, device, amp_dtype):
+    """MiB of distinct storages autograd keeps for the backward of one training forward (a
+    device-independent proxy for the activation memory; weights saved by their layers included)."""
+    sizes = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr()] = max(sizes.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with autocast(device, amp_dtype):
+            losses = model(records)
+    sum(losses.values()).backward()
+    model.zero_grad(set_to_none=True)
+    return sum(sizes.values()) / 2**20
+
+
 # ----------------------------------------------------------------------------- measurements
 
 def ours_train_step(model, optimizer, records, device, amp_dtype):
@@ -349,6 +367,9 @@ def run_ours(args, device, shape, amp_dtype, results):
         print(f"    {n:5d}  {call:22s} {where}")
     if args.profile:
         results["profile"] = profile_step(step, device)
+    if args.saved_tensors:
+        results["saved_tensor_mib"] = saved_tensor_mib(model, records, device, amp_dtype)
+        print(f"  ours: {results['saved_tensor_mib']:.0f} MiB saved for backward per training step")
     if device.type == "cuda":
         total, sites = cuda_sync_count(step)
         results["cuda_syncs_per_step"] = total
@@ -465,6 +486,8 @@ def main():
     parser.add_argument("--compile", nargs="+", default=[], metavar="MODULE",
                         help="torch.compile these submodules of our model (as SOLVER.COMPILE.MODULES)")
     parser.add_argument("--channels-last", action="store_true", help="our model's weights channels-last")
+    parser.add_argument("--saved-tensors", action="store_true",
+                        help="MiB that autograd saves for the backward of our training step")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of one training step")
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()

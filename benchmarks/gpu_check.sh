@@ -95,7 +95,9 @@ step error_tests "${PYTEST[@]}" tests/test_ops_cuda.py -k test_kernel_errors_are
 if [ "${DDL_GPU_CHECK_SMALL:-0}" = 1 ]; then SMALL=(--device cpu --small); TN_ARGS=(--small); else SMALL=(); TN_ARGS=(--batch 32 --iters 50); fi
 step throughput timeout 300 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --json "$OUT/throughput.json"
 step train_net timeout 240 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --json "$OUT/train_net.json"
-step model_tests "${PYTEST[@]}" -q tests/test_throughput_engine.py tests/test_throughput_model.py
+# Model tests use tests/conftest.py (so no --noconftest); on CUDA they add the GPU cases.
+step model_tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_throughput_engine.py \
+  tests/test_throughput_model.py
 
 # Issue 9: the quickstart model on the hardest synthetic level, at most TRAIN_SECONDS of training.
 if [ "${DDL_GPU_CHECK_SMALL:-0}" = 1 ]; then
