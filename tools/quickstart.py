@@ -104,16 +104,16 @@ class TrainingProgress:
     """Condenses train_net.py's output for the terminal: one line per log period (iteration,
     loss, ETA) and one per evaluation (AUC, F1, IoU); errors pass through. The log keeps all."""
 
-    def __init__(self, max_iter):
+    def __init__(self, max_iter, eval_period):
         self.max_iter = max_iter
+        self.eval_period = eval_period
         self.header = None
-        self.last_iter = 0
+        self.evaluations = 0
 
     def __call__(self, line):
         event = _EVENT_LINE.search(line)
         if event:
-            self.last_iter = int(event["iter"]) + 1
-            return (f"iter {self.last_iter:>5}/{self.max_iter}   loss {float(event['loss']):7.3f}"
+            return (f"iter {int(event['iter']) + 1:>5}/{self.max_iter}   loss {float(event['loss']):7.3f}"
                     f"   eta {event['eta']}")
         if "copypaste:" in line:
             fields = line.split("copypaste:", 1)[1].strip().split(",")
@@ -122,9 +122,12 @@ class TrainingProgress:
             elif self.header and len(fields) == len(self.header):
                 values = dict(zip(self.header, fields))
                 metrics = "  ".join(f"{name} {float(values[name]):5.1f}" for name in _METRIC_NAMES)
-                return f"val after iter {self.last_iter:>5}:  {metrics}  (percent)"
+                # detectron2 evaluates every EVAL_PERIOD iterations and after the last one.
+                self.evaluations += 1
+                iteration = min(self.evaluations * self.eval_period, self.max_iter) if self.eval_period else self.max_iter
+                return f"val after iter {iteration:>5}:  {metrics}  (percent)"
             return None
-        if "Traceback" in line or "Error" in line or "exported to" in line:
+        if "Traceback" in line or "Error" in line:
             return line.rstrip()
         return None
 
@@ -163,13 +166,15 @@ def config_value(config, key):
 def train_and_export(steps, args, config, model_dir):
     export_dir = model_dir / "export"
     opts = ["OUTPUT_DIR", model_dir, "TEST.EXPORT_DIR", export_dir, "DATASETS.TEST", f"('{VAL_DATASET}',)"]
-    max_iter = args.iters if args.iters is not None else config_value(config, "SOLVER.MAX_ITER")
     if args.iters is not None:
         # A few evaluation points along the way, whatever the length.
-        opts += ["SOLVER.MAX_ITER", args.iters, "TEST.EVAL_PERIOD", max(1, args.iters // 3)]
+        max_iter, eval_period = args.iters, max(1, args.iters // 3)
+        opts += ["SOLVER.MAX_ITER", max_iter, "TEST.EVAL_PERIOD", eval_period]
+    else:
+        max_iter, eval_period = config_value(config, "SOLVER.MAX_ITER"), config_value(config, "TEST.EVAL_PERIOD")
     steps.run(f"train_{model_dir.name}", [
         sys.executable, ROOT / "tools" / "train_net.py", "--config-file", config,
-        "--num-gpus", TRAIN_PROCESSES, "--dist-url", "auto", *opts], show=TrainingProgress(max_iter))
+        "--num-gpus", TRAIN_PROCESSES, "--dist-url", "auto", *opts], show=TrainingProgress(max_iter, eval_period))
     return export_dir
 
 
