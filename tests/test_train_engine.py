@@ -255,3 +255,21 @@ def test_atomic_checkpointer_writes_tag_and_removes_stale_partial_files(tmp_path
     extra = AtomicDetectionCheckpointer(restored, str(tmp_path)).resume_or_load("", resume=True)
     assert extra["iteration"] == 19
     assert torch.equal(restored.weight, model.weight)
+
+
+def test_evaluation_leaves_the_training_random_state_alone(monkeypatch):
+    """Evaluating in the middle of training (TEST.EVAL_PERIOD) must not shift training's random draws."""
+    from detectron2.engine import DefaultTrainer
+
+    from ddl_mask2former.engine.trainer import Trainer
+
+    def drawing_test(cls, cfg, model, evaluators=None):
+        torch.rand(5)  # as a DataLoader does when it draws its base seed
+        return {"ddl": {"AUC": 50.0}}
+
+    monkeypatch.setattr(DefaultTrainer, "test", classmethod(drawing_test))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert Trainer.test(None, None) == {"ddl": {"AUC": 50.0}}
+    assert torch.equal(torch.rand(3), expected)

@@ -152,6 +152,15 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """detectron2's evaluation, leaving torch's random state as training had it: building a
+        test data loader draws a seed from torch's generator, so without this the evaluation
+        schedule (TEST.EVAL_PERIOD) would change every later random draw of training."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return super().test(cfg, model, evaluators)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """DDLEvaluator from cfg.TEST.* (export to TEST.EXPORT_DIR when set)."""
         from ..evaluation import build_ddl_evaluator
