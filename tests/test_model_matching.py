@@ -142,3 +142,17 @@ def test_criterion_class_loss_is_one_hot_of_the_matched_class():
     weight = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.1, 0.1]]])
     bce = F.binary_cross_entropy_with_logits(logits, expected_target, reduction="none")
     assert losses["loss_cls"].item() == pytest.approx(((bce * weight).sum() / weight.sum()).item(), rel=1e-5)
+
+
+def test_criterion_and_matcher_read_every_weight_from_the_config_once():
+    from model_helpers import tiny_cfg
+
+    cfg = tiny_cfg()
+    loss = cfg.MODEL.DDL.LOSS
+    loss.CLASS_WEIGHT, loss.MASK_WEIGHT, loss.DICE_WEIGHT, loss.NUM_POINTS = 1.5, 4.0, 3.0, 99
+    loss.NO_OBJECT_WEIGHT, loss.DEEP_SUPERVISION = 0.2, False
+    criterion = LocalizationCriterion(cfg)
+    matcher = criterion.matcher
+    assert (matcher.class_weight, matcher.mask_weight, matcher.dice_weight, matcher.num_points) == (1.5, 4.0, 3.0, 99)
+    assert (criterion.class_weight, criterion.mask_weight, criterion.dice_weight) == (1.5, 4.0, 3.0)
+    assert criterion.no_object_weight == 0.2 and criterion.deep_supervision is False

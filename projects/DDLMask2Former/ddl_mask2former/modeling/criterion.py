@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detectron2.config import configurable
 from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
+
+from .matcher import HungarianMatcher
 
 
 def _uncertainty(logits):
@@ -67,6 +70,7 @@ def uncertain_point_coords(mask_logits, num_points, oversample_ratio, importance
 
 
 class LocalizationCriterion(nn.Module):
+    @configurable
     def __init__(
         self,
         matcher,
@@ -92,6 +96,23 @@ class LocalizationCriterion(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.deep_supervision = deep_supervision
+
+    @classmethod
+    def from_config(cls, cfg):
+        """Every weight from MODEL.DDL.LOSS, read once; the matcher's costs come from the same keys."""
+        loss = cfg.MODEL.DDL.LOSS
+        return {
+            "matcher": HungarianMatcher(cfg),
+            "class_weight": loss.CLASS_WEIGHT,
+            "mask_weight": loss.MASK_WEIGHT,
+            "dice_weight": loss.DICE_WEIGHT,
+            "no_object_weight": loss.NO_OBJECT_WEIGHT,
+            "loc_weight": loss.LOC_WEIGHT,
+            "num_points": loss.NUM_POINTS,
+            "oversample_ratio": loss.OVERSAMPLE_RATIO,
+            "importance_sample_ratio": loss.IMPORTANCE_SAMPLE_RATIO,
+            "deep_supervision": loss.DEEP_SUPERVISION,
+        }
 
     def _class_losses(self, layers, labels, pairs):
         """(L,) class losses. logits of each layer (B, Q, K); a matched query's row is the one-hot

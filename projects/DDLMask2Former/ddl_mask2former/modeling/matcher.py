@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from detectron2.config import configurable
 from detectron2.projects.point_rend.point_features import point_sample
 
 
@@ -92,6 +93,7 @@ class HungarianMatcher(nn.Module):
     no host round trip at all.
     """
 
+    @configurable
     def __init__(self, class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=12544):
         super().__init__()
         if class_weight == 0 and mask_weight == 0 and dice_weight == 0:
@@ -100,6 +102,13 @@ class HungarianMatcher(nn.Module):
         self.mask_weight = mask_weight
         self.dice_weight = dice_weight
         self.num_points = num_points
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The costs are the localization loss weights (MODEL.DDL.LOSS), as in Mask2Former."""
+        loss = cfg.MODEL.DDL.LOSS
+        return {"class_weight": loss.CLASS_WEIGHT, "mask_weight": loss.MASK_WEIGHT,
+                "dice_weight": loss.DICE_WEIGHT, "num_points": loss.NUM_POINTS}
 
     def cost_matrix(self, logits, mask_logits, target_masks, target_labels, valid):
         """(Q, T) cost for one image: logits (Q, K), mask_logits (Q,h,w), target_masks (T,H,W),

@@ -47,7 +47,6 @@ from detectron2.structures import ImageList
 
 from .criterion import LocalizationCriterion
 from .detection_head import DetectionHead
-from .matcher import HungarianMatcher
 from .noise_residuals import NoiseResiduals
 from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import build_transformer_decoder
@@ -123,27 +122,9 @@ class DDLMask2Former(nn.Module):
         shapes = backbone.output_shape()
         if "localization" in ddl.TASKS:
             pixel_decoder = build_pixel_decoder(cfg, shapes)
-            loss = ddl.LOSS
-            matcher = HungarianMatcher(
-                class_weight=loss.CLASS_WEIGHT,
-                mask_weight=loss.MASK_WEIGHT,
-                dice_weight=loss.DICE_WEIGHT,
-                num_points=loss.NUM_POINTS,
-            )
             args["pixel_decoder"] = pixel_decoder
             args["transformer_decoder"] = build_transformer_decoder(cfg, pixel_decoder.conv_dim, pixel_decoder.mask_dim)
-            args["criterion"] = LocalizationCriterion(
-                matcher,
-                class_weight=loss.CLASS_WEIGHT,
-                mask_weight=loss.MASK_WEIGHT,
-                dice_weight=loss.DICE_WEIGHT,
-                no_object_weight=loss.NO_OBJECT_WEIGHT,
-                loc_weight=loss.LOC_WEIGHT,
-                num_points=loss.NUM_POINTS,
-                oversample_ratio=loss.OVERSAMPLE_RATIO,
-                importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,
-                deep_supervision=loss.DEEP_SUPERVISION,
-            )
+            args["criterion"] = LocalizationCriterion(cfg)
         if "detection" in ddl.TASKS:
             args["detection_head"] = DetectionHead(
                 {k: v.channels for k, v in shapes.items()}, tuple(ddl.DET_HEAD.IN_FEATURES), ddl.DET_HEAD.DROPOUT,
