@@ -1,5 +1,5 @@
-"""Training and inference plumbing: the detectron2 Trainer, optimizer groups, schedules,
-hooks, and the overlay rendering used by tools/demo.py."""
+"""Training plumbing: the detectron2 Trainer and its train loop, optimizer groups, schedules
+and hooks. (Overlay pictures live in ``ddl_mask2former.visualization``.)"""
 from .hooks import NonFiniteLossError, NonFiniteLossHook
 from .lr_scheduler import PolyParamScheduler, build_lr_scheduler
 from .optimizer import build_optimizer, build_param_groups, with_gradient_clipping
