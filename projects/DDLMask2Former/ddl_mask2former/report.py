@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from .data.image_io import read_forgery_mask, read_image
-from .evaluation.export import MASK_DIR, PREDICTION_FILE, PROB_DIR, decode_prob_u8, mask_file_name, read_gray_png
-from .evaluation.export import read_predictions
+from .evaluation.export import (
+    MASK_DIR, PREDICTION_FILE, PROB_DIR, decode_prob_u8, mask_file_name, read_gray_png, read_predictions)
 from .visualization import render_forgery_overlay
 
 __all__ = ["read_metrics", "plot_learning_curve", "write_contact_sheet"]
@@ -157,8 +157,8 @@ def _contact_row(export_dir, split_dir, folder, name, label, fake_prob, row_heig
         predicted = read_gray_png(os.path.join(export_dir, MASK_DIR, mask_file_name(name))) > 127
         mask_prob = predicted.astype(np.float32)
     prediction = render_forgery_overlay(image, mask_prob, predicted, fake_prob)
-    union = np.logical_or(truth, predicted).sum()
     if label:
+        union = np.logical_or(truth, predicted).sum()
         iou = np.logical_and(truth, predicted).sum() / union if union else 1.0
         caption = f"{folder} {name}: fake_prob {fake_prob:.2f}, IoU {iou:.2f}"
     else:
