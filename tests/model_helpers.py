@@ -7,6 +7,20 @@ from detectron2.modeling import build_model
 from ddl_mask2former import add_ddl_mask2former_config
 
 
+def ddl_cfg(**overrides):
+    """detectron2's defaults plus this project's keys, with dotted overrides:
+    ``ddl_cfg(**{"SOLVER.AMP.PRECISION": "bfloat16"})``."""
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return cfg
+
+
 def tiny_cfg(backbone="swin", tasks=("detection", "localization")):
     """A DDLMask2Former config with every size knob turned down; ``backbone``: swin, r18 or r50."""
     cfg = get_cfg()

@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 
 from data_helpers import write_image
-from ddl_mask2former.config import add_ddl_mask2former_config
+from model_helpers import ddl_cfg
 from ddl_mask2former.data import (
     IGNORE_VALUE, BaseScaleResize, DDLDatasetMapper, PadToSize, PhotometricDistortion,
     base_scale_size)
@@ -29,17 +28,7 @@ def _pattern_sample(tmp_path, height=60, width=90):
 
 
 def _cfg(**overrides):
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    cfg.INPUT.BASE_SCALE = (128, 64)
-    cfg.INPUT.CROP.SIZE = (48, 48)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = getattr(node, parent)
-        setattr(node, leaf, value)
-    return cfg
+    return ddl_cfg(**{"INPUT.BASE_SCALE": (128, 64), "INPUT.CROP.SIZE": (48, 48), **overrides})
 
 
 def test_mask_stays_on_pattern_under_scale_crop_flip(tmp_path):

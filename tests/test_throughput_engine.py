@@ -2,11 +2,10 @@
 the losses, and the opt-in speed options (channels-last, torch.compile)."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from ddl_mask2former.config import add_ddl_mask2former_config
+from model_helpers import ddl_cfg
 from ddl_mask2former.engine import (
     DDLTrainLoop,
     NonFiniteLossError,
@@ -45,30 +44,18 @@ def _batches():
         yield torch.randn(8, 4, generator=generator)
 
 
-def _cfg(**overrides):
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = getattr(node, parent)
-        setattr(node, leaf, value)
-    return cfg
-
-
 def test_amp_precision_key_picks_the_autocast_dtype():
-    assert _cfg().SOLVER.AMP.PRECISION == "float16"  # today's behaviour stays the default
-    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": False})) is None
-    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cuda"})) == torch.float16
-    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cuda",
+    assert ddl_cfg().SOLVER.AMP.PRECISION == "float16"  # today's behaviour stays the default
+    assert amp_dtype_from_cfg(ddl_cfg(**{"SOLVER.AMP.ENABLED": False})) is None
+    assert amp_dtype_from_cfg(ddl_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cuda"})) == torch.float16
+    assert amp_dtype_from_cfg(ddl_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cuda",
                                       "SOLVER.AMP.PRECISION": "bfloat16"})) == torch.bfloat16
     # float16 autocast is CUDA-only (ignored with a warning); bfloat16 also runs on CPUs.
-    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cpu"})) is None
-    assert amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cpu",
+    assert amp_dtype_from_cfg(ddl_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cpu"})) is None
+    assert amp_dtype_from_cfg(ddl_cfg(**{"SOLVER.AMP.ENABLED": True, "MODEL.DEVICE": "cpu",
                                       "SOLVER.AMP.PRECISION": "bfloat16"})) == torch.bfloat16
     with pytest.raises(ValueError, match="SOLVER.AMP.PRECISION"):
-        amp_dtype_from_cfg(_cfg(**{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": "fp8"}))
+        amp_dtype_from_cfg(ddl_cfg(**{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.PRECISION": "fp8"}))
 
 
 def test_losses_to_host_copies_once(monkeypatch):

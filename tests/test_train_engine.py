@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import SimpleTrainer
 from detectron2.engine.launch import launch
 from detectron2.utils import comm
 from torch import nn
 
-from ddl_mask2former.config import add_ddl_mask2former_config
+from model_helpers import ddl_cfg
 from ddl_mask2former.engine import (
     NonFiniteLossError,
     NonFiniteLossHook,
@@ -90,20 +89,8 @@ def test_param_groups_backbone_multiplier_and_no_decay_rules():
     assert len(grouped) == len(trainable)
 
 
-def _solver_cfg(**overrides):
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return cfg
-
-
 def test_build_optimizer_adamw_with_full_model_clipping():
-    cfg = _solver_cfg(**{
+    cfg = ddl_cfg(**{
         "SOLVER.BASE_LR": 1e-3, "SOLVER.WEIGHT_DECAY": 0.05, "SOLVER.BACKBONE_MULTIPLIER": 0.1,
         "SOLVER.CLIP_GRADIENTS.ENABLED": True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model",
         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.01,
@@ -112,7 +99,7 @@ def test_build_optimizer_adamw_with_full_model_clipping():
     assert isinstance(optimizer, torch.optim.AdamW)
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([1e-4, 1e-3])
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
-        build_optimizer(_solver_cfg(**{"SOLVER.OPTIMIZER": "LION"}), _ToyMetaArch())
+        build_optimizer(ddl_cfg(**{"SOLVER.OPTIMIZER": "LION"}), _ToyMetaArch())
 
 
 def test_full_model_clipping_caps_the_global_norm():
@@ -133,7 +120,7 @@ def test_full_model_clipping_caps_the_global_norm():
 
 def test_warmup_poly_schedule_and_group_ratios():
     max_iter, warmup = 100, 10
-    cfg = _solver_cfg(**{
+    cfg = ddl_cfg(**{
         "SOLVER.BASE_LR": 1e-3, "SOLVER.LR_SCHEDULER_NAME": "WarmupPolyLR",
         "SOLVER.MAX_ITER": max_iter, "SOLVER.WARMUP_ITERS": warmup,
         "SOLVER.WARMUP_FACTOR": 0.01, "SOLVER.POLY_LR_POWER": 0.9,
@@ -159,7 +146,7 @@ def test_warmup_poly_schedule_and_group_ratios():
 
 
 def test_poly_constant_ending_floors_the_rate():
-    cfg = _solver_cfg(**{
+    cfg = ddl_cfg(**{
         "SOLVER.BASE_LR": 1.0, "SOLVER.LR_SCHEDULER_NAME": "WarmupPolyLR", "SOLVER.MAX_ITER": 10,
         "SOLVER.WARMUP_ITERS": 0, "SOLVER.POLY_LR_CONSTANT_ENDING": 0.2,
         "SOLVER.BACKBONE_MULTIPLIER": 1.0,
