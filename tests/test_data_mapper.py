@@ -163,3 +163,35 @@ class _FixedTransform(T.Augmentation):
 
     def get_transform(self, image):
         return self.transform
+
+
+def _map_seeded(mapper, sample, seed):
+    np.random.seed(seed)
+    out = mapper(sample)
+    return out["image"].numpy(), out["forgery_mask"].numpy(), out["label"]
+
+
+def test_decoded_cache_gives_the_decoded_samples_and_stays_unchanged(tmp_path):
+    sample = _pattern_sample(tmp_path)
+    cfg = _cfg(**{"INPUT.CROP.SIZE": (32, 32)})
+    plain = DDLDatasetMapper(cfg, is_train=True)
+    cached = DDLDatasetMapper(_cfg(**{"INPUT.CROP.SIZE": (32, 32), "DATALOADER.DECODED_CACHE_MB": 1}),
+                              is_train=True)
+    for seed in range(12):  # photometric jitter, flips and crops all run on the cached arrays
+        for a, b in zip(_map_seeded(plain, sample, seed), _map_seeded(cached, sample, seed)):
+            np.testing.assert_array_equal(a, b)
+    image, mask = cached.decoded_cache.get(sample["file_name"])
+    assert not image.flags.writeable and not mask.flags.writeable
+    assert cached.decoded_cache.used_bytes == image.nbytes + mask.nbytes == 60 * 90 * 4
+    assert plain.decoded_cache.get(sample["file_name"]) is None
+
+
+def test_decoded_cache_stops_at_its_budget(tmp_path):
+    sample = _pattern_sample(tmp_path)
+    # 60 x 90 x 4 bytes = 21,600 bytes do not fit in 0.01 MiB (10,485 bytes): decoded each time.
+    mapper = DDLDatasetMapper(_cfg(**{"DATALOADER.DECODED_CACHE_MB": 0.01}), is_train=True)
+    mapper(sample)
+    assert mapper.decoded_cache.get(sample["file_name"]) is None
+    assert mapper.decoded_cache.used_bytes == 0
+    with pytest.raises(ValueError, match="DECODED_CACHE_MB"):
+        DDLDatasetMapper(_cfg(**{"DATALOADER.DECODED_CACHE_MB": -1}), is_train=True)

@@ -168,6 +168,9 @@ def _add_data_config(cfg):
     cfg.INPUT.PHOTOMETRIC.HUE_DELTA = 18
     # Training drops samples whose files are unreadable (each logged with its file, and counted).
     cfg.DATALOADER.SKIP_BAD_SAMPLES = False
+    # Training keeps decoded images and masks in memory up to this many MiB per data-loader
+    # worker (0: decode every sample). For small datasets such as the CPU quickstart's.
+    cfg.DATALOADER.DECODED_CACHE_MB = 0
 
 
 def _add_evaluation_config(cfg):

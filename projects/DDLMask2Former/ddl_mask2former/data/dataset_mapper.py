@@ -11,6 +11,11 @@ INPUT.CROP.SINGLE_CATEGORY_MAX_AREA < 1), RandomFlip, PhotometricDistortion and 
 Test / evaluation: resize to the base scale only; "height"/"width" stay the ORIGINAL size so
 predictions can be resized back; "label" and "mask_file" pass through when present.
 
+With decoded_cache_mb > 0 (training only) each process keeps the decoded image and forgery
+mask of the first files it reads, up to that many MiB, and crops later epochs from memory: on a
+small dataset (the CPU quickstart) PNG decoding is most of a sample's cost. Cached arrays are
+read-only; augmentations never change their input in place.
+
 With skip_bad_samples (training only) a sample whose files turn out unreadable is logged
 with its file name, counted, and dropped (the mapper returns None, and detectron2's
 MapDataset then draws another sample); otherwise the DDLDataError propagates.
@@ -45,7 +50,7 @@ class DDLDatasetMapper:
 
     @configurable
     def __init__(self, is_train, *, augmentations, image_format="RGB", mask_threshold=127,
-                 skip_bad_samples=False, crop_label_from_mask=False):
+                 skip_bad_samples=False, crop_label_from_mask=False, decoded_cache_mb=0):
         """
         Args:
             is_train: training (labels and masks required) or inference.
@@ -56,7 +61,12 @@ class DDLDatasetMapper:
             skip_bad_samples: drop unreadable training samples (logged and counted).
             crop_label_from_mask: in training, a fake image's crop that keeps no forged pixel
                 gets label 0 (its pixels are all authentic); the image's label otherwise.
+            decoded_cache_mb: in training, keep decoded images and masks in this process's
+                memory up to this many MiB (0: decode every time). Each data-loader worker
+                holds its own cache.
         """
+        if decoded_cache_mb < 0:
+            raise ValueError(f"DATALOADER.DECODED_CACHE_MB must be >= 0, got {decoded_cache_mb}")
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"DDLDatasetMapper supports image_format RGB or BGR, got {image_format!r}")
         self.is_train = is_train
@@ -65,6 +75,7 @@ class DDLDatasetMapper:
         self.mask_threshold = mask_threshold
         self.skip_bad_samples = skip_bad_samples and is_train
         self.crop_label_from_mask = crop_label_from_mask
+        self.decoded_cache = DecodedCache(decoded_cache_mb if is_train else 0)
         # Per process: each data-loader worker counts its own skips.
         self.num_skipped = 0
         mode = "training" if is_train else "inference"
@@ -107,6 +118,7 @@ class DDLDatasetMapper:
             "mask_threshold": cfg.INPUT.MASK_THRESHOLD,
             "skip_bad_samples": cfg.DATALOADER.SKIP_BAD_SAMPLES,
             "crop_label_from_mask": cfg.INPUT.CROP_LABEL_FROM_MASK,
+            "decoded_cache_mb": cfg.DATALOADER.DECODED_CACHE_MB,
         }
 
     def __call__(self, dataset_dict):
@@ -122,16 +134,11 @@ class DDLDatasetMapper:
 
     def _map(self, dataset_dict):
         dataset_dict = copy.copy(dataset_dict)
-        file_name = dataset_dict["file_name"]
-        # Photometric distortion assumes RGB, so decode RGB and reorder at the end.
-        image = read_image(file_name, format="RGB")
-        height, width = image.shape[:2]
-        if "height" in dataset_dict and (dataset_dict["height"], dataset_dict["width"]) != (height, width):
-            raise DDLDataError(file_name, f"decoded size {width}x{height} (WxH) differs from the "
-                                          f"indexed size {dataset_dict['width']}x{dataset_dict['height']}; "
-                                          f"was the file replaced after indexing?")
-        dataset_dict["height"], dataset_dict["width"] = height, width
-        forgery_mask = self._forgery_mask(dataset_dict, height, width) if self.is_train else None
+        decoded = self.decoded_cache.get(dataset_dict["file_name"])
+        if decoded is None:
+            decoded = self.decoded_cache.put(dataset_dict["file_name"], *self._decode(dataset_dict))
+        image, forgery_mask = decoded
+        dataset_dict["height"], dataset_dict["width"] = image.shape[:2]
 
         aug_input = T.AugInput(image, sem_seg=forgery_mask)
         self.augmentations(aug_input)
@@ -145,6 +152,19 @@ class DDLDatasetMapper:
             if self.crop_label_from_mask and not (aug_input.sem_seg == 1).any():
                 dataset_dict["label"] = 0
         return dataset_dict
+
+    def _decode(self, dataset_dict):
+        """(RGB image, forgery mask or None at test time), checked against the index."""
+        file_name = dataset_dict["file_name"]
+        # Photometric distortion assumes RGB, so decode RGB and reorder at the end.
+        image = read_image(file_name, format="RGB")
+        height, width = image.shape[:2]
+        if "height" in dataset_dict and (dataset_dict["height"], dataset_dict["width"]) != (height, width):
+            raise DDLDataError(file_name, f"decoded size {width}x{height} (WxH) differs from the "
+                                          f"indexed size {dataset_dict['width']}x{dataset_dict['height']}; "
+                                          f"was the file replaced after indexing?")
+        forgery_mask = self._forgery_mask(dataset_dict, height, width) if self.is_train else None
+        return image, forgery_mask
 
     def _forgery_mask(self, dataset_dict, height, width):
         if "label" not in dataset_dict:
@@ -164,3 +184,30 @@ class DDLDatasetMapper:
             raise DDLDataError(mask_file, f"mask is {forged.shape[1]}x{forged.shape[0]} (WxH) but "
                                           f"its image {dataset_dict['file_name']} is {width}x{height}")
         return forged.astype(np.uint8)
+
+
+class DecodedCache:
+    """File name -> (image, mask) arrays kept read-only in memory until ``budget_mb`` is used.
+
+    No eviction: once full, later files are decoded every time, so memory stays bounded and a
+    cached sample is exactly what decoding would give.
+    """
+
+    def __init__(self, budget_mb):
+        self.budget_bytes = int(budget_mb * 2**20)
+        self.used_bytes = 0
+        self._arrays = {}
+
+    def get(self, file_name):
+        return self._arrays.get(file_name)
+
+    def put(self, file_name, image, mask):
+        size = image.nbytes + (mask.nbytes if mask is not None else 0)
+        if self.used_bytes + size > self.budget_bytes:
+            return image, mask
+        for array in (image, mask):
+            if array is not None:
+                array.flags.writeable = False
+        self._arrays[file_name] = (image, mask)
+        self.used_bytes += size
+        return image, mask
