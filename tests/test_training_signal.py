@@ -1,5 +1,6 @@
 """The training signal: crops that keep both classes, the two localization target forms and their
 inference rule, and the trace strength of the synthetic difficulty levels."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from model_helpers import build, eval_inputs, tiny_cfg, training_batch
 from ddl_mask2former.data.augmentations import CategoryAreaCrop
 from ddl_mask2former.data.synthetic import (
-    DIFFICULTIES, load_source_photos, make_fake_image, make_real_image, trace_profile)
+    DIFFICULTIES, _capture, load_source_photos, make_fake_image, make_real_image, trace_profile)
 from ddl_mask2former.modeling.meta_arch import DDLMask2Former
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -145,8 +146,6 @@ def test_inference_rule_for_one_and_two_classes():
 
 def _trace_contrast(difficulty, count=16):
     """Mean |log| ratio of high-pass energy inside vs just outside the forged regions."""
-    import cv2
-
     photos = load_source_photos()
     ratios = []
     for index in range(count):
@@ -163,6 +162,34 @@ def _trace_contrast(difficulty, count=16):
 def test_difficulty_levels_order_the_trace_strength():
     contrast = {level: _trace_contrast(level) for level in ("easy", "medium", "hard")}
     assert contrast["easy"] > contrast["medium"] > contrast["hard"]
+
+
+@pytest.mark.parametrize("forgery_type", ["edit_warp", "edit_inpaint", "edit_resynth"])
+def test_easy_edits_remove_the_sensor_noise_they_cover(forgery_type):
+    # Easy photographs carry sensor noise from capture, before the forgery; an edit that
+    # resamples, blurs or inpaints removes it, so the edited area is visibly quieter.
+    photos = load_source_photos()
+    ratios = []
+    for index in range(6):
+        rng = np.random.default_rng([5, index])
+        image, mask, _meta = make_fake_image(rng, photos, 160, 200, forgery_type=forgery_type,
+                                             difficulty="easy")
+        residual = np.abs(cv2.Laplacian(image.astype(np.float32).mean(axis=2), cv2.CV_32F))
+        inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        ring = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool) & ~mask
+        if inner.sum() > 20 and ring.sum() > 20:
+            ratios.append(np.median(residual[inner]) / np.median(residual[ring]))
+    assert len(ratios) >= 3
+    assert np.median(ratios) < 0.6
+
+
+def test_sensor_noise_keeps_gray_photographs_gray():
+    photos = load_source_photos()
+    gray_view = np.repeat(photos["camera"][:64, :80, :1], 3, axis=2)
+    captured = _capture(np.random.default_rng(0), gray_view, trace_profile("easy"))
+    assert not np.array_equal(captured, gray_view)
+    assert np.array_equal(captured[..., 0], captured[..., 1]) and np.array_equal(captured[..., 1], captured[..., 2])
+    assert _capture(np.random.default_rng(0), gray_view, trace_profile("hard")) is gray_view
 
 
 def test_difficulty_levels_are_named_and_unknown_ones_rejected():

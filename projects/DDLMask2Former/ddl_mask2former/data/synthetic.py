@@ -92,6 +92,11 @@ class TraceProfile:
     camera_noise: tuple
     camera_jpeg_prob: float
     camera_jpeg_quality: tuple
+    # Sensor noise sigma of every captured photograph (the base view and each face-swap donor,
+    # drawn per photograph) added before any forgery; None: no sensor stage. Edits that
+    # resample, blur or inpaint remove it, and a donor brings its own level, so the edit leaves
+    # a noise inconsistency. The camera noise above comes after the forgery and covers it.
+    sensor_noise: Optional[tuple] = None
 
 
 TRACE_PROFILES = {
@@ -112,7 +117,7 @@ TRACE_PROFILES = {
         resynth_factor=(0.2, 0.4), inpaint_grain=(0.0, 0.3), feather=0.04,
         colour_match=(0.0, 0.5), large_region=(0.2, 0.36), small_region=(0.1, 0.18),
         multi_face_region=(0.14, 0.24), camera_noise=(0.2, 0.6), camera_jpeg_prob=0.3,
-        camera_jpeg_quality=(93, 99)),
+        camera_jpeg_quality=(93, 99), sensor_noise=(2.0, 4.0)),
 }
 DIFFICULTIES = tuple(TRACE_PROFILES)
 
@@ -177,6 +182,18 @@ def _add_noise(rng, image, sigma):
     return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
+def _capture(rng, view, profile):
+    """A photograph as its sensor recorded it: the view plus the profile's sensor noise."""
+    if profile.sensor_noise is None:
+        return view
+    sigma = rng.uniform(*profile.sensor_noise)
+    if np.array_equal(view[..., 0], view[..., 1]) and np.array_equal(view[..., 1], view[..., 2]):
+        # A monochrome sensor: one noise field for all channels keeps the photograph gray.
+        noisy = view.astype(np.float32) + _gaussian_noise(rng, view.shape[:2] + (1,), sigma)
+        return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    return _add_noise(rng, view, sigma)
+
+
 def _camera_pipeline(rng, image, profile):
     """Processing shared by real and fake images so global statistics carry no label."""
     image = _add_noise(rng, image, rng.uniform(*profile.camera_noise))
@@ -195,7 +212,7 @@ def make_real_image(rng, photos, min_size=256, max_size=768, difficulty="hard"):
     names = sorted(photos)
     height, width = _image_size(rng, min_size, max_size)
     base = names[int(rng.integers(len(names)))]
-    image = _random_view(rng, photos[base], height, width)
+    image = _capture(rng, _random_view(rng, photos[base], height, width), profile)
     return _camera_pipeline(rng, image, profile), {"source": base}
 
 
@@ -258,7 +275,7 @@ def _forge_region(rng, image, photos, base_name, kind, rel_axis_range, profile):
     if kind == "face_swap":
         donors = [n for n in sorted(photos) if n != base_name] or sorted(photos)
         donor_photo = photos[donors[int(rng.integers(len(donors)))]]
-        donor = _random_view(rng, donor_photo, patch_h, patch_w)
+        donor = _capture(rng, _random_view(rng, donor_photo, patch_h, patch_w), profile)
         if np.array_equal(patch[..., 0], patch[..., 1]) and np.array_equal(patch[..., 1], patch[..., 2]):
             # A grayscale photo gets a grayscale donor, as a colour face would be a giveaway.
             donor = np.repeat(cv2.cvtColor(donor, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
@@ -306,7 +323,7 @@ def make_fake_image(rng, photos, min_size=256, max_size=768, forgery_type=None, 
     names = sorted(photos)
     height, width = _image_size(rng, min_size, max_size)
     base = names[int(rng.integers(len(names)))]
-    image = _random_view(rng, photos[base], height, width)
+    image = _capture(rng, _random_view(rng, photos[base], height, width), profile)
     if forgery_type is None:
         forgery_type = FORGERY_TYPES[int(rng.choice(len(FORGERY_TYPES), p=_FORGERY_TYPE_PROBS))]
     large, small = profile.large_region, profile.small_region
