@@ -184,6 +184,23 @@ def _add_evaluation_config(cfg):
     cfg.TEST.EXPORT_ZIP = False
     # Dataset-dict key (e.g. a forgery type) to break metrics down by; "" for no breakdown.
     cfg.TEST.EVAL_GROUP_KEY = ""
+    # Tiled inference at native resolution (modeling/tiled_inference.py): the test input keeps
+    # its size (no INPUT.BASE_SCALE resize) and the model runs on overlapping square tiles.
+    cfg.TEST.TILE = CN()
+    # Tile the image instead of resizing it to INPUT.BASE_SCALE.
+    cfg.TEST.TILE.ENABLED = False
+    # Tile side in pixels; a multiple of the model's input divisibility (32 for Swin).
+    cfg.TEST.TILE.SIZE = 512
+    # Pixels shared by neighbouring tiles, blended with weights that taper to 0 across them; < SIZE.
+    cfg.TEST.TILE.OVERLAP = 64
+    # Tiles per forward pass (twice as many images with flip TTA).
+    cfg.TEST.TILE.BATCH_SIZE = 1
+    # Image fake_prob from the tiles' fake_probs: "tile_max", "tile_mean", "global" (the
+    # INPUT.BASE_SCALE view alone) or "global_tile_max" (mean of global and tile_max).
+    cfg.TEST.TILE.FAKE_PROB = "tile_max"
+    # detectron2's TEST.AUG.ENABLED with TEST.AUG.FLIP (on by default) averages each prediction with
+    # that of the horizontally flipped input, un-flipped; composes with tiling. Flip is the only
+    # test-time augmentation: TEST.AUG.MIN_SIZES and TEST.AUG.MAX_SIZE are not used.
 
 
 def _add_solver_config(cfg):

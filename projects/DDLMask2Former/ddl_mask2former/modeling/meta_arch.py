@@ -35,6 +35,12 @@ Inference, per image, at the input dict's ``height`` x ``width`` (the original s
   costs one H x W float map, never Q of them.
 * ``mask`` = ``mask_prob > 0.5`` (for two classes: the forged score beats the authentic one).
 Keys of a disabled task are absent.
+
+Test-time options (``predict``): with ``TEST.TILE.ENABLED`` each image is predicted tile by tile
+at its native resolution (``tiled_inference.py``); with ``TEST.AUG.ENABLED`` (flip) every
+forward pass also runs the inputs mirrored left-right, and the outputs are averaged with the
+mirrored outputs flipped back (``fake_prob`` and ``mask_prob``, then ``mask`` again). Flip
+composes with tiling: each batch of tiles is flipped.
 """
 import torch
 import torch.nn.functional as F
@@ -49,6 +55,7 @@ from .criterion import LocalizationCriterion
 from .detection_head import DetectionHead
 from .noise_residuals import NoiseResiduals
 from .pixel_decoder import build_pixel_decoder
+from .tiled_inference import TiledInference
 from .transformer_decoder import build_transformer_decoder
 
 TASKS = ("detection", "localization")
@@ -75,7 +82,11 @@ class DDLMask2Former(nn.Module):
         size_divisibility=32,
         noise_residuals=None,
         target_classes=("forged",),
+        tiling=None,
+        flip=False,
     ):
+        """``tiling``: a ``TiledInference`` (None: the whole input at once); ``flip``: horizontal
+        flip test-time augmentation. Other arguments: see ``from_config``."""
         super().__init__()
         tasks = tuple(tasks)
         unknown = [t for t in tasks if t not in TASKS]
@@ -100,6 +111,11 @@ class DDLMask2Former(nn.Module):
         # Optional fixed high-pass channels appended to the normalized RGB (NoiseResiduals).
         self.noise_residuals = noise_residuals
         self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
+        if tiling is not None and tiling.tile_size % self.size_divisibility:
+            raise ValueError(f"TEST.TILE.SIZE must be a multiple of {self.size_divisibility} (the model's "
+                             f"input size divisibility), got {tiling.tile_size}")
+        self.tiling = tiling
+        self.flip = flip
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
@@ -118,6 +134,8 @@ class DDLMask2Former(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": ddl.SIZE_DIVISIBILITY,
             "target_classes": tuple(ddl.TARGET_CLASSES),
+            "tiling": TiledInference.from_config(cfg),
+            "flip": _flip_from_config(cfg),
         }
         shapes = backbone.output_shape()
         if "localization" in ddl.TASKS:
@@ -222,7 +240,7 @@ class DDLMask2Former(nn.Module):
             labels.append(float(record["label"]))
         return torch.tensor(labels, device=self.device)
 
-    def forward(self, batched_inputs):
+    def _run_network(self, batched_inputs):
         images = self._preprocess(batched_inputs)
         features = self.backbone(images.tensor)
         det_logits = self.detection_head(features) if self.detection else None
@@ -232,18 +250,38 @@ class DDLMask2Former(nn.Module):
             # Earlier layers' full-resolution masks are only needed for deep supervision.
             all_masks = self.training and self.criterion.deep_supervision
             decoded = self.transformer_decoder(multi_scale, mask_features, all_masks=all_masks)
+        return images, det_logits, decoded
 
-        if self.training:
-            losses = {}
-            if self.detection:
-                with torch.autocast(device_type=self.device.type, enabled=False):
-                    bce = F.binary_cross_entropy_with_logits(det_logits.float(), self._labels(batched_inputs))
-                losses["loss_det"] = self.det_weight * bce
-            if self.localization:
-                targets = self._localization_targets(batched_inputs, images.tensor.shape[-2:])
-                losses.update(self.criterion(decoded, targets))
-            return losses
-        return self.inference(batched_inputs, images, det_logits, decoded)
+    def forward(self, batched_inputs):
+        if not self.training:
+            return self.predict(batched_inputs)
+        images, det_logits, decoded = self._run_network(batched_inputs)
+        losses = {}
+        if self.detection:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                bce = F.binary_cross_entropy_with_logits(det_logits.float(), self._labels(batched_inputs))
+            losses["loss_det"] = self.det_weight * bce
+        if self.localization:
+            targets = self._localization_targets(batched_inputs, images.tensor.shape[-2:])
+            losses.update(self.criterion(decoded, targets))
+        return losses
+
+    def predict(self, batched_inputs):
+        """Inference outputs, one dict per input: tiled (``self.tiling``) or whole inputs."""
+        if self.tiling is None:
+            return self.predict_views(batched_inputs)
+        return [self.tiling(record, self.predict_views) for record in batched_inputs]
+
+    def predict_views(self, batched_inputs):
+        """Outputs for the inputs as given, averaged with their mirror images' when ``self.flip``."""
+        if not self.flip:
+            return self.inference(batched_inputs, *self._run_network(batched_inputs))
+        mirrored = [dict(record, image=record["image"].flip(-1)) for record in batched_inputs]
+        both = list(batched_inputs) + mirrored
+        outputs = self.inference(both, *self._run_network(both))
+        count = len(batched_inputs)
+        return [_average_with_mirrored(output, mirrored_output)
+                for output, mirrored_output in zip(outputs[:count], outputs[count:])]
 
     def inference(self, batched_inputs, images, det_logits, decoded):
         padded_shape = images.tensor.shape[-2:]
@@ -304,3 +342,23 @@ class DDLMask2Former(nn.Module):
             cropped = F.interpolate(cropped, size=output_size, mode="bilinear", align_corners=False)
         cropped = cropped[:, 0].clamp(0.0, 1.0)
         return cropped if batched else cropped[0]
+
+
+def _flip_from_config(cfg):
+    """TEST.AUG.ENABLED turns on the flip, the only test-time augmentation there is."""
+    if cfg.TEST.AUG.ENABLED and not cfg.TEST.AUG.FLIP:
+        raise ValueError("TEST.AUG.ENABLED is on but TEST.AUG.FLIP is off: horizontal flip is the only "
+                         "test-time augmentation; turn TEST.AUG.ENABLED off instead")
+    return bool(cfg.TEST.AUG.ENABLED)
+
+
+def _average_with_mirrored(output, mirrored_output):
+    """Mean of an output and the output of the mirrored input, flipped back."""
+    averaged = {}
+    if "fake_prob" in output:
+        averaged["fake_prob"] = 0.5 * (output["fake_prob"] + mirrored_output["fake_prob"])
+    if "mask_prob" in output:
+        mask_prob = 0.5 * (output["mask_prob"] + mirrored_output["mask_prob"].flip(-1))
+        averaged["mask_prob"] = mask_prob
+        averaged["mask"] = mask_prob > 0.5
+    return averaged
