@@ -138,6 +138,17 @@ def test_tiled_model_output_at_sizes_not_divisible_by_the_stride():
     torch.testing.assert_close(output["fake_prob"], torch.stack(tile_probs).max())
 
 
+def test_resized_input_is_tiled_and_brought_to_the_original_size():
+    # An input that a resizing mapper shrank: tiles see it as it is, the output has the original size.
+    def constant(records):
+        return [{"fake_prob": torch.tensor(0.6), "mask_prob": torch.full(r["image"].shape[-2:], 0.7)}
+                for r in records]
+
+    output = _tiling()(_record(_image(100, 150), height=200, width=300), constant)
+    assert output["mask_prob"].shape == (200, 300)
+    assert float((output["mask_prob"] - 0.7).abs().max()) < 1e-6
+
+
 def test_constant_probability_model_is_seamless_across_tiles():
     model = _tiny_model(tile_size=64, overlap=16)
     with torch.no_grad():

@@ -8,7 +8,9 @@ For each readable image it writes ``OUTPUT/<name>_overlay.png`` (heat map of ``m
 outline of the predicted ``mask``, caption "FAKE 0.97" / "REAL 0.03") and prints one JSON
 line on stdout: ``{"file", "fake_prob", "forged_area_fraction", "output"}`` (the same lines
 go to ``OUTPUT/predictions.jsonl``). The model runs through ``ddl_mask2former.ForgeryPredictor``
-(images resized to the config's test scale, outputs at the original size) and the pictures
+(images resized to the config's test scale, or with ``--opts TEST.TILE.ENABLED True`` predicted
+tile by tile at native resolution, and ``TEST.AUG.ENABLED True`` for flip test-time
+augmentation; outputs at the original size) and the pictures
 come from ``ddl_mask2former.visualization``; this script only finds inputs and writes files.
 Progress and problems go to stderr; inputs that cannot be read are named there and skipped,
 and the exit code is 1 if any input failed, 2 for a bad command line.
