@@ -23,7 +23,9 @@ default, and this generator's original output, byte for byte) hides them under a
 blend, close colour matching and a camera pipeline of comparable noise and JPEG; "medium" and
 "easy" make the same traces stronger (more region noise, lower region JPEG quality, more
 resampling blur, harder blend edges, looser colour matching, larger regions) and the shared
-camera processing lighter. No level marks forgeries in any other way.
+camera processing lighter. "easy" also gives every photograph sensor noise at capture, before
+the forgery, as a real camera does: an edit that blurs, resamples or inpaints then removes it,
+and a swapped-in donor brings its own level. No level marks forgeries in any other way.
 
 Everything is deterministic for a seed: image ``i`` of a split draws from its own generator
 seeded with (seed, split, i), so the result does not depend on worker count or order.
