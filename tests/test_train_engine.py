@@ -260,3 +260,27 @@ def test_evaluation_leaves_the_training_random_state_alone(monkeypatch):
     torch.manual_seed(0)
     assert Trainer.test(None, None) == {"ddl": {"AUC": 50.0}}
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_evaluation_loader_keeps_native_pixels_when_tiling(tmp_path, tiled):
+    """Evaluation and export must see what ForgeryPredictor sees: with TEST.TILE.ENABLED the
+    model tiles native pixels, so the loader must not shrink large images to INPUT.BASE_SCALE."""
+    from detectron2.data import DatasetCatalog
+
+    from data_helpers import make_labeled_split
+    from ddl_mask2former.data import register_ddl_split
+    from ddl_mask2former.engine.trainer import Trainer
+
+    make_labeled_split(str(tmp_path / "val"), num_real=1, num_fake=1, sizes=((90, 120),))
+    name = f"ddl_test_native_{int(tiled)}"
+    register_ddl_split(name, str(tmp_path / "val"), cache_dir=None)
+    try:
+        cfg = ddl_cfg(**{"INPUT.BASE_SCALE": (64, 48), "TEST.TILE.ENABLED": tiled,
+                         "TEST.TILE.SIZE": 64, "TEST.TILE.OVERLAP": 16, "DATALOADER.NUM_WORKERS": 0})
+        batches = list(Trainer.build_test_loader(cfg, name))
+    finally:
+        DatasetCatalog.remove(name)
+    shapes = {tuple(batch[0]["image"].shape[-2:]) for batch in batches}
+    assert {(batch[0]["height"], batch[0]["width"]) for batch in batches} == {(90, 120)}
+    assert shapes == ({(90, 120)} if tiled else {(48, 64)})

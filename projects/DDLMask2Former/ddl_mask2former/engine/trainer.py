@@ -145,11 +145,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from ..data import DDLDatasetMapper
+        """Evaluation and export see what ForgeryPredictor sees: the base-scale resize, or the
+        native pixels with TEST.TILE.ENABLED (the model tiles them)."""
+        from ..predictor import build_inference_mapper
 
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=DDLDatasetMapper(cfg, is_train=False)
-        )
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_inference_mapper(cfg))
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
