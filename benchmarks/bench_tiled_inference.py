@@ -13,10 +13,10 @@ checkpoint on it in each mode, each in its own fresh process so that its peak RS
 * ``tiled``: ``TEST.TILE.ENABLED`` (native pixels, ``build_inference_mapper``);
 * ``tiled_flip``: the same with ``TEST.AUG.ENABLED`` (horizontal-flip TTA).
 
-Localization F1/IoU come from ``DDLEvaluator`` (per-image mean at threshold 0.5, the headline,
-and dataset-level). Detection AUC is computed for every ``TEST.TILE.FAKE_PROB`` rule from the
-same run: the tiles' scores of the tiled mode and, for the rules that use the global view, the
-resize mode's score (the global view is that same resize, without flip). Speed: wall and CPU
+AUC, F1 and IoU come from ``DDLEvaluator`` (F1/IoU: per-image mean at threshold 0.5, the
+headline, and dataset-level; AUC with the ``TEST.TILE.FAKE_PROB`` rule in use). The AUC of every
+other rule comes from the same run: the tiles' scores of the tiled mode and, for the rules that
+use the global view, the resize mode's score (the global view is that same resize, without flip). Speed: wall and CPU
 seconds of the model call per megapixel of native image (decoding not counted). Memory: the
 mode process's peak RSS. Then, unless ``--memory-sizes`` is empty, peak RSS of
 ``ForgeryPredictor`` on one random image of each size (e.g. 8000x6000) per mode, again one
@@ -52,8 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--tile-size", type=int, default=512, help="TEST.TILE.SIZE")
     parser.add_argument("--overlap", type=int, default=64, help="TEST.TILE.OVERLAP")
     parser.add_argument("--tile-batch", type=int, default=1, help="TEST.TILE.BATCH_SIZE")
-    parser.add_argument("--fake-prob", default="tile_max",
-                        help="TEST.TILE.FAKE_PROB rule of the main table's AUC (all rules are reported)")
+    parser.add_argument("--fake-prob", default=None,
+                        help="TEST.TILE.FAKE_PROB of the tiled modes (default: the config's); the AUC of "
+                             "every rule is reported too")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES,
                         help="modes to evaluate on the split (none: only the memory check)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: default)")
@@ -112,7 +113,9 @@ def _build(args, mode):
     cfg.MODEL.WEIGHTS = args.weights
     cfg.TEST.TILE.ENABLED = mode != "resize"
     cfg.TEST.TILE.SIZE, cfg.TEST.TILE.OVERLAP = args.tile_size, args.overlap
-    cfg.TEST.TILE.BATCH_SIZE, cfg.TEST.TILE.FAKE_PROB = args.tile_batch, args.fake_prob
+    cfg.TEST.TILE.BATCH_SIZE = args.tile_batch
+    if args.fake_prob:
+        cfg.TEST.TILE.FAKE_PROB = args.fake_prob
     cfg.TEST.AUG.ENABLED = mode == "tiled_flip"
     cfg.freeze()
     return ForgeryPredictor(cfg)
@@ -156,7 +159,8 @@ def evaluate_mode(args, mode, split_dir):
             print(f"  {mode}: {len(images)}/{len(dataset)} {record['width']}x{record['height']} "
                   f"{wall:.0f} s", file=sys.stderr, flush=True)
     results = evaluator.evaluate()["ddl"]
-    return {"mode": mode, "images": images, "ddl": results, "wall_s": wall, "cpu_s": cpu,
+    rule = None if model.tiling is None else model.tiling.fake_prob_rule
+    return {"mode": mode, "fake_prob_rule": rule, "images": images, "ddl": results, "wall_s": wall, "cpu_s": cpu,
             "megapixels": megapixels, "peak_rss_mib": _peak_rss_mib(),
             "rss_before_images_mib": baseline_mib}
 
@@ -211,8 +215,9 @@ def _child_argv(args, child):
             "--max-size", str(args.max_size), "--difficulty", args.difficulty,
             "--seed", str(args.seed), "--tile-size", str(args.tile_size),
             "--overlap", str(args.overlap), "--tile-batch", str(args.tile_batch),
-            "--fake-prob", args.fake_prob, "--threads", str(args.threads),
+            "--threads", str(args.threads),
             "--data-dir", args.data_dir, "--memory-sizes"]
+    argv += ["--fake-prob", args.fake_prob] if args.fake_prob else []
     return argv + (["--opts"] + list(args.opts) if args.opts else [])
 
 
@@ -243,25 +248,24 @@ def rule_aucs(runs):
     return table
 
 
-def format_tables(args, runs, aucs, memory):
-    lines = ["| mode | AUC | F1 | IoU | F1 (dataset) | IoU (dataset) | real px marked forged % "
-             "| wall s/MP | CPU s/MP | peak RSS MiB |", "|---" * 10 + "|"]
+def format_tables(runs, aucs, memory):
+    lines = ["| mode | fake_prob | AUC | F1 | IoU | F1 (dataset) | IoU (dataset) | real px marked forged % "
+             "| wall s/MP | CPU s/MP | peak RSS MiB |", "|---" * 11 + "|"]
     for mode, run in runs.items():
         ddl = run["ddl"]
-        auc = ddl["AUC"] if mode == "resize" else aucs[mode].get(args.fake_prob, float("nan"))
-        lines.append(f"| {mode} | {auc:.1f} | {ddl['F1']:.1f} | {ddl['IoU']:.1f} | {ddl['F1_pixel']:.1f} "
+        lines.append(f"| {mode} | {run['fake_prob_rule'] or 'whole image'} | {ddl['AUC']:.1f} | {ddl['F1']:.1f} | {ddl['IoU']:.1f} | {ddl['F1_pixel']:.1f} "
                      f"| {ddl['IoU_pixel']:.1f} | {ddl['real_forged_frac']:.1f} "
                      f"| {run['wall_s'] / run['megapixels']:.2f} | {run['cpu_s'] / run['megapixels']:.2f} "
                      f"| {run['peak_rss_mib']:.0f} |")
     if aucs:
         rules = sorted({rule for mode_aucs in aucs.values() for rule in mode_aucs})
-        lines += ["", "AUC by TEST.TILE.FAKE_PROB rule:", "",
+        lines += ["", "AUC by TEST.TILE.FAKE_PROB rule (global view: the resize run's score, also for tiled_flip):", "",
                   "| mode | " + " | ".join(rules) + " |", "|---" * (len(rules) + 1) + "|"]
         for mode, mode_aucs in aucs.items():
             lines.append(f"| {mode} | " + " | ".join(f"{mode_aucs.get(r, float('nan')):.1f}" for r in rules) + " |")
     if memory:
         lines += ["", "ForgeryPredictor on one random image:", "",
-                  "| size | mode | peak RSS MiB | RSS before the call MiB | wall s | CPU s |", "|---" * 6 + "|"]
+                  "| size | mode | peak RSS MiB | peak RSS before the call MiB | wall s | CPU s |", "|---" * 6 + "|"]
         for item in memory:
             lines.append(f"| {item['size']} | {item['mode']} | {item['peak_rss_mib']:.0f} "
                          f"| {item['rss_before_mib']:.0f} | {item['wall_s']:.1f} | {item['cpu_s']:.1f} |")
@@ -301,11 +305,11 @@ def main(argv=None):
 
 def write_results(args, split_dir, runs, memory):
     aucs = rule_aucs(runs)
-    table = format_tables(args, runs, aucs, memory)
-    setting = (f"{args.num_images} {args.difficulty} images, {args.min_size}-{args.max_size} px, seed "
-               f"{args.seed}; tile {args.tile_size}, overlap {args.overlap}, tile batch "
-               f"{args.tile_batch}; {args.threads or 'default'} torch thread(s); AUC of tiled modes: "
-               f"{args.fake_prob}")
+    table = format_tables(runs, aucs, memory)
+    data = (f"{args.num_images} {args.difficulty} images, {args.min_size}-{args.max_size} px, seed "
+            f"{args.seed}; " if runs else "")
+    setting = (f"{data}tile {args.tile_size}, overlap {args.overlap}, tile batch {args.tile_batch}; "
+               f"{args.threads or 'default'} torch thread(s)")
     os.makedirs(args.out_dir, exist_ok=True)
     json_path = os.path.join(args.out_dir, "results.json")
     with open(json_path, "w") as handle:
