@@ -195,10 +195,10 @@ def _add_evaluation_config(cfg):
     cfg.TEST.TILE.OVERLAP = 64
     # Tiles per forward pass (twice as many images with flip TTA).
     cfg.TEST.TILE.BATCH_SIZE = 1
-    # Image fake_prob from the tiles' fake_probs: "tile_max", "tile_mean", "global" (the
-    # INPUT.BASE_SCALE view alone) or "global_tile_max" (mean of global and tile_max; best measured,
-    # docs/PERFORMANCE.md#tiled-inference-issue-12).
-    cfg.TEST.TILE.FAKE_PROB = "global_tile_max"
+    # Image fake_prob from the tiles' fake_probs: "tile_max" (best measured with a model that
+    # learned, docs/PERFORMANCE.md#tiled-inference-issue-12), "tile_mean", "global" (the
+    # INPUT.BASE_SCALE view alone) or "global_tile_max" (mean of global and tile_max).
+    cfg.TEST.TILE.FAKE_PROB = "tile_max"
     # detectron2's TEST.AUG.ENABLED with TEST.AUG.FLIP (on by default) averages each prediction with
     # that of the horizontally flipped input, un-flipped; composes with tiling. Flip is the only
     # test-time augmentation: TEST.AUG.MIN_SIZES and TEST.AUG.MAX_SIZE are not used.

@@ -83,7 +83,7 @@ class TiledInference:
     """Predict one image tile by tile; built from ``TEST.TILE`` and ``INPUT.BASE_SCALE``."""
 
     def __init__(self, *, tile_size: int, overlap: int = 64, batch_size: int = 1,
-                 fake_prob_rule: str = "global_tile_max", base_scale=(2048, 512),
+                 fake_prob_rule: str = "tile_max", base_scale=(2048, 512),
                  base_scale_enlarge: bool = True):
         """
         Args:
