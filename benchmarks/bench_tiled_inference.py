@@ -10,7 +10,7 @@ generator (``ddl_mask2former.data.synthetic.generate_split``, half fake), then e
 checkpoint on it in each mode, each in its own fresh process so that its peak RSS is its own:
 
 * ``resize``: today's path, the test mapper's ``INPUT.BASE_SCALE`` resize;
-* ``tiled``: ``TEST.TILE.ENABLED`` (native pixels, ``build_inference_mapper``);
+* ``tiled``: ``TEST.TILE.ENABLED`` (native pixels: the test ``DDLDatasetMapper`` skips the resize);
 * ``tiled_flip``: the same with ``TEST.AUG.ENABLED`` (horizontal-flip TTA).
 
 AUC, F1 and IoU come from ``DDLEvaluator`` (F1/IoU: per-image mean at threshold 0.5, the
@@ -127,10 +127,10 @@ def evaluate_mode(args, mode, split_dir):
 
     from ddl_mask2former.data.ddl_dataset import load_ddl_split
     from ddl_mask2former.evaluation import DDLEvaluator
-    from ddl_mask2former.predictor import build_inference_mapper
+    from ddl_mask2former.data import DDLDatasetMapper
 
     predictor = _build(args, mode)
-    model, mapper = predictor.model, build_inference_mapper(predictor.cfg)
+    model, mapper = predictor.model, DDLDatasetMapper(predictor.cfg, is_train=False)
     evaluator = DDLEvaluator(f"bench_{mode}", distributed=False)
     evaluator.reset()
     dataset = load_ddl_split(split_dir)

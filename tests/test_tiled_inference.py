@@ -10,7 +10,8 @@ from detectron2.modeling import build_model
 
 from ddl_mask2former.evaluation import DDLEvaluator
 from ddl_mask2former.modeling.tiled_inference import TiledInference, tile_starts, tile_weights
-from ddl_mask2former.predictor import ForgeryPredictor, build_inference_mapper
+from ddl_mask2former.data import DDLDatasetMapper
+from ddl_mask2former.predictor import ForgeryPredictor
 
 from model_helpers import build, ddl_cfg, tiny_cfg
 
@@ -202,9 +203,9 @@ def test_inference_mapper_keeps_native_size_only_when_tiling(tmp_path):
     path = str(tmp_path / "big.png")
     cv2.imwrite(path, np.zeros((300, 700, 3), np.uint8))
     record = {"file_name": path, "image_id": "big", "height": 300, "width": 700}
-    resized = build_inference_mapper(ddl_cfg(**{"INPUT.BASE_SCALE": (256, 128)}))(record)
-    native = build_inference_mapper(ddl_cfg(**{"INPUT.BASE_SCALE": (256, 128),
-                                               "TEST.TILE.ENABLED": True}))(record)
+    resized = DDLDatasetMapper(ddl_cfg(**{"INPUT.BASE_SCALE": (256, 128)}), is_train=False)(record)
+    native = DDLDatasetMapper(ddl_cfg(**{"INPUT.BASE_SCALE": (256, 128),
+                                               "TEST.TILE.ENABLED": True}), is_train=False)(record)
     assert tuple(resized["image"].shape) == (3, 110, 256)
     assert tuple(native["image"].shape) == (3, 300, 700)
     assert (native["height"], native["width"]) == (300, 700)

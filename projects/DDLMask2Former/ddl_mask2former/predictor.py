@@ -31,7 +31,7 @@ from PIL import Image
 from .data import DDLDatasetMapper, read_image
 from .data.image_io import to_uint8_gray_or_rgb
 
-__all__ = ["ForgeryPredictor", "ImageInput", "build_inference_mapper", "load_image"]
+__all__ = ["ForgeryPredictor", "ImageInput", "load_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ def _describe(source: ImageInput, index: int, batched: bool) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return f"input {index}" if batched else "input image"
-
-
-def build_inference_mapper(cfg) -> DDLDatasetMapper:
-    """The test-time mapper: the ``INPUT.BASE_SCALE`` resize, or none with ``TEST.TILE.ENABLED``
-    (tiled inference needs the native pixels; the model tiles them)."""
-    if cfg.TEST.TILE.ENABLED:
-        return DDLDatasetMapper(cfg, is_train=False, augmentations=[])
-    return DDLDatasetMapper(cfg, is_train=False)
 
 
 def load_image(source: ImageInput, format: str = "RGB", name: str = "input image") -> np.ndarray:
@@ -101,7 +93,7 @@ class ForgeryPredictor:
 
     Keys of a branch that ``MODEL.DDL.TASKS`` turns off are absent. The network sees the image
     in ``cfg.INPUT.FORMAT`` channel order at the test scale (native size, in tiles, with
-    ``TEST.TILE.ENABLED``), exactly as in evaluation with ``build_inference_mapper``.
+    ``TEST.TILE.ENABLED``), exactly as in evaluation (``DDLDatasetMapper(cfg, is_train=False)``).
 
     A list is run ``batch_size`` images at a time; within that, only images that the test
     resize brings to the same size share a forward pass, so padding never mixes images and each
@@ -121,7 +113,7 @@ class ForgeryPredictor:
         else:
             logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
         # The evaluation mapper's resize and channel order, so predictions match evaluation.
-        mapper = build_inference_mapper(self.cfg)
+        mapper = DDLDatasetMapper(self.cfg, is_train=False)
         self.augmentations = mapper.augmentations
         self.input_format = mapper.image_format
 

@@ -8,7 +8,8 @@ INPUT.CROP.SINGLE_CATEGORY_MAX_AREA < 1), RandomFlip, PhotometricDistortion and 
 0 real / 1 forged / 255 ignore (padding), plus "file_name", "image_id", "height", "width"
 (original size, as everywhere in detectron2).
 
-Test / evaluation: resize to the base scale only; "height"/"width" stay the ORIGINAL size so
+Test / evaluation: resize to the base scale only (nothing with TEST.TILE.ENABLED: the model
+tiles the native pixels); "height"/"width" stay the ORIGINAL size so
 predictions can be resized back; "label" and "mask_file" pass through when present.
 
 With decoded_cache_mb > 0 (training only) each process keeps the decoded image and forgery
@@ -109,6 +110,9 @@ class DDLDatasetMapper:
                     prob=photometric.PROB))
             if cfg.INPUT.CROP.ENABLED:
                 augmentations.append(PadToSize(crop_size, pad_value=0, seg_pad_value=IGNORE_VALUE))
+        elif cfg.TEST.TILE.ENABLED:
+            # Tiled inference needs the native pixels: the model tiles them (TEST.TILE).
+            augmentations = []
         else:
             augmentations = [BaseScaleResize(base_scale, enlarge=enlarge)]
         return {

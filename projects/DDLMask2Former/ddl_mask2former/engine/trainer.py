@@ -147,9 +147,9 @@ class Trainer(DefaultTrainer):
     def build_test_loader(cls, cfg, dataset_name):
         """Evaluation and export see what ForgeryPredictor sees: the base-scale resize, or the
         native pixels with TEST.TILE.ENABLED (the model tiles them)."""
-        from ..predictor import build_inference_mapper
+        from ..data import DDLDatasetMapper
 
-        return build_detection_test_loader(cfg, dataset_name, mapper=build_inference_mapper(cfg))
+        return build_detection_test_loader(cfg, dataset_name, mapper=DDLDatasetMapper(cfg, is_train=False))
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

@@ -155,7 +155,8 @@ class TiledInference:
                         f"TEST.TILE.ENABLED, but {record.get('file_name', 'an input')} arrived "
                         f"resized to {height}x{width} from {output_size[0]}x{output_size[1]}: "
                         "tiles see the resized image; build the test loader with "
-                        "ddl_mask2former.predictor.build_inference_mapper(cfg) for native resolution", n=1)
+                        "DDLDatasetMapper(cfg, is_train=False) from a config with TEST.TILE.ENABLED "
+                        "for native resolution", n=1)
         ys = tile_starts(height, self.tile_size, self.overlap)
         xs = tile_starts(width, self.tile_size, self.overlap)
         tile_h, tile_w = min(self.tile_size, height), min(self.tile_size, width)
