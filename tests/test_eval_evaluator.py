@@ -179,8 +179,7 @@ def test_group_breakdown_from_registered_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
-    from detectron2.engine import launch
-
+    from ddl_mask2former.engine import launch
     from eval_helpers import distributed_evaluate
 
     split = str(tmp_path / "split")

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from detectron2.engine import SimpleTrainer
-from detectron2.engine.launch import launch
 from detectron2.utils import comm
 from torch import nn
 
@@ -17,6 +16,8 @@ from ddl_mask2former.engine import (
     build_lr_scheduler,
     build_optimizer,
     build_param_groups,
+    launch,
+    leave_process_group,
     with_gradient_clipping,
 )
 
@@ -225,6 +226,22 @@ def test_ddp_without_device_ids_on_cpu_averages_gradients(tmp_path):
     # Inputs were 1 and 2 on the two ranks: the averaged gradient is 1.5 everywhere.
     for grad in grads:
         assert torch.allclose(grad, torch.full((1, 3), 1.5))
+
+
+def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    leave_process_group()  # no group yet: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}",
+                            rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        leave_process_group()
+        # A gloo group left alive at exit can abort the process (engine/launch.py).
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_atomic_checkpointer_writes_tag_and_removes_stale_partial_files(tmp_path):

@@ -27,13 +27,13 @@ import ddl_mask2former  # first: it hides detectron2's import-time torch.jit dep
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ddl_mask2former import add_ddl_mask2former_config
-from ddl_mask2former.engine import Trainer
+from ddl_mask2former.engine import Trainer, launch
 
 
 def setup(args):

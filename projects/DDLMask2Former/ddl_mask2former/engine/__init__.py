@@ -1,6 +1,7 @@
 """Training plumbing: the detectron2 Trainer and its train loop, optimizer groups, schedules
 and hooks. (Overlay pictures live in ``ddl_mask2former.visualization``.)"""
 from .hooks import NonFiniteLossError, NonFiniteLossHook
+from .launch import launch, leave_process_group
 from .lr_scheduler import PolyParamScheduler, build_lr_scheduler
 from .optimizer import build_optimizer, build_param_groups, with_gradient_clipping
 from .train_loop import DDLTrainLoop, amp_dtype_from_cfg, losses_to_host
@@ -19,5 +20,7 @@ __all__ = [
     "build_lr_scheduler",
     "build_optimizer",
     "build_param_groups",
+    "launch",
+    "leave_process_group",
     "with_gradient_clipping",
 ]
