@@ -19,6 +19,10 @@ points per mask, deep supervision. Measured, one model at a time:
   HF returns logits at stride 4. Our batched ``mask_prob`` is compared with each image run alone.
 * the quickstart model (``configs/quickstart/ddl_mask2former_quickstart_swin.yaml``, 128-px crops)
   training at ``--quickstart-batch`` (32): iterations/s, fp32 as configured and bf16.
+* aten operator calls per training step of our model and of the quickstart model, by phase
+  (forward of each submodule, inputs and targets, backward, optimizer step): in eager mode the
+  host pays for each call and a GPU usually launches one kernel for it. The quickstart model's
+  step on one 32-px image gives the fixed cost that every step pays for those calls.
 * host synchronizations per training step of our model: on CUDA counted by
   ``torch.cuda.set_sync_debug_mode``; everywhere the Python-level calls that force one when the
   tensor is on a GPU (``.item``, ``.cpu``, ``.tolist``, ``.numpy``, ``nonzero``, ``bool()``,
@@ -45,6 +49,7 @@ if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,6 +278,62 @@ def profile_step(step, device, top=15):
     return summary
 
 
+class _OperatorCounter(TorchDispatchMode):
+    """Counts every aten operator call, charged to the innermost phase on ``self.phases``."""
+
+    def __init__(self):
+        super().__init__()
+        self.phases = ["inputs and targets"]
+        self.calls = collections.Counter()
+        self.by_op = collections.defaultdict(collections.Counter)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        phase = self.phases[-1]
+        self.calls[phase] += 1
+        self.by_op[phase][func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operator_census(model, optimizer, records, device, amp_dtype, top=4, verbose=True):
+    """aten operator calls of one training step by phase: the forward of each direct submodule
+    of the model (the rest of the forward, input batching and targets, is "inputs and targets"),
+    the backward and the optimizer step. In eager mode each call is one dispatch on the host and
+    usually one kernel launch on a GPU: the per-step fixed cost of a small model."""
+    counter = _OperatorCounter()
+    def leave(module, inputs, output):
+        counter.phases.pop()  # returns None: the submodule's output stays as it is
+
+    handles = []
+    for name, child in model.named_children():
+        handles.append(child.register_forward_pre_hook(lambda module, inputs, name=name: counter.phases.append(name)))
+        handles.append(child.register_forward_hook(leave))
+    model.train()
+    try:
+        with counter:
+            with autocast(device, amp_dtype):
+                losses = model(records)
+                total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            counter.phases.append("backward")
+            total.backward()
+            counter.phases[-1] = "optimizer step"
+            optimizer.step()
+            counter.phases.pop()
+            synchronize(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    census = {phase: {"calls": n, "top": counter.by_op[phase].most_common(top)}
+              for phase, n in counter.calls.most_common()}
+    if not verbose:
+        return census
+    print(f"  operator calls per training step: {sum(counter.calls.values())}")
+    for phase, row in census.items():
+        ops_text = ", ".join(f"{op} {n}" for op, n in row["top"])
+        print(f"    {row['calls']:6d}  {phase:22s} ({ops_text})")
+    return census
+
+
 def saved_tensor_mib(model, records, device, amp_dtype):
     """MiB of distinct storages autograd keeps for the backward of one training forward (a
     device-independent proxy for the activation memory; weights saved by their layers included)."""
@@ -365,6 +426,7 @@ def run_ours(args, device, shape, amp_dtype, results):
     print(f"  ours: {sum(counts.values())} sync-forcing Python calls per training step:")
     for (call, where), n in counts.most_common(12):
         print(f"    {n:5d}  {call:22s} {where}")
+    results["operator_census"] = operator_census(model, optimizer, records, device, amp_dtype)
     if args.profile:
         results["profile"] = profile_step(step, device)
     if args.saved_tensors:
@@ -432,7 +494,8 @@ def run_quickstart(args, device, results):
         model, cfg = build_ours(QUICKSTART_CONFIG, device, "full")
         size = cfg.INPUT.CROP.SIZE[0]
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        step = ours_train_step(model, optimizer, ddl_records(args.quickstart_batch, size, seed=2), device, amp_dtype)
+        records = ddl_records(args.quickstart_batch, size, seed=2)
+        step = ours_train_step(model, optimizer, records, device, amp_dtype)
         model.train()
         median, minimum = timed(step, device, args.steps, args.warmup)
         row = {"precision": label, "batch": args.quickstart_batch, "crop": size, "s_per_it": median,
@@ -440,8 +503,25 @@ def run_quickstart(args, device, results):
         results["quickstart"].append(row)
         print(f"  quickstart model {label}, batch {args.quickstart_batch} at {size} px: "
               f"{median * 1000:.1f} ms/it = {1 / median:.1f} it/s", flush=True)
+        if label == "fp32":  # after the timed steps: AdamW's state already exists
+            results["quickstart_operator_census"] = operator_census(model, optimizer, records, device, amp_dtype)
+            results["quickstart_fixed_cost"] = fixed_step_cost(model, optimizer, device, args)
         del model, optimizer
         reset_peak(device)
+
+
+def fixed_step_cost(model, optimizer, device, args, size=32):
+    """The step's cost when there is almost nothing to compute (one 32-px image): what every
+    step pays for dispatching its operators, whatever the batch."""
+    records = ddl_records(1, size, seed=3)
+    step = ours_train_step(model, optimizer, records, device, None)
+    median, _ = timed(step, device, max(args.steps, 5), args.warmup)
+    census = operator_census(model, optimizer, records, device, None, verbose=False)
+    calls = sum(row["calls"] for row in census.values())
+    row = {"s_per_it": median, "aten_calls": calls, "us_per_call": 1e6 * median / calls}
+    print(f"  quickstart model, fixed cost (batch 1 at {size} px): {median * 1000:.1f} ms/step for {calls} "
+          f"aten calls = {row['us_per_call']:.1f} us per call", flush=True)
+    return row
 
 
 def print_table(results, batch):
@@ -469,6 +549,10 @@ def print_table(results, batch):
         print(f"| quickstart model training, {row['precision']}, batch {row['batch']} ({row['crop']} px) | "
               f"{row['s_per_it'] * 1000:.1f} | | | {row['it_per_s'] * row['batch']:.1f} | | | | |"
               f"  ({row['it_per_s']:.1f} it/s)")
+    fixed = results.get("quickstart_fixed_cost")
+    if fixed:
+        print(f"| quickstart model, fixed cost per step (batch 1, 32 px) | {fixed['s_per_it'] * 1000:.1f} | | | | | | | |"
+              f"  ({fixed['aten_calls']} aten calls, {fixed['us_per_call']:.1f} us each)")
 
 
 def main():
