@@ -111,6 +111,12 @@ def autocast(device, dtype):
 
 # ----------------------------------------------------------------------------- inputs
 
+def adamw(model, device):
+    """AdamW as both libraries' trainers run it on a GPU: fused there (train_net.py's
+    build_optimizer; transformers' Trainer defaults to adamw_torch_fused), the default elsewhere."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+
 def ddl_records(batch, size, seed=0, image_size=None):
     """What DDLDatasetMapper yields: uint8 CHW images on the CPU, half of them fake with a mask."""
     generator = torch.Generator().manual_seed(seed)
@@ -258,23 +264,40 @@ def cuda_sync_count(function):
 
 
 def profile_step(step, device, top=15):
-    """Operator calls (and CUDA kernel launches) of one step, and where the host time goes."""
+    """Operator calls (and CUDA kernel launches) of one step, and where the host time goes. On
+    CUDA also the GPU's busy time (sum of kernel times) against the step's wall time: a step whose
+    GPU is busy for a small part of its wall time is bound by the host launching kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         step()
         synchronize(device)
+        wall_ms = (time.perf_counter() - start) * 1000
     events = prof.key_averages()
     aten = [e for e in events if e.key.startswith("aten::")]
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    summary = {"aten_calls": sum(e.count for e in aten), "kernel_launches": launches,
+    summary = {"aten_calls": sum(e.count for e in aten), "kernel_launches": launches, "wall_ms": round(wall_ms, 2),
                "top_self_cpu": [(e.key, e.count, round(e.self_cpu_time_total / 1000, 2))
                                 for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]}
     print(f"  profile: {summary['aten_calls']} aten operator calls, {launches} kernel launches per step; "
-          "top self-CPU (op, calls, ms):")
+          f"wall {wall_ms:.1f} ms under the profiler; top self-CPU (op, calls, ms):")
     for key, count, ms in summary["top_self_cpu"]:
         print(f"    {ms:9.2f} ms {count:6d}x  {key}")
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    if kernels:
+        busy_ms = sum(e.self_device_time_total for e in kernels) / 1000
+        summary["gpu_busy_ms"] = round(busy_ms, 2)
+        summary["gpu_kernels"] = sum(e.count for e in kernels)
+        summary["top_kernels"] = [(e.key[:90], e.count, round(e.self_device_time_total / 1000, 2))
+                                  for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]]
+        print(f"  profile: GPU busy {busy_ms:.1f} ms of the step's {wall_ms:.1f} ms wall "
+              f"({100 * busy_ms / wall_ms:.0f} %), {summary['gpu_kernels']} kernels; top kernels (name, calls, ms):")
+        for key, count, ms in summary["top_kernels"]:
+            print(f"    {ms:9.2f} ms {count:6d}x  {key}")
     return summary
 
 
@@ -411,7 +434,7 @@ def run_ours(args, device, shape, amp_dtype, results):
         apply_memory_format(model, args.channels_last)
         compile_submodules(model, args.compile)
     size = shape["image"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model, device)
     records = ddl_records(args.batch, size)
     step = ours_train_step(model, optimizer, records, device, amp_dtype)
     results["train"].append(measure_training("ours", model, step, device, args, args.batch))
@@ -428,7 +451,10 @@ def run_ours(args, device, shape, amp_dtype, results):
         print(f"    {n:5d}  {call:22s} {where}")
     results["operator_census"] = operator_census(model, optimizer, records, device, amp_dtype)
     if args.profile:
-        results["profile"] = profile_step(step, device)
+        try:  # a profiler problem must not cost the inference numbers below
+            results["profile"] = profile_step(step, device)
+        except Exception:
+            traceback.print_exc()
     if args.saved_tensors:
         results["saved_tensor_mib"] = saved_tensor_mib(model, records, device, amp_dtype)
         print(f"  ours: {results['saved_tensor_mib']:.0f} MiB saved for backward per training step")
@@ -470,7 +496,7 @@ def run_hf(args, device, shape, amp_dtype, results):
         results["hf_skipped"] = f"transformers not importable: {exc}"
         print(f"  HF skipped: {results['hf_skipped']}")
         return
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model, device)
     batch = hf_batch(ddl_records(args.batch, shape["image"]), device)
     step = hf_train_step(model, optimizer, batch, device, amp_dtype)
     results["train"].append(measure_training("hf", model, step, device, args, args.batch))
@@ -493,7 +519,7 @@ def run_quickstart(args, device, results):
     for label, amp_dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         model, cfg = build_ours(QUICKSTART_CONFIG, device, "full")
         size = cfg.INPUT.CROP.SIZE[0]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = adamw(model, device)
         records = ddl_records(args.quickstart_batch, size, seed=2)
         step = ours_train_step(model, optimizer, records, device, amp_dtype)
         model.train()
@@ -506,6 +532,11 @@ def run_quickstart(args, device, results):
         if label == "fp32":  # after the timed steps: AdamW's state already exists
             results["quickstart_operator_census"] = operator_census(model, optimizer, records, device, amp_dtype)
             results["quickstart_fixed_cost"] = fixed_step_cost(model, optimizer, device, args)
+            if args.profile:
+                try:
+                    results["quickstart_profile"] = profile_step(step, device)
+                except Exception:
+                    traceback.print_exc()
         del model, optimizer
         reset_peak(device)
 

@@ -49,7 +49,9 @@ def last_losses(output_dir):
     if not lines:
         return {}
     last = lines[-1]
-    return {"iteration": last.get("iteration"), "total_loss": last["total_loss"],
+    # detectron2 logs the median over its window of the wait for data and of the whole iteration.
+    return {"iteration": last.get("iteration"), "data_time": last.get("data_time"), "time": last.get("time"),
+            "total_loss": last["total_loss"],
             "loss_det": last.get("loss_det"), "loss_mask": last.get("loss_mask"),
             "loss_dice": last.get("loss_dice"), "loss_cls": last.get("loss_cls")}
 
