@@ -10,6 +10,7 @@ from ddl_mask2former.engine import (
     DDLTrainLoop,
     NonFiniteLossError,
     NonFiniteLossHook,
+    PendingHostLosses,
     amp_dtype_from_cfg,
     losses_to_host,
 )
@@ -74,6 +75,20 @@ def test_losses_to_host_copies_once(monkeypatch):
     assert [float(v) for v in host.values()] == [2.0 * i for i in range(30)]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the copy goes to pinned memory")
+def test_pending_host_losses_on_a_gpu_equal_the_values_and_wait_only_for_them():
+    values = torch.arange(31, dtype=torch.float32, device="cuda")
+    losses = {f"loss_{i}": values[i] * 2 for i in range(31)}
+    pending = PendingHostLosses(losses)
+    later = torch.randn(2048, 2048, device="cuda")
+    for _ in range(20):  # work queued after the copy, as the backward is
+        later = later @ later / 2048
+    host = pending.result()
+    assert list(host) == list(losses)
+    assert [float(v) for v in host.values()] == [2.0 * i for i in range(31)]
+    assert all(v.device.type == "cpu" for v in host.values())
+
+
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
 def test_train_loop_logs_every_term_from_one_copy(amp_dtype, monkeypatch):
     torch.manual_seed(0)
@@ -131,6 +146,33 @@ def test_float16_loop_on_cpu_uses_a_grad_scaler_state():
                         amp_dtype=torch.float16, device_type="cpu")
     assert loop.grad_scaler is not None
     assert "grad_scaler" in loop.state_dict()
+
+
+def test_float16_loop_clips_unscaled_gradients_with_a_fused_optimizer(monkeypatch):
+    """The clip runs inside optimizer.step(); a fused AdamW unscales inside its kernel, so the
+    loop unscales first: the clip must see the true gradient norm, not 65536 times it."""
+    from ddl_mask2former.engine import optimizer as optimizer_module
+
+    seen = []
+    clip = optimizer_module._CLIPPERS["full_model"]
+    monkeypatch.setitem(optimizer_module._CLIPPERS, "full_model", lambda params, value, norm_type: (
+        seen.append(torch.stack([p.grad.norm() for p in params]).norm().item()), clip(params, value, norm_type)))
+    model = _TermsModel(terms=1)
+    clipped = optimizer_module.with_gradient_clipping(torch.optim.AdamW, "full_model", clip_value=0.01)
+    optimizer = clipped(model.parameters(), lr=1e-3, fused=True)
+    loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=torch.float16, device_type="cpu")
+    with EventStorage(0) as storage:
+        loop.storage = storage
+        loop.iter = 0
+        loop.run_step()
+    batch = next(_batches())
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(batch)["loss_0"]
+    loss.backward()
+    true_norm = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
+    assert loop.grad_scaler.get_scale() > 1000
+    assert seen and seen[0] < 10 * true_norm + 1.0
 
 
 def test_compile_submodules_in_place_keeps_state_dict_keys():

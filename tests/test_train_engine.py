@@ -103,6 +103,28 @@ def test_build_optimizer_adamw_with_full_model_clipping():
         build_optimizer(ddl_cfg(**{"SOLVER.OPTIMIZER": "LION"}), _ToyMetaArch())
 
 
+def test_fused_adamw_makes_the_same_clipped_update_and_is_picked_on_cuda_only():
+    cfg = ddl_cfg(**{
+        "SOLVER.BASE_LR": 1e-3, "SOLVER.WEIGHT_DECAY": 0.05, "SOLVER.BACKBONE_MULTIPLIER": 0.1,
+        "SOLVER.CLIP_GRADIENTS.ENABLED": True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.01,
+    })
+    torch.manual_seed(0)
+    models = [_ToyMetaArch() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    plain, fused = build_optimizer(cfg, models[0]), build_optimizer(cfg, models[1], fused=True)
+    assert not plain.defaults["fused"] and fused.defaults["fused"]  # auto: parameters on the CPU
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        for model, optimizer in zip(models, (plain, fused)):
+            for param, grad in zip(model.parameters(), grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_full_model_clipping_caps_the_global_norm():
     weights = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))]
     clipped_sgd = with_gradient_clipping(torch.optim.SGD, "full_model", clip_value=0.5)

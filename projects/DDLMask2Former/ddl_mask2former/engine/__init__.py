@@ -4,7 +4,7 @@ from .hooks import NonFiniteLossError, NonFiniteLossHook
 from .launch import launch, leave_process_group
 from .lr_scheduler import PolyParamScheduler, build_lr_scheduler
 from .optimizer import build_optimizer, build_param_groups, with_gradient_clipping
-from .train_loop import DDLTrainLoop, amp_dtype_from_cfg, losses_to_host
+from .train_loop import DDLTrainLoop, PendingHostLosses, amp_dtype_from_cfg, losses_to_host
 from .trainer import AtomicDetectionCheckpointer, Trainer, build_ddp_model
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "DDLTrainLoop",
     "NonFiniteLossError",
     "NonFiniteLossHook",
+    "PendingHostLosses",
     "PolyParamScheduler",
     "amp_dtype_from_cfg",
     "losses_to_host",

@@ -150,8 +150,14 @@ def with_gradient_clipping(optimizer_cls, clip_type, clip_value, norm_type=2.0):
     return _GradientClippingOptimizer
 
 
-def build_optimizer(cfg, model):
-    """Build the optimizer described by ``cfg.SOLVER`` for ``model``."""
+def build_optimizer(cfg, model, fused=None):
+    """Build the optimizer described by ``cfg.SOLVER`` for ``model``.
+
+    fused: AdamW's fused implementation (one kernel launch for all tensors; the default
+    implementation makes about two host calls per tensor, ~1,100 per step for Swin-T, and under a
+    float16 GradScaler one host sync). None picks it when every parameter is on a CUDA device;
+    the step is the same update to rounding.
+    """
     solver = cfg.SOLVER
     param_groups = build_param_groups(
         model,
@@ -165,7 +171,9 @@ def build_optimizer(cfg, model):
     )
     name = solver.OPTIMIZER.upper()
     if name == "ADAMW":
-        optimizer_cls, kwargs = torch.optim.AdamW, {"betas": tuple(solver.ADAMW_BETAS)}
+        if fused is None:
+            fused = all(p.is_cuda for group in param_groups for p in group["params"])
+        optimizer_cls, kwargs = torch.optim.AdamW, {"betas": tuple(solver.ADAMW_BETAS), "fused": fused}
     elif name == "SGD":
         optimizer_cls = torch.optim.SGD
         kwargs = {"momentum": solver.MOMENTUM, "nesterov": solver.NESTEROV}
@@ -178,6 +186,7 @@ def build_optimizer(cfg, model):
             solver.CLIP_GRADIENTS.CLIP_VALUE,
             solver.CLIP_GRADIENTS.NORM_TYPE,
         )
+    logger.info("optimizer %s%s", optimizer_cls.__name__, " (fused)" if kwargs.get("fused") else "")
     for group in param_groups:
         logger.info(
             "optimizer group lr=%g weight_decay=%g: %d tensors (e.g. %s)",

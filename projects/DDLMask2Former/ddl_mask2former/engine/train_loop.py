@@ -3,8 +3,10 @@ and one host synchronization per step for the whole loss dict.
 
 detectron2's ``SimpleTrainer`` / ``AMPTrainer`` log the losses with ``v.detach().cpu().item()``
 per term: with deep supervision that is ~30 device round trips per step, each waiting for the
-device. Here the loss terms are stacked and copied to the host once; the copy serves both the
-metrics and ``NonFiniteLossHook`` (which would otherwise read every term again).
+device. Here the loss terms are stacked and copied to the host once, queued right after the
+forward and read after the backward has been launched (``PendingHostLosses``), so the host waits
+for the forward only; the copy serves both the metrics and ``NonFiniteLossHook`` (which would
+otherwise read every term again), which still runs before the optimizer step.
 """
 import logging
 import time
@@ -12,8 +14,8 @@ import time
 import torch
 from detectron2.engine import SimpleTrainer
 
-__all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "amp_dtype_from_cfg", "apply_memory_format", "compile_submodules",
-           "losses_to_host"]
+__all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "PendingHostLosses", "amp_dtype_from_cfg", "apply_memory_format",
+           "compile_submodules", "losses_to_host"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +41,40 @@ def amp_dtype_from_cfg(cfg):
     return AMP_PRECISIONS[precision]
 
 
+class PendingHostLosses:
+    """The loss terms' copy to the host, queued when built (right after the forward).
+
+    On a GPU the copy goes to pinned memory without waiting; ``result()`` then waits for that copy
+    only, i.e. for the forward, while the backward launched in between keeps the GPU busy. (Read
+    after the backward, as detectron2 does, the host would wait for the whole backward and the GPU
+    would idle while the host launches the optimizer step and the next forward.)
+    """
+
+    def __init__(self, loss_dict):
+        self.names = list(loss_dict)
+        self._event = None
+        self._values = None
+        if not loss_dict:
+            return
+        stacked = torch.stack([value.detach().float().sum() for value in loss_dict.values()])
+        if stacked.is_cuda:
+            self._values = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            self._values.copy_(stacked, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._values = stacked.cpu()
+
+    def result(self):
+        """{name: 0-dim CPU float32 tensor}."""
+        if self._event is not None:
+            self._event.synchronize()
+        return {} if self._values is None else dict(zip(self.names, self._values.unbind()))
+
+
 def losses_to_host(loss_dict):
     """{name: 0-dim CPU float32 tensor} from one stacked device-to-host copy (one sync)."""
-    if not loss_dict:
-        return {}
-    values = torch.stack([value.detach().float().sum() for value in loss_dict.values()]).cpu()
-    return dict(zip(loss_dict.keys(), values.unbind()))
+    return PendingHostLosses(loss_dict).result()
 
 
 def compile_submodules(model, names, mode="default"):
@@ -116,6 +146,7 @@ class DDLTrainLoop(SimpleTrainer):
             if isinstance(loss_dict, torch.Tensor):
                 loss_dict = {"total_loss": loss_dict}
             losses = sum(loss_dict.values())
+        host_losses = PendingHostLosses(loss_dict)  # queued before the backward: see PendingHostLosses
         if not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         if self.grad_scaler is not None:
@@ -123,7 +154,7 @@ class DDLTrainLoop(SimpleTrainer):
         else:
             losses.backward()
 
-        self.host_losses = losses_to_host(loss_dict)
+        self.host_losses = host_losses.result()
         self.after_backward()
         if self.async_write_metrics:
             self.concurrent_executor.submit(self._write_metrics, self.host_losses, data_time, iter=self.iter)
@@ -131,6 +162,9 @@ class DDLTrainLoop(SimpleTrainer):
             self._write_metrics(self.host_losses, data_time)
 
         if self.grad_scaler is not None:
+            # Gradient clipping runs inside optimizer.step(); a fused optimizer would otherwise get
+            # the scaled gradients (it unscales them itself, after the clip).
+            self.grad_scaler.unscale_(self.optimizer)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
