@@ -242,6 +242,95 @@ def test_training_step_host_round_trips(classes, max_host_calls):
     assert counts["linear_sum_assignment"] == expected_lsa
 
 
+def _reference_targets(model, batched_inputs, padded_shape):
+    """The per-image target building that _localization_targets replaced."""
+    values = {"forged": 1, "authentic": 0}
+    targets = []
+    for record in batched_inputs:
+        mask = record["forgery_mask"]
+        padded = torch.full(padded_shape, 255, dtype=mask.dtype)
+        padded[: mask.shape[0], : mask.shape[1]] = mask
+        labels = [label for label, cls in enumerate(model.target_classes) if bool((mask == values[cls]).any())]
+        masks = (torch.stack([padded == values[model.target_classes[label]] for label in labels]) if labels
+                 else torch.zeros((0,) + tuple(padded_shape), dtype=torch.bool))
+        targets.append({"masks": masks, "labels": torch.tensor(labels, dtype=torch.int64), "valid": padded != 255})
+    return targets
+
+
+@pytest.mark.parametrize("classes", [("forged",), ("authentic", "forged")])
+@pytest.mark.parametrize("same_size", [True, False])
+def test_batched_targets_equal_the_per_image_reference(classes, same_size):
+    cfg = tiny_cfg()
+    cfg.MODEL.DDL.TARGET_CLASSES = list(classes)
+    model = build(cfg).train()
+    batch = training_batch() + training_batch(seed=1)
+    all_forged = dict(batch[1], forgery_mask=torch.ones(64, 64, dtype=torch.uint8))
+    padded_crop = dict(batch[1], forgery_mask=batch[1]["forgery_mask"].clone())
+    padded_crop["forgery_mask"][:, 48:] = 255  # PadToSize's ignore value
+    batch += [all_forged, padded_crop]
+    if not same_size:
+        batch[0] = dict(batch[0], image=batch[0]["image"][:, :40, :56], forgery_mask=batch[0]["forgery_mask"][:40, :56])
+    got = model._localization_targets(batch, (64, 64))
+    expected = _reference_targets(model, batch, (64, 64))
+    for index, (a, b) in enumerate(zip(got, expected)):
+        for key in ("masks", "labels", "valid"):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (index, key)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (40, 56)])
+def test_same_size_batch_is_padded_as_image_list_from_tensors(size):
+    from detectron2.structures import ImageList
+
+    model = build(tiny_cfg()).train()
+    batch = [dict(r, image=r["image"][:, : size[0], : size[1]]) for r in training_batch() * 2]
+    got = model._preprocess(batch)
+    assert model.noise_residuals is None
+    normalized = [(r["image"].float() - model.pixel_mean) / model.pixel_std for r in batch]
+    expected = ImageList.from_tensors(normalized, model.size_divisibility)
+    assert got.image_sizes == expected.image_sizes == [size] * 4
+    torch.testing.assert_close(got.tensor, expected.tensor, rtol=0, atol=1e-6)
+
+
+def _compiled_op_available():
+    from ddl_mask2former import ops
+
+    return ops.compiled_op_available()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _compiled_op_available(),
+                    reason="needs CUDA and the compiled deformable-attention op (the PyTorch path reads level shapes)")
+@pytest.mark.parametrize("classes", [("forged",), ("authentic", "forged")])
+def test_training_step_never_waits_for_the_gpu(classes):
+    """No stream synchronization in the forward and backward of a training step, apart from the
+    one cost-matrix copy that two target classes need (torch.cuda.set_sync_debug_mode raises)."""
+    cfg = tiny_cfg()
+    cfg.MODEL.DEVICE = "cuda"
+    cfg.MODEL.DDL.TARGET_CLASSES = list(classes)
+    model = build(cfg).train()
+    batch = training_batch() * 2
+    sum(model(batch).values()).backward()  # warm-up: caches, library handles
+    torch.cuda.synchronize()
+    if classes == ("authentic", "forged"):
+        real_match = matcher_module.HungarianMatcher.match_layers
+
+        def match_allowing_the_copy(self, *args):
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                return real_match(self, *args)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        matcher_module.HungarianMatcher.match_layers = match_allowing_the_copy
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = model(batch)
+        sum(losses.values()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        if classes == ("authentic", "forged"):
+            matcher_module.HungarianMatcher.match_layers = real_match
+    assert all(torch.isfinite(v).item() for v in losses.values())
+
+
 def test_criterion_module_has_no_item_in_one_process():
     assert criterion_module._distributed_mean_count(0, torch.device("cpu")) == 1.0
     assert criterion_module._distributed_mean_count(5, torch.device("cpu")) == 5.0

@@ -31,6 +31,7 @@ from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
 
 from .matcher import HungarianMatcher
+from .transfer import to_device_async
 
 
 def _uncertainty(logits):
@@ -124,8 +125,10 @@ class LocalizationCriterion(nn.Module):
         batch_idx = torch.cat([p.batch for p in pairs])
         query_idx = torch.cat([p.query for p in pairs])
         class_idx = labels[torch.cat([p.target for p in pairs])]
-        target[layer_idx, batch_idx, query_idx, class_idx] = 1.0
-        weight[layer_idx, batch_idx, query_idx] = 1.0
+        # A device scalar: a Python 1.0 would be copied from the host, waiting for the device.
+        one = logits.new_ones(())
+        target.index_put_((layer_idx, batch_idx, query_idx, class_idx), one)
+        weight.index_put_((layer_idx, batch_idx, query_idx), one)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return (bce * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3))
 
@@ -187,8 +190,10 @@ class LocalizationCriterion(nn.Module):
             pairs = self.matcher.match_layers(layers, targets)
             labels = torch.cat([t["labels"] for t in targets])
             target_masks = torch.cat([t["masks"] for t in targets])
-            # Each target's image's valid map, (T, H, W) as views (expand copies nothing).
-            target_valid = torch.cat([t["valid"][None].expand(t["masks"].shape[0], -1, -1) for t in targets])
+            # Each target's image's valid map, (T, H, W): one gather for the batch, not two calls per image.
+            owners = [b for b, t in enumerate(targets) for _ in range(t["masks"].shape[0])]
+            valid = torch.stack([t["valid"] for t in targets])
+            target_valid = valid[to_device_async(owners, valid.device, torch.int64)]
             loss_cls = self._class_losses(layers, labels, pairs)
             loss_mask, loss_dice = self._mask_losses(layers, target_masks, target_valid, pairs, num_masks)
             scale = self.loc_weight

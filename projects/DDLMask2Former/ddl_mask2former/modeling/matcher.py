@@ -18,6 +18,8 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.projects.point_rend.point_features import point_sample
 
+from .transfer import to_device_async
+
 
 def pairwise_mask_costs(mask_logits, targets, weights):
     """Pairwise BCE and Dice costs.
@@ -141,9 +143,9 @@ class HungarianMatcher(nn.Module):
         if sum(counts) == 0:
             return [MatchedPairs(empty, empty, empty) for _ in layer_outputs]
         with_targets = [b for b, count in enumerate(counts) if count]
-        index = torch.as_tensor(with_targets, device=device)
-        owner_local = torch.repeat_interleave(torch.arange(len(with_targets)), torch.as_tensor(
-            [counts[b] for b in with_targets])).to(device)
+        index = to_device_async(with_targets, device, torch.int64)
+        owner_local = to_device_async([local for local, b in enumerate(with_targets) for _ in range(counts[b])],
+                                      device, torch.int64)
         target_masks = torch.cat([targets[b]["masks"] for b in with_targets])
         target_labels = torch.cat([targets[b]["labels"] for b in with_targets])
         valid = torch.stack([targets[b]["valid"] for b in with_targets])

@@ -56,6 +56,7 @@ from .detection_head import DetectionHead
 from .noise_residuals import NoiseResiduals
 from .pixel_decoder import build_pixel_decoder
 from .tiled_inference import TiledInference
+from .transfer import to_device_async
 from .transformer_decoder import build_transformer_decoder
 
 TASKS = ("detection", "localization")
@@ -179,7 +180,13 @@ class DDLMask2Former(nn.Module):
             normalized = (pixels - self.pixel_mean) / self.pixel_std
             if self.noise_residuals is not None:
                 normalized = torch.cat([normalized, self.noise_residuals(pixels)], dim=1)
-            return ImageList.from_tensors(list(normalized.unbind(0)), self.size_divisibility)
+            # ImageList.from_tensors would copy the batch in image by image; pad it in one go.
+            height, width = normalized.shape[-2:]
+            step = max(self.size_divisibility, 1)
+            pad_bottom, pad_right = -height % step, -width % step
+            if pad_bottom or pad_right:
+                normalized = F.pad(normalized, (0, pad_right, 0, pad_bottom), value=0.0)
+            return ImageList(normalized.contiguous(), [(height, width)] * len(images))
         normalized_images = []
         for image in images:
             pixels = image.to(self.device, non_blocking=True).float()
@@ -193,9 +200,10 @@ class DDLMask2Former(nn.Module):
         """Per image {"masks", "labels", "valid"} on the device, in one host->device copy.
 
         Which classes are present is read from the masks before they move (the loader's masks
-        are on the CPU), so building the targets never waits for the device.
+        are on the CPU), so building the targets never waits for the device. The work runs on
+        the whole batch at once, whatever its size; per image there are only views.
         """
-        forgery_masks, present = [], []
+        forgery_masks = []
         for record in batched_inputs:
             forgery_mask = record.get("forgery_mask")
             name = record.get("file_name", "training input")
@@ -206,30 +214,38 @@ class DDLMask2Former(nn.Module):
                     f"{name}: forgery_mask shape {tuple(forgery_mask.shape)} differs from the image's "
                     f"{tuple(record['image'].shape[-2:])}"
                 )
-            # Padding is IGNORE_VALUE, so presence in the original equals presence after padding.
-            values = {"forged": 1, "authentic": 0}
-            image_labels = []
-            for label, cls in enumerate(self.target_classes):
-                if bool((forgery_mask == values[cls]).any()):
-                    image_labels.append(label)
-            present.append(image_labels)
             forgery_masks.append(forgery_mask)
         height, width = padded_shape
-        padded = torch.full((len(forgery_masks), height, width), IGNORE_VALUE, dtype=forgery_masks[0].dtype)
-        for index, forgery_mask in enumerate(forgery_masks):
-            padded[index, : forgery_mask.shape[0], : forgery_mask.shape[1]] = forgery_mask.to(padded.device)
-        padded = padded.to(self.device, non_blocking=True)
-        labels = torch.tensor([label for labels in present for label in labels], dtype=torch.int64)
-        labels = labels.to(self.device, non_blocking=True).split([len(p) for p in present])
+        if all(tuple(m.shape) == (height, width) and m.device == forgery_masks[0].device for m in forgery_masks):
+            padded = torch.stack(forgery_masks)  # training crops: already the padded size
+        else:
+            padded = torch.full((len(forgery_masks), height, width), IGNORE_VALUE, dtype=forgery_masks[0].dtype,
+                                device=forgery_masks[0].device)
+            for index, forgery_mask in enumerate(forgery_masks):
+                padded[index, : forgery_mask.shape[0], : forgery_mask.shape[1]] = forgery_mask.to(padded.device)
+        # Padding is IGNORE_VALUE, so presence in the original equals presence after padding.
         class_values = [1 if cls == "forged" else 0 for cls in self.target_classes]
+        flat = padded.flatten(1)
+        present_matrix = torch.stack([(flat == value).any(1) for value in class_values], 1).tolist()
+        present = [[label for label, is_present in enumerate(row) if is_present] for row in present_matrix]
+
+        padded = padded.to(self.device, non_blocking=True)
+        labels = to_device_async([label for labels in present for label in labels], self.device, torch.int64)
+        labels = labels.split([len(p) for p in present])
+        valid = (padded != IGNORE_VALUE).unbind(0)
+        # (B, K, H, W): each image's mask of each target class.
+        class_masks = torch.stack([padded == value for value in class_values], 1).unbind(0)
+        no_masks = padded.new_zeros((0, height, width), dtype=torch.bool)
+        all_classes = list(range(len(class_values)))
         targets = []
         for index, image_labels in enumerate(present):
-            valid = padded[index] != IGNORE_VALUE
-            if image_labels:
-                masks = torch.stack([padded[index] == class_values[label] for label in image_labels])
+            if image_labels == all_classes:
+                masks = class_masks[index]
+            elif image_labels:
+                masks = class_masks[index][image_labels]
             else:
-                masks = valid.new_zeros((0,) + tuple(padded_shape))
-            targets.append({"masks": masks, "labels": labels[index], "valid": valid})
+                masks = no_masks
+            targets.append({"masks": masks, "labels": labels[index], "valid": valid[index]})
         return targets
 
     def _labels(self, batched_inputs):
@@ -238,7 +254,7 @@ class DDLMask2Former(nn.Module):
             if "label" not in record:
                 raise ValueError(f"{record.get('file_name', 'training input')}: detection training needs 'label'")
             labels.append(float(record["label"]))
-        return torch.tensor(labels, device=self.device)
+        return to_device_async(labels, self.device, torch.float32)
 
     def _run_network(self, batched_inputs):
         images = self._preprocess(batched_inputs)
