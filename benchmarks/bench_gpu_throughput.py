@@ -18,7 +18,8 @@ points per mask, deep supervision. Measured, one model at a time:
 * inference at batch 1 and ``--batch``: ours returns full-resolution ``fake_prob``/``mask_prob``;
   HF returns logits at stride 4. Our batched ``mask_prob`` is compared with each image run alone.
 * the quickstart model (``configs/quickstart/ddl_mask2former_quickstart_swin.yaml``, 128-px crops)
-  training at ``--quickstart-batch`` (32): iterations/s, fp32 as configured and bf16.
+  training at ``--quickstart-batch`` (32): iterations/s, fp32 as configured and bf16; and its
+  AdamW step alone in the default, foreach and fused implementations.
 * aten operator calls per training step of our model and of the quickstart model, by phase
   (forward of each submodule, inputs and targets, backward, optimizer step): in eager mode the
   host pays for each call and a GPU usually launches one kernel for it. The quickstart model's
@@ -532,6 +533,7 @@ def run_quickstart(args, device, results):
         if label == "fp32":  # after the timed steps: AdamW's state already exists
             results["quickstart_operator_census"] = operator_census(model, optimizer, records, device, amp_dtype)
             results["quickstart_fixed_cost"] = fixed_step_cost(model, optimizer, device, args)
+            results["quickstart_optimizer_ms"] = optimizer_step_ms(model, device, args)
             if args.profile:
                 try:
                     results["quickstart_profile"] = profile_step(step, device)
@@ -539,6 +541,25 @@ def run_quickstart(args, device, results):
                     traceback.print_exc()
         del model, optimizer
         reset_peak(device)
+
+
+def optimizer_step_ms(model, device, args):
+    """AdamW's step alone on the model's parameters (random gradients), per implementation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    row = {}
+    for label, options in (("default", {}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        optimizer = torch.optim.AdamW(params, lr=1e-4, **options)
+        median, _ = timed(optimizer.step, device, max(args.steps, 5), args.warmup)
+        row[label] = median * 1000
+    with torch.no_grad():
+        for param, value in zip(params, saved):
+            param.copy_(value)
+            param.grad = None
+    print("  quickstart model, AdamW step alone: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()), flush=True)
+    return row
 
 
 def fixed_step_cost(model, optimizer, device, args, size=32):

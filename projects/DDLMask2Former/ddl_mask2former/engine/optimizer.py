@@ -150,13 +150,25 @@ def with_gradient_clipping(optimizer_cls, clip_type, clip_value, norm_type=2.0):
     return _GradientClippingOptimizer
 
 
+def _fused_kernels_for(params):
+    """True when torch has fused optimizer kernels for every parameter's device and dtype."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch without the helper: CUDA has had fused AdamW the longest
+        devices = {"cuda"}
+    return all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
 def build_optimizer(cfg, model, fused=None):
     """Build the optimizer described by ``cfg.SOLVER`` for ``model``.
 
-    fused: AdamW's fused implementation (one kernel launch for all tensors; the default
-    implementation makes about two host calls per tensor, ~1,100 per step for Swin-T, and under a
-    float16 GradScaler one host sync). None picks it when every parameter is on a CUDA device;
-    the step is the same update to rounding.
+    fused: AdamW's fused implementation: one kernel for all tensors, where the default makes
+    several operator calls per tensor (~1,100 per step for Swin-T on a GPU, plus one host sync
+    under a float16 GradScaler; 22 ms vs 4.5 ms per step for the quickstart model on one CPU
+    thread). None picks it when torch has fused kernels for every parameter's device (CUDA
+    and CPU among them). The update is the same to rounding.
     """
     solver = cfg.SOLVER
     param_groups = build_param_groups(
@@ -172,7 +184,7 @@ def build_optimizer(cfg, model, fused=None):
     name = solver.OPTIMIZER.upper()
     if name == "ADAMW":
         if fused is None:
-            fused = all(p.is_cuda for group in param_groups for p in group["params"])
+            fused = _fused_kernels_for(p for group in param_groups for p in group["params"])
         optimizer_cls, kwargs = torch.optim.AdamW, {"betas": tuple(solver.ADAMW_BETAS), "fused": fused}
     elif name == "SGD":
         optimizer_cls = torch.optim.SGD

@@ -40,13 +40,15 @@ def _uncertainty(logits):
 
 
 def _distributed_mean_count(count, device):
-    """Number of targets averaged over workers, so every worker normalizes the same way."""
+    """Number of targets averaged over workers, so every worker normalizes the same way: a
+    float in one process; with several, a 0-dim tensor on ``device`` (reading it on the host
+    would wait for the device every step)."""
     world = get_world_size()
     if world == 1:
         return max(float(count), 1.0)  # no device round trip in one process
-    total = torch.as_tensor([float(count)], device=device)
+    total = to_device_async([float(count)], device, torch.float32)
     torch.distributed.all_reduce(total)
-    return (total / world).clamp(min=1.0).item()
+    return (total[0] / world).clamp(min=1.0)
 
 
 def uncertain_point_coords(mask_logits, num_points, oversample_ratio, importance_sample_ratio):
