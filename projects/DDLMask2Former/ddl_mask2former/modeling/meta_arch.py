@@ -241,6 +241,8 @@ class DDLMask2Former(nn.Module):
         for index, image_labels in enumerate(present):
             if image_labels == all_classes:
                 masks = class_masks[index]
+            elif len(image_labels) == 1:  # a view: indexing with a list would copy it from the host
+                masks = class_masks[index][image_labels[0]: image_labels[0] + 1]
             elif image_labels:
                 masks = class_masks[index][image_labels]
             else:
