@@ -428,7 +428,7 @@ def measure_inference(name, model, run, device, args, batch):
 
 
 def run_ours(args, device, shape, amp_dtype, results):
-    model, cfg = build_ours(PAPER_CONFIG, device, args.shape)
+    model, cfg = build_ours(PAPER_CONFIG, device, args.shape, args.opts)
     if args.channels_last or args.compile:
         from ddl_mask2former.engine.train_loop import apply_memory_format, compile_submodules
 
@@ -625,6 +625,8 @@ def main():
     parser.add_argument("--saved-tensors", action="store_true",
                         help="MiB that autograd saves for the backward of our training step")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of one training step")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="config overrides for our paper-size model (e.g. MODEL.SWIN.FUSED_ATTENTION True)")
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()
     args.shape = "small" if args.small else "full"
@@ -643,7 +645,8 @@ def main():
     from ddl_mask2former import ops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     extras = "".join([f" | ours compiled: {','.join(args.compile)}" if args.compile else "",
-                      " | ours channels-last" if args.channels_last else ""])
+                      " | ours channels-last" if args.channels_last else "",
+                      f" | ours {' '.join(args.opts)}" if args.opts else ""])
     header = (f"device {name} | torch {torch.__version__} | autocast {args.amp}{extras} | {args.shape} models, "
               f"{shape['image']}x{shape['image']} | deformable attention: "
               f"{'compiled op' if device.type == 'cuda' and ops.compiled_op_available() else 'PyTorch path'}")

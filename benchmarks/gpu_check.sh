@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU check that ends by a fixed deadline (DDL_GPU_CHECK_DEADLINE_S, default 560 s after
 # its start): build the multi-scale deformable attention op in place, then, most valuable first,
-# the whole-model throughput of issue 10 (ours vs Hugging Face Mask2Former with a profile of one
-# step, tools/train_net.py images/s), the model tests on CUDA, and while time is left the
-# compiled-backbone variant, the ops tests, the quickstart on the hard level and the ops
-# benchmarks. Every step runs under `timeout`, capped by what is left before the deadline, and all
+# the model tests on CUDA, the whole-model throughput of issue 10 (ours vs Hugging Face
+# Mask2Former with a profile of one step, tools/train_net.py images/s), and while time is left
+# the fused Swin attention and compiled-backbone variants, the ops tests, the quickstart on the
+# hard level and the ops benchmarks. Every step runs under `timeout`, capped by what is left before the deadline, and all
 # output goes to $OUT/log. Steps that need detectron2 use the wheels carried in .gpu-wheels/ (fill
 # it here first with benchmarks/fetch_gpu_wheels.sh); without them those steps fail and the others
 # still run.
@@ -20,9 +20,10 @@
 #   DDL_GPU_CHECK_STEPS="build wheels ..." runs only the named steps (a short rerun);
 #   DDL_GPU_CHECK_TRAIN_NET_ARGS replaces the train_net step's arguments (default: batch 32,
 #   50 iterations, fp16 and bf16).
-# Results: $OUT/log, throughput.json, train_net.json, throughput_compiled.json,
-#   quickstart_gpu_metrics.json, quickstart_gpu_curve.png, bench_fp32.json, bench_fp16.json
-#   (at most 8 files come back from the device tool).
+# Results: $OUT/log, throughput.json, train_net.json, throughput_swin_fused.json,
+#   throughput_compiled.json, quickstart_gpu_metrics.json, quickstart_gpu_curve.png,
+#   bench_fp32.json (at most 8 files come back from the device tool: the ops float16 benchmark
+#   prints its table to the log only).
 # Exit status: number of failed steps (0 = all passed; a step skipped for time is not a failure).
 set -uo pipefail
 
@@ -113,6 +114,10 @@ step throughput 240 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}
 step train_net 200 60 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --json "$OUT/train_net.json"
 
 # ===== while time is left
+# Swin window attention through scaled_dot_product_attention (opt-in MODEL.SWIN.FUSED_ATTENTION):
+# step time and peak memory of our model against the table above.
+step swin_fused 120 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf --skip-quickstart \
+  --opts MODEL.SWIN.FUSED_ATTENTION True --json "$OUT/throughput_swin_fused.json"
 # torch.compile'd backbone (SOLVER.COMPILE.MODULES ["backbone"]); compiling takes a minute or more.
 step compiled 180 120 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf \
   --skip-quickstart --compile backbone --json "$OUT/throughput_compiled.json"
@@ -135,7 +140,7 @@ fi
 step quickstart_gpu 330 150 env "${QS_ENV[@]}" OUT="$OUT" PYTHON="$PYTHON" bash benchmarks/gpu_quickstart.sh
 
 step bench_fp32 60 30 "$PYTHON" benchmarks/bench_msda.py --json "$OUT/bench_fp32.json"
-step bench_fp16 60 30 "$PYTHON" benchmarks/bench_msda.py --dtype float16 --json "$OUT/bench_fp16.json"
+step bench_fp16 60 30 "$PYTHON" benchmarks/bench_msda.py --dtype float16
 
 echo
 echo "===== gpu_check done after $SECONDS s: $FAILED failed step(s); log in $OUT/log"

@@ -43,6 +43,25 @@ def test_swin_wrapper_features_equal_timm(size):
         torch.testing.assert_close(actual[name], expected[stage].permute(0, 3, 1, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_window_attention_equals_the_written_out_one():
+    """MODEL.SWIN.FUSED_ATTENTION: same features and gradients (shifted windows and padding
+    included: 96x160 is not a multiple of the window at every stage)."""
+    torch.manual_seed(0)
+    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
+    fused = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, fused_attention=True)
+    fused.load_state_dict(plain.state_dict())
+    assert all(m.fused_attn for m in fused.modules() if hasattr(m, "fused_attn"))
+    assert not any(m.fused_attn for m in plain.modules() if hasattr(m, "fused_attn"))
+    image = torch.randn(2, 3, 96, 160)
+    outputs = [model(image) for model in (plain, fused)]
+    for name in outputs[0]:
+        torch.testing.assert_close(outputs[1][name], outputs[0][name], rtol=1e-5, atol=1e-5)
+    for model, output in zip((plain, fused), outputs):
+        sum(value.square().mean() for value in output.values()).backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_swin_rejects_sizes_not_multiple_of_32():
     wrapper = D2SwinTransformer(**SWIN_ARCH)
     with pytest.raises(ValueError, match="multiple of 32"):

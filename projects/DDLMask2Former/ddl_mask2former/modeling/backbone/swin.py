@@ -20,7 +20,7 @@ change (``tools/convert_pretrained.py`` also converts the official Swin release)
 import types
 
 import timm
-from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
@@ -44,6 +44,7 @@ class D2SwinTransformer(Backbone):
         out_features=_STAGE_NAMES,
         out_norm=True,
         in_chans=3,
+        fused_attention=False,
     ):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -73,6 +74,11 @@ class D2SwinTransformer(Backbone):
         for module in self.trunk.modules():
             if isinstance(module, SwinTransformerBlock):
                 _use_exact_window_masks(module)
+            if isinstance(module, WindowAttention):
+                # timm's switch: F.scaled_dot_product_attention with the position bias (and the
+                # shift mask) as attn_mask, instead of softmax(q k^T + bias) v written out, whose
+                # backward keeps the float32 attention probabilities (MODEL.SWIN.FUSED_ATTENTION).
+                module.fused_attn = fused_attention
         stage_indices = [_STAGE_NAMES.index(f) for f in out_features]
         self.trunk.prune_intermediate_layers(max(stage_indices) + 1, prune_norm=True, prune_head=True)
         self._out_features = list(out_features)
@@ -144,6 +150,7 @@ def build_swin_backbone(cfg, input_shape):
         out_features=swin.OUT_FEATURES,
         out_norm=swin.OUT_NORM,
         in_chans=input_shape.channels,
+        fused_attention=swin.FUSED_ATTENTION,
     )
 
 
