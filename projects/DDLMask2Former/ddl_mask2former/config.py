@@ -41,8 +41,8 @@ def _add_model_config(cfg):
     cfg.MODEL.SWIN.OUT_NORM = True
     # Window attention through F.scaled_dot_product_attention (timm's fused_attn): same outputs
     # to rounding; on a GPU its memory-efficient kernel need not keep the attention probabilities
-    # for the backward. Off until its GPU speed and memory are measured (docs/PERFORMANCE.md): on
-    # the CPU it times the same and keeps slightly more for the backward.
+    # for the backward. Off until its GPU speed and memory are measured (docs/PERFORMANCE.md); on
+    # the CPU it is not faster.
     cfg.MODEL.SWIN.FUSED_ATTENTION = False
 
     cfg.MODEL.DDL = CN()
