@@ -62,6 +62,41 @@ def test_fused_window_attention_equals_the_written_out_one():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_swin_window_masks_are_cached_per_size():
+    """The shifted-window masks are built once per feature size: later forwards dispatch fewer
+    operators, and alternating sizes gives each size the features of a fresh model."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def count_ops(model, image):
+        CountOps.calls = 0
+        with CountOps(), torch.no_grad():
+            output = model(image)
+        return CountOps.calls, output
+
+    torch.manual_seed(0)
+    wrapper = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0).eval()
+    small, large = torch.randn(1, 3, 96, 160), torch.randn(1, 3, 224, 224)
+    first_calls, first = count_ops(wrapper, small)
+    count_ops(wrapper, large)
+    again_calls, again = count_ops(wrapper, small)
+    assert again_calls < first_calls - 40  # mask building: ~50 operators per shifted block
+    fresh = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0).eval()
+    fresh.load_state_dict(wrapper.state_dict())
+    with torch.no_grad():
+        expected_large = fresh(large)
+        _, cached_large = count_ops(wrapper, large)
+    for name in first:
+        assert torch.equal(again[name], first[name])
+        assert torch.equal(cached_large[name], expected_large[name])
+
+
 def test_swin_rejects_sizes_not_multiple_of_32():
     wrapper = D2SwinTransformer(**SWIN_ARCH)
     with pytest.raises(ValueError, match="multiple of 32"):

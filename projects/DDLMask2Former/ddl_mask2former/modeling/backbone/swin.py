@@ -123,12 +123,28 @@ class D2SwinTransformer(Backbone):
 
 
 def _use_exact_window_masks(block):
-    """Make ``block.get_attn_mask`` return -inf (not -100) for forbidden token pairs."""
-    original = block.get_attn_mask
+    """Make ``block.get_attn_mask`` return -inf (not -100) for forbidden token pairs, cached.
 
-    def get_attn_mask(self, *args, **kwargs):
-        mask = original(*args, **kwargs)
+    timm builds the shifted-window mask on every forward when the input size is not fixed
+    (about 50 small operations per shifted block: a zero map, nine region fills, the window
+    partition and two ``masked_fill``). The mask depends only on the padded feature size, the
+    device and the dtype, so each block keeps it per key, like the position encodings.
+    """
+    original = block.get_attn_mask
+    cache = {}
+
+    def exact(mask):
         return None if mask is None else mask.masked_fill(mask < 0, float("-inf"))
+
+    def get_attn_mask(self, x=None, device=None, dtype=None):
+        if x is None:  # the fixed-size buffer, built once
+            return exact(original(x, device=device, dtype=dtype))
+        key = (x.shape[1], x.shape[2], x.device, x.dtype, tuple(self.window_size), tuple(self.shift_size))
+        if key not in cache:
+            if len(cache) >= 32:  # bounded: test-time inputs can come in many sizes
+                cache.clear()
+            cache[key] = exact(original(x))
+        return cache[key]
 
     block.get_attn_mask = types.MethodType(get_attn_mask, block)
     if getattr(block, "attn_mask", None) is not None:  # blocks built for a fixed size cache the mask
