@@ -187,3 +187,75 @@ def test_swin_window_masks_leave_no_denormals():
     with torch.no_grad():
         wrapper(torch.randn(1, 3, 128, 160))
     assert found and sum(found) == 0
+
+
+def _saved_bytes(function):
+    """Bytes of distinct storages autograd keeps for the backward of ``function()``."""
+    sizes = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = function()
+    return output, sum(sizes.values())
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_gelu_linear_equals_gelu_then_linear_and_keeps_less(amp):
+    """Same output and gradients as F.linear(F.gelu(h)) (fp32, and bf16 autocast as autocast
+    runs it); the GELU output is not kept for the backward."""
+    from ddl_mask2former.modeling.backbone.gelu_linear import gelu_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 16)
+    fc1, fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+    results = []
+    for use_function in (False, True):
+        fc1.zero_grad(), fc2.zero_grad()
+        inputs = x.clone().requires_grad_(True)
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                hidden = fc1(inputs)
+                if use_function:
+                    return gelu_linear(hidden, fc2.weight, fc2.bias)
+                return fc2(torch.nn.functional.gelu(hidden))
+        output, saved = _saved_bytes(run)
+        output.float().square().sum().backward()
+        results.append((output, saved, inputs.grad, [p.grad.clone() for p in (*fc1.parameters(), *fc2.parameters())]))
+    (reference, reference_saved, reference_grad, reference_params), (output, saved, grad, params) = results
+    assert output.dtype == reference.dtype == (torch.bfloat16 if amp else torch.float32)
+    # Bit-equal on the development machine; one bf16 rounding step of room for other kernels.
+    tolerance = dict(rtol=4e-3, atol=1e-6) if amp else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(output, reference, **tolerance)
+    torch.testing.assert_close(grad, reference_grad, **tolerance)
+    for actual, expected in zip(params, reference_params):
+        assert actual.dtype == torch.float32
+        torch.testing.assert_close(actual, expected, **tolerance)
+    hidden_bytes = 2 * 50 * 64 * (2 if amp else 4)
+    assert reference_saved - saved == hidden_bytes  # exactly the GELU output
+
+
+def test_swin_recomputed_gelu_same_gradients_less_saved():
+    """MODEL.SWIN.RECOMPUTE_GELU: the backbone's features and gradients equal timm's MLP's, and
+    it keeps less for the backward (by the hidden activations of every block)."""
+    torch.manual_seed(0)
+    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, recompute_gelu=False)
+    recomputing = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
+    recomputing.load_state_dict(plain.state_dict())
+    image = torch.randn(2, 3, 96, 160)
+    runs = []
+    for model in (plain, recomputing):
+        output, saved = _saved_bytes(lambda model=model: model(image))
+        sum(value.square().mean() for value in output.values()).backward()
+        runs.append((output, saved))
+    for name in runs[0][0]:
+        torch.testing.assert_close(runs[1][0][name], runs[0][0][name], rtol=0, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), recomputing.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Hidden tokens x width of every block's MLP (fp32 here): 4x the block's channels.
+    hidden = sum(2 * (96 // 4 // 2**s) * (160 // 4 // 2**s) * 4 * 16 * 2**s * 4 * depth
+                 for s, depth in enumerate(SWIN_ARCH["depths"]))
+    assert runs[0][1] - runs[1][1] == hidden

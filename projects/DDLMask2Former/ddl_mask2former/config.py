@@ -44,6 +44,10 @@ def _add_model_config(cfg):
     # for the backward. Off until its GPU speed and memory are measured (docs/PERFORMANCE.md); on
     # the CPU it is not faster.
     cfg.MODEL.SWIN.FUSED_ATTENTION = False
+    # Each block's MLP keeps only its hidden pre-activation for the backward and recomputes the
+    # GELU there (modeling/backbone/gelu_linear.py): same gradients, about half the MLP's saved
+    # activations, one extra elementwise pass per block. False runs timm's MLP as it is.
+    cfg.MODEL.SWIN.RECOMPUTE_GELU = True
 
     cfg.MODEL.DDL = CN()
     # Branches to build and run: any non-empty subset of ["detection", "localization"].

@@ -14,6 +14,10 @@ time on them). The wrapper turns those -100 entries into -inf, which is what the
 the masked weights become exact zeros (no row is ever fully masked: a token always sees its
 own region), and the outputs match timm's to float32 rounding.
 
+MLPs: each block's ``fc1 -> GELU -> fc2`` keeps only the GELU's input for the backward and
+recomputes the activation there (``gelu_linear.py``, ``MODEL.SWIN.RECOMPUTE_GELU``): the same
+gradients for about half of the MLPs' saved activations, the largest ones Swin keeps.
+
 Parameter names: ``trunk.*`` are timm's own names, so timm checkpoints load after a prefix
 change (``tools/convert_pretrained.py`` also converts the official Swin release).
 """
@@ -24,6 +28,8 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
+
+from .gelu_linear import recompute_gelu_in_backward
 
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -45,6 +51,7 @@ class D2SwinTransformer(Backbone):
         out_norm=True,
         in_chans=3,
         fused_attention=False,
+        recompute_gelu=True,
     ):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -74,6 +81,9 @@ class D2SwinTransformer(Backbone):
         for module in self.trunk.modules():
             if isinstance(module, SwinTransformerBlock):
                 _use_exact_window_masks(module)
+                if recompute_gelu and not recompute_gelu_in_backward(module.mlp):
+                    raise ValueError(f"Swin MLP {type(module.mlp).__name__} is not fc1 -> exact GELU -> fc2; "
+                                     "set MODEL.SWIN.RECOMPUTE_GELU False")
             if isinstance(module, WindowAttention):
                 # timm's switch: F.scaled_dot_product_attention with the position bias (and the
                 # shift mask) as attn_mask, instead of softmax(q k^T + bias) v written out, whose
@@ -167,6 +177,7 @@ def build_swin_backbone(cfg, input_shape):
         out_norm=swin.OUT_NORM,
         in_chans=input_shape.channels,
         fused_attention=swin.FUSED_ATTENTION,
+        recompute_gelu=swin.RECOMPUTE_GELU,
     )
 
 
