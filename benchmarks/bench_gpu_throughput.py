@@ -17,6 +17,8 @@ points per mask, deep supervision. Measured, one model at a time:
   activations).
 * inference at batch 1 and ``--batch``: ours returns full-resolution ``fake_prob``/``mask_prob``;
   HF returns logits at stride 4. Our batched ``mask_prob`` is compared with each image run alone.
+  On CUDA ours runs again with ``TEST.CUDA_GRAPH`` (forwards replayed from CUDA graphs), its
+  ``mask_prob`` compared with the eager one.
 * the quickstart model (``configs/quickstart/ddl_mask2former_quickstart_swin.yaml``, 128-px crops)
   training at ``--quickstart-batch`` (32): iterations/s, fp32 as configured and bf16; and its
   AdamW step alone in the default, foreach and fused implementations.
@@ -486,8 +488,40 @@ def run_ours(args, device, shape, amp_dtype, results):
     print(f"  ours mask_prob: batch {args.batch} vs alone max |diff| "
           f"{results['mask_prob_batched_vs_single_max_abs']:.2e}; autocast vs fp32 "
           f"{results['mask_prob_amp_vs_fp32_max_abs']:.2e}")
+    if device.type == "cuda":
+        try:  # a capture problem must not cost the HF numbers
+            measure_cuda_graph_inference(model, outputs, device, args, size, amp_dtype, results)
+        except Exception:
+            traceback.print_exc()
+            results["cuda_graph_error"] = traceback.format_exc(limit=3)
     del model, outputs
     reset_peak(device)
+
+
+def measure_cuda_graph_inference(model, eager_outputs, device, args, size, amp_dtype, results):
+    """Inference through TEST.CUDA_GRAPH (CudaGraphRunner) at batch 1 and --batch, and its
+    mask_prob against the eager model's on the same inputs."""
+    from ddl_mask2former.modeling.cuda_graph import CudaGraphRunner
+
+    model.cuda_graph = CudaGraphRunner(model._network, model)
+    outputs = {}
+    try:
+        for batch in (1, args.batch):
+            inputs = [{"image": r["image"], "height": r["height"], "width": r["width"]}
+                      for r in ddl_records(batch, size, 1)]
+
+            def run(inputs=inputs, batch=batch):
+                with autocast(device, amp_dtype):
+                    outputs[batch] = model(inputs)
+            results["inference"].append(measure_inference("ours-graph", model, run, device, args, batch))
+        differences = [(graphed["mask_prob"].float() - eager["mask_prob"].float()).abs().max().item()
+                       for graphed, eager in zip(outputs[args.batch], eager_outputs[args.batch])]
+        results["cuda_graph_mask_prob_vs_eager_max_abs"] = max(differences)
+        results["cuda_graph_captures"] = model.cuda_graph.captures
+        print(f"  ours CUDA graph: {model.cuda_graph.captures} captures; mask_prob vs eager max |diff| "
+              f"{max(differences):.2e} (goal <= 1e-3)")
+    finally:
+        model.cuda_graph = None
 
 
 def run_hf(args, device, shape, amp_dtype, results):
@@ -583,9 +617,12 @@ def print_table(results, batch):
     print("| measurement | ours ms | HF ms | ratio ours/HF | ours img/s | HF img/s | ours peak GiB | HF peak GiB |"
           " peak ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for key, label in (("train", f"training step, batch {batch}"), ("infer1", "inference, batch 1"),
-                       (f"infer{batch}", f"inference, batch {batch}")):
-        ours, hf = rows.get(("ours", key)), rows.get(("hf", key))
+    for name, key, label in (("ours", "train", f"training step, batch {batch}"),
+                             ("ours", "infer1", "inference, batch 1"),
+                             ("ours", f"infer{batch}", f"inference, batch {batch}"),
+                             ("ours-graph", "infer1", "inference, batch 1, ours with TEST.CUDA_GRAPH"),
+                             ("ours-graph", f"infer{batch}", f"inference, batch {batch}, ours with TEST.CUDA_GRAPH")):
+        ours, hf = rows.get((name, key)), rows.get(("hf", key))
         if ours is None:
             continue
 

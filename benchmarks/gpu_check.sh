@@ -107,9 +107,9 @@ if [ "${DDL_GPU_CHECK_SMALL:-0}" = 1 ]; then SMALL=(--device cpu --small); TN_AR
 [ -n "${DDL_GPU_CHECK_TRAIN_NET_ARGS:-}" ] && read -r -a TN_ARGS <<< "$DDL_GPU_CHECK_TRAIN_NET_ARGS"
 # Model tests first (quick): they use tests/conftest.py (so no --noconftest); on CUDA they add
 # the GPU cases (batched matcher and criterion equal to the per-image reference, no stream
-# synchronization in a training step, the pending loss copy).
+# synchronization in a training step, the pending loss copy, CUDA-graph inference equal to eager).
 step model_tests 90 30 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_throughput_engine.py \
-  tests/test_throughput_model.py
+  tests/test_throughput_model.py tests/test_cuda_graph.py
 step throughput 240 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --profile --json "$OUT/throughput.json"
 step train_net 200 60 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --json "$OUT/train_net.json"
 

@@ -208,6 +208,10 @@ def _add_evaluation_config(cfg):
     # learned, docs/PERFORMANCE.md#tiled-inference-issue-12), "tile_mean", "global" (the
     # INPUT.BASE_SCALE view alone) or "global_tile_max" (mean of global and tile_max).
     cfg.TEST.TILE.FAKE_PROB = "tile_max"
+    # Inference forwards on a GPU replay a CUDA graph per input shape (captured the second time a
+    # shape comes; modeling/cuda_graph.py): no per-operator host cost. For inputs of fixed size
+    # (tiles, a fixed BASE_SCALE, benchmarks); each kept shape holds one forward's memory.
+    cfg.TEST.CUDA_GRAPH = False
     # detectron2's TEST.AUG.ENABLED with TEST.AUG.FLIP (on by default) averages each prediction with
     # that of the horizontally flipped input, un-flipped; composes with tiling. Flip is the only
     # test-time augmentation: TEST.AUG.MIN_SIZES and TEST.AUG.MAX_SIZE are not used.

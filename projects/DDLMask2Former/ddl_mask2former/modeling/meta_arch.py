@@ -40,8 +40,11 @@ Test-time options (``predict``): with ``TEST.TILE.ENABLED`` each image is predic
 at its native resolution (``tiled_inference.py``); with ``TEST.AUG.ENABLED`` (flip) every
 forward pass also runs the inputs mirrored left-right, and the outputs are averaged with the
 mirrored outputs flipped back (``fake_prob`` and ``mask_prob``, then ``mask`` again). Flip
-composes with tiling: each batch of tiles is flipped.
+composes with tiling: each batch of tiles is flipped. With ``TEST.CUDA_GRAPH`` the network's
+forward on CUDA replays a captured CUDA graph per input shape (``cuda_graph.py``).
 """
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +55,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 
 from .criterion import LocalizationCriterion
+from .cuda_graph import CudaGraphRunner
 from .detection_head import DetectionHead
 from .noise_residuals import NoiseResiduals
 from .pixel_decoder import build_pixel_decoder
@@ -85,9 +89,11 @@ class DDLMask2Former(nn.Module):
         target_classes=("forged",),
         tiling=None,
         flip=False,
+        cuda_graph=False,
     ):
         """``tiling``: a ``TiledInference`` (None: the whole input at once); ``flip``: horizontal
-        flip test-time augmentation. Other arguments: see ``from_config``."""
+        flip test-time augmentation; ``cuda_graph``: inference forwards on CUDA through
+        ``CudaGraphRunner``. Other arguments: see ``from_config``."""
         super().__init__()
         tasks = tuple(tasks)
         unknown = [t for t in tasks if t not in TASKS]
@@ -117,6 +123,7 @@ class DDLMask2Former(nn.Module):
                              f"input size divisibility), got {tiling.tile_size}")
         self.tiling = tiling
         self.flip = flip
+        self.cuda_graph = CudaGraphRunner(self._network, self) if cuda_graph else None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
@@ -137,6 +144,7 @@ class DDLMask2Former(nn.Module):
             "target_classes": tuple(ddl.TARGET_CLASSES),
             "tiling": TiledInference.from_config(cfg),
             "flip": _flip_from_config(cfg),
+            "cuda_graph": _cuda_graph_from_config(cfg),
         }
         shapes = backbone.output_shape()
         if "localization" in ddl.TASKS:
@@ -260,7 +268,13 @@ class DDLMask2Former(nn.Module):
 
     def _run_network(self, batched_inputs):
         images = self._preprocess(batched_inputs)
-        features = self.backbone(images.tensor)
+        network = self._network if self.cuda_graph is None else self.cuda_graph
+        det_logits, decoded = network(images.tensor)
+        return images, det_logits, decoded
+
+    def _network(self, tensor):
+        """Normalized, padded batch -> (detection logits or None, decoder outputs or None)."""
+        features = self.backbone(tensor)
         det_logits = self.detection_head(features) if self.detection else None
         decoded = None
         if self.localization:
@@ -268,7 +282,7 @@ class DDLMask2Former(nn.Module):
             # Earlier layers' full-resolution masks are only needed for deep supervision.
             all_masks = self.training and self.criterion.deep_supervision
             decoded = self.transformer_decoder(multi_scale, mask_features, all_masks=all_masks)
-        return images, det_logits, decoded
+        return det_logits, decoded
 
     def forward(self, batched_inputs):
         if not self.training:
@@ -368,6 +382,15 @@ def _flip_from_config(cfg):
         raise ValueError("TEST.AUG.ENABLED is on but TEST.AUG.FLIP is off: horizontal flip is the only "
                          "test-time augmentation; turn TEST.AUG.ENABLED off instead")
     return bool(cfg.TEST.AUG.ENABLED)
+
+
+def _cuda_graph_from_config(cfg):
+    """TEST.CUDA_GRAPH, with a warning when the model will not run on CUDA (then it does nothing)."""
+    if cfg.TEST.CUDA_GRAPH and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        logging.getLogger(__name__).warning(
+            "TEST.CUDA_GRAPH is on but MODEL.DEVICE is %s: CUDA graphs apply to CUDA inputs only, "
+            "inference runs eagerly", cfg.MODEL.DEVICE)
+    return bool(cfg.TEST.CUDA_GRAPH)
 
 
 def _average_with_mirrored(output, mirrored_output):

@@ -4,6 +4,8 @@ import math
 import torch
 from torch import nn
 
+from .shape_cache import ShapeCache
+
 
 class SinePositionEmbedding(nn.Module):
     """Maps a (B, C, H, W) feature map to a (B, 2 * num_pos_feats, H, W) position code.
@@ -20,7 +22,7 @@ class SinePositionEmbedding(nn.Module):
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.scale = scale
-        self._cache = {}
+        self._cache = ShapeCache()
 
     def _encode(self, height, width, device, dtype):
         eps = 1e-6
@@ -41,11 +43,6 @@ class SinePositionEmbedding(nn.Module):
 
     def forward(self, feature):
         batch, _, height, width = feature.shape
-        key = (height, width, feature.device, feature.dtype)
-        pos = self._cache.get(key)
-        if pos is None:
-            pos = self._encode(height, width, feature.device, feature.dtype)
-            if len(self._cache) > 32:  # bounded: test-time inputs can come in many sizes
-                self._cache.clear()
-            self._cache[key] = pos
+        pos = self._cache.get((height, width, feature.device, feature.dtype),
+                              lambda: self._encode(height, width, feature.device, feature.dtype))
         return pos.unsqueeze(0).expand(batch, -1, -1, -1)

@@ -29,6 +29,7 @@ from torch import nn
 
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 
+from ..shape_cache import ShapeCache
 from .gelu_linear import recompute_gelu_in_backward
 
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
@@ -141,7 +142,7 @@ def _use_exact_window_masks(block):
     device and the dtype, so each block keeps it per key, like the position encodings.
     """
     original = block.get_attn_mask
-    cache = {}
+    cache = ShapeCache()
 
     def exact(mask):
         return None if mask is None else mask.masked_fill(mask < 0, float("-inf"))
@@ -150,11 +151,7 @@ def _use_exact_window_masks(block):
         if x is None:  # the fixed-size buffer, built once
             return exact(original(x, device=device, dtype=dtype))
         key = (x.shape[1], x.shape[2], x.device, x.dtype, tuple(self.window_size), tuple(self.shift_size))
-        if key not in cache:
-            if len(cache) >= 32:  # bounded: test-time inputs can come in many sizes
-                cache.clear()
-            cache[key] = exact(original(x))
-        return cache[key]
+        return cache.get(key, lambda: exact(original(x)))
 
     block.get_attn_mask = types.MethodType(get_attn_mask, block)
     if getattr(block, "attn_mask", None) is not None:  # blocks built for a fixed size cache the mask

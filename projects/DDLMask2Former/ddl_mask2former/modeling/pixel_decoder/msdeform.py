@@ -16,6 +16,7 @@ from detectron2.config import configurable
 
 from ...ops import MSDeformAttn
 from ..position_encoding import SinePositionEmbedding
+from ..shape_cache import ShapeCache
 from .build import PIXEL_DECODER_REGISTRY
 
 
@@ -109,7 +110,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
         self.conv_dim = conv_dim
         self.mask_dim = mask_dim
-        self._reference_cache = {}
+        self._reference_cache = ShapeCache()
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -144,26 +145,25 @@ class MSDeformAttnPixelDecoder(nn.Module):
     def _level_geometry(self, shapes, batch, device):
         """(spatial_shapes, level_start_index, reference points) for level sizes ``shapes``
         (Python ints), cached per sizes and device: built on the host, never read back."""
-        key = (tuple(shapes), device)
-        cached = self._reference_cache.get(key)
-        if cached is None:
-            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-            starts = [0]
-            for height, width in shapes[:-1]:
-                starts.append(starts[-1] + height * width)
-            level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
-            per_level = []
-            for height, width in shapes:
-                ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
-                xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
-                grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-                per_level.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))
-            ref = torch.cat(per_level, dim=0)[None, :, None, :].expand(1, -1, len(shapes), 2)
-            if len(self._reference_cache) > 32:  # bounded: test-time inputs can come in many sizes
-                self._reference_cache.clear()
-            cached = self._reference_cache[key] = (spatial_shapes, level_start_index, ref)
-        spatial_shapes, level_start_index, ref = cached
+        spatial_shapes, level_start_index, ref = self._reference_cache.get(
+            (tuple(shapes), device), lambda: self._build_level_geometry(shapes, device))
         return spatial_shapes, level_start_index, ref.expand(batch, -1, -1, -1)
+
+    @staticmethod
+    def _build_level_geometry(shapes, device):
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        starts = [0]
+        for height, width in shapes[:-1]:
+            starts.append(starts[-1] + height * width)
+        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
+        per_level = []
+        for height, width in shapes:
+            ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+            xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+            grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+            per_level.append(torch.stack((grid_x.reshape(-1), grid_y.reshape(-1)), dim=-1))
+        ref = torch.cat(per_level, dim=0)[None, :, None, :].expand(1, -1, len(shapes), 2)
+        return spatial_shapes, level_start_index, ref
 
     def forward(self, features):
         tokens, positions, shapes = [], [], []
