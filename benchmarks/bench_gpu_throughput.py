@@ -650,6 +650,8 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny models and images (CPU smoke test)")
     parser.add_argument("--batch", type=int, default=None, help="training and large inference batch (16; small: 2)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image side for ours and HF (512; small: 64), e.g. 256 for a CPU memory census")
     parser.add_argument("--quickstart-batch", type=int, default=None, help="quickstart model batch (32; small: 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (10; small: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (3; small: 1)")
@@ -677,7 +679,7 @@ def main():
     amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}[args.amp]
     if amp_dtype == torch.float16 and device.type != "cuda":
         raise SystemExit("bench_gpu_throughput.py: --amp float16 needs CUDA")
-    shape = SHAPES[args.shape]
+    shape = dict(SHAPES[args.shape], **({"image": args.image_size} if args.image_size else {}))
 
     from ddl_mask2former import ops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
