@@ -258,9 +258,20 @@ def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_p
                             rank=0, world_size=1)
     try:
         assert dist.is_initialized()
+        from detectron2.utils import comm
+
+        comm.create_local_process_group(1)  # what detectron2's launch makes in each worker
+        assert comm.get_local_size() == 1
         leave_process_group()
-        # A gloo group left alive at exit can abort the process (engine/launch.py).
-        assert not dist.is_initialized()
+        # A gloo group left alive at exit can abort the process (engine/launch.py): torch's
+        # and detectron2's references are gone, and a later group gets its local group again.
+        assert not dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is None
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous2'}",
+                                rank=0, world_size=1)
+        comm.create_local_process_group(1)
+        assert comm.get_local_size() == 1
+        leave_process_group()
+        assert not dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

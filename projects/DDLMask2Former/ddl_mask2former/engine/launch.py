@@ -7,6 +7,8 @@ tensors while Python is being torn down. The run has finished by then, yet the j
 with an error. Here each worker waits for the others and destroys the group before it
 returns.
 """
+import gc
+
 import torch.distributed as dist
 from detectron2.engine import launch as detectron2_launch
 from detectron2.utils import comm
@@ -15,11 +17,23 @@ __all__ = ["launch", "leave_process_group"]
 
 
 def leave_process_group():
-    """Wait for every process, then destroy the default process group (no-op when none)."""
+    """Wait for every process, then destroy the process groups (no-op when none).
+
+    ``destroy_process_group`` only drops torch's own references. detectron2's ``comm`` keeps
+    the per-machine group it made in ``launch`` (and caches of groups), so that group's gloo
+    object, with its threads, would still live until interpreter shutdown: the abort above,
+    seen now and then in CI. Those references are dropped and collected here too.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return
     comm.synchronize()
     dist.destroy_process_group()
+    comm._LOCAL_PROCESS_GROUP = None
+    for cached in ("_get_global_gloo_group", "create_local_process_group"):
+        cache_clear = getattr(getattr(comm, cached, None), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+    gc.collect()
 
 
 def _run_then_leave(main_func, *args):
