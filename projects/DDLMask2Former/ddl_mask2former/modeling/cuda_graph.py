@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+from typing import NamedTuple
 
 import torch
 from torch.utils import _pytree as pytree
@@ -42,13 +43,12 @@ __all__ = ["CudaGraphRunner"]
 logger = logging.getLogger(__name__)
 
 
-class _Graph:
-    def __init__(self, graph, static_input, static_outputs, spec, keep_alive):
-        self.graph = graph
-        self.static_input = static_input
-        self.static_outputs = static_outputs
-        self.spec = spec
-        self.keep_alive = keep_alive
+class _Graph(NamedTuple):
+    graph: "torch.cuda.CUDAGraph"
+    static_input: torch.Tensor
+    static_outputs: list
+    spec: pytree.TreeSpec
+    keep_alive: list  # held only so the tensors the graph reads stay allocated
 
 
 class CudaGraphRunner:

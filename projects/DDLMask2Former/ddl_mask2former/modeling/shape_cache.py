@@ -43,9 +43,6 @@ class ShapeCache:
     def __len__(self):
         return len(self._entries)
 
-    def clear(self):
-        self._entries.clear()
-
     # A copied or unpickled module gets an empty cache of the same bound, registered like any other.
     def __getstate__(self):
         return {"max_entries": self.max_entries}
