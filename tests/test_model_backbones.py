@@ -259,3 +259,87 @@ def test_swin_recomputed_gelu_same_gradients_less_saved():
     hidden = sum(2 * (96 // 4 // 2**s) * (160 // 4 // 2**s) * 4 * 16 * 2**s * 4 * depth
                  for s, depth in enumerate(SWIN_ARCH["depths"]))
     assert runs[0][1] - runs[1][1] == hidden
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_equals_timm_written_out_and_keeps_no_probabilities(amp, shifted, device):
+    """Same output and gradients (q, k, v and the position bias) as the written-out attention,
+    in float32 and as bf16 autocast runs it (CUDA's autocast runs softmax in float32, the CPU's
+    in its input's dtype), with and without a shift mask; the probabilities are not kept for
+    the backward."""
+    from ddl_mask2former.modeling.backbone.window_attention import window_attention
+
+    torch.manual_seed(0)
+    windows, heads, tokens, width, scale = 4, 2, 49, 8, 8 ** -0.5
+    qkv = torch.randn(3, 2 * windows, heads, tokens, width).to(device)
+    bias = torch.randn(1, heads, tokens, tokens).to(device)
+    mask = None
+    if shifted:
+        regions = torch.randint(0, 2, (windows, tokens))
+        mask = torch.zeros(windows, tokens, tokens).masked_fill(regions[:, :, None] != regions[:, None, :], float("-inf"))
+        mask = mask.to(device)
+    results = []
+    for use_function in (False, True):
+        q, k, v, b = (t.clone().requires_grad_(True) for t in (*qkv, bias))
+
+        def run():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                qs, ks, vs = (t.to(torch.bfloat16) if amp else t for t in (q, k, v))  # what a qkv linear gives
+                if use_function:
+                    return window_attention(qs, ks, vs, b, mask, scale)
+                attn = qs * scale @ ks.transpose(-2, -1) + b
+                if mask is not None:
+                    attn = (attn.view(-1, windows, heads, tokens, tokens) + mask[None, :, None]).view(-1, heads, tokens, tokens)
+                return attn.softmax(-1) @ vs
+        output, saved = _saved_bytes(run)
+        output.float().square().sum().backward()
+        results.append((output, saved, [t.grad for t in (q, k, v, b)]))
+    (reference, reference_saved, reference_grads), (output, saved, grads) = results
+    assert output.dtype == reference.dtype == (torch.bfloat16 if amp else torch.float32)
+    # Bit-equal on the development machine; one bf16 rounding step of room for other kernels.
+    tolerance = dict(rtol=4e-3, atol=1e-5) if amp else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(output, reference, **tolerance)
+    for name, actual, expected in zip("qkvb", grads, reference_grads):
+        torch.testing.assert_close(actual, expected, **tolerance, msg=name)
+    # Kept: q, k, v, the bias and the mask; the float32 probabilities (and their bf16 copy) are not.
+    kept = 3 * qkv[0].numel() * (2 if amp else 4) + bias.nbytes + (0 if mask is None else mask.nbytes)
+    assert saved == kept
+    probabilities = 2 * windows * heads * tokens * tokens * (6 if amp else 4)
+    assert reference_saved >= probabilities + 3 * qkv[0].numel() * (2 if amp else 4)
+
+
+def test_swin_recomputed_attention_same_gradients_less_saved():
+    """MODEL.SWIN.RECOMPUTE_ATTENTION: the backbone's features and gradients equal timm's
+    attention's (with shifted windows and padding), it keeps less for the backward, and without
+    autograd timm's own forward runs."""
+    torch.manual_seed(0)
+    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, recompute_attention=False)
+    recomputing = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
+    recomputing.load_state_dict(plain.state_dict())
+    image = torch.randn(2, 3, 96, 160)
+    runs = []
+    for model in (plain, recomputing):
+        output, saved = _saved_bytes(lambda model=model: model(image))
+        sum(value.square().mean() for value in output.values()).backward()
+        runs.append((output, saved))
+    for name in runs[0][0]:
+        torch.testing.assert_close(runs[1][0][name], runs[0][0][name], rtol=0, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), recomputing.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Each block's float32 probabilities: windows x heads x 49 x 49 (feature maps padded to 7s).
+    probabilities = 0
+    for stage, depth in enumerate(SWIN_ARCH["depths"]):
+        h, w = (-(-(side // 4 // 2**stage) // 7) * 7 for side in (96, 160))
+        probabilities += depth * 2 * (h * w // 49) * SWIN_ARCH["num_heads"][stage] * 49 * 49 * 4
+    assert runs[0][1] - runs[1][1] >= probabilities
+    with torch.no_grad():
+        calls = []
+        attention = next(m for m in recomputing.modules() if hasattr(m, "qkv"))
+        attention.softmax.register_forward_hook(lambda *args: calls.append(1))
+        recomputing(image)
+    assert calls  # timm's forward (its softmax module) when no gradient is taken

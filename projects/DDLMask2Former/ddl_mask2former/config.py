@@ -48,6 +48,12 @@ def _add_model_config(cfg):
     # GELU there (modeling/backbone/gelu_linear.py): same gradients, about half the MLP's saved
     # activations, one extra elementwise pass per block. False runs timm's MLP as it is.
     cfg.MODEL.SWIN.RECOMPUTE_GELU = True
+    # Each block's window attention keeps q, k and v for the backward and recomputes the
+    # attention probabilities there (modeling/backbone/window_attention.py): same gradients,
+    # without the float32 probabilities and their autocast copy, one extra q k^T and softmax per
+    # block in the backward. No effect with FUSED_ATTENTION (that path keeps no probabilities).
+    # False runs timm's attention as it is.
+    cfg.MODEL.SWIN.RECOMPUTE_ATTENTION = True
 
     cfg.MODEL.DDL = CN()
     # Branches to build and run: any non-empty subset of ["detection", "localization"].

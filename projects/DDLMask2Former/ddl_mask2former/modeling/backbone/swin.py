@@ -18,6 +18,11 @@ MLPs: each block's ``fc1 -> GELU -> fc2`` keeps only the GELU's input for the ba
 recomputes the activation there (``gelu_linear.py``, ``MODEL.SWIN.RECOMPUTE_GELU``): the same
 gradients for about half of the MLPs' saved activations, the largest ones Swin keeps.
 
+Attention: each block's written-out window attention keeps q, k and v for the backward and
+recomputes the attention probabilities there (``window_attention.py``,
+``MODEL.SWIN.RECOMPUTE_ATTENTION``): the same gradients, without the float32 probabilities and
+their low-precision copy, the other large activations of a block.
+
 Parameter names: ``trunk.*`` are timm's own names, so timm checkpoints load after a prefix
 change (``tools/convert_pretrained.py`` also converts the official Swin release).
 """
@@ -31,6 +36,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 
 from ..shape_cache import ShapeCache
 from .gelu_linear import recompute_gelu_in_backward
+from .window_attention import recompute_attention_in_backward
 
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 
@@ -53,6 +59,7 @@ class D2SwinTransformer(Backbone):
         in_chans=3,
         fused_attention=False,
         recompute_gelu=True,
+        recompute_attention=True,
     ):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -90,6 +97,9 @@ class D2SwinTransformer(Backbone):
                 # shift mask) as attn_mask, instead of softmax(q k^T + bias) v written out, whose
                 # backward keeps the float32 attention probabilities (MODEL.SWIN.FUSED_ATTENTION).
                 module.fused_attn = fused_attention
+                if recompute_attention and not recompute_attention_in_backward(module):
+                    raise ValueError(f"Swin attention {type(module).__name__} is not timm's written-out window "
+                                     "attention; set MODEL.SWIN.RECOMPUTE_ATTENTION False")
         stage_indices = [_STAGE_NAMES.index(f) for f in out_features]
         self.trunk.prune_intermediate_layers(max(stage_indices) + 1, prune_norm=True, prune_head=True)
         self._out_features = list(out_features)
@@ -175,6 +185,7 @@ def build_swin_backbone(cfg, input_shape):
         in_chans=input_shape.channels,
         fused_attention=swin.FUSED_ATTENTION,
         recompute_gelu=swin.RECOMPUTE_GELU,
+        recompute_attention=swin.RECOMPUTE_ATTENTION,
     )
 
 
