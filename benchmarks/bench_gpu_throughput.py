@@ -455,7 +455,7 @@ def run_ours(args, device, shape, amp_dtype, results):
         from ddl_mask2former.engine.train_loop import apply_memory_format, compile_submodules
 
         apply_memory_format(model, args.channels_last)
-        compile_submodules(model, args.compile)
+        compile_submodules(model, args.compile, args.compile_mode)
     size = shape["image"]
     optimizer = adamw(model, device)
     records = ddl_records(args.batch, size)
@@ -575,6 +575,10 @@ def run_hf(args, device, shape, amp_dtype, results):
 def run_quickstart(args, device, results):
     for label, amp_dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         model, cfg = build_ours(QUICKSTART_CONFIG, device, "full")
+        if args.compile:
+            from ddl_mask2former.engine.train_loop import compile_submodules
+
+            compile_submodules(model, args.compile, args.compile_mode)
         size = cfg.INPUT.CROP.SIZE[0]
         optimizer = adamw(model, device)
         records = ddl_records(args.quickstart_batch, size, seed=2)
@@ -582,9 +586,9 @@ def run_quickstart(args, device, results):
         model.train()
         median, minimum = timed(step, device, args.steps, args.warmup)
         row = {"precision": label, "batch": args.quickstart_batch, "crop": size, "s_per_it": median,
-               "it_per_s": 1 / median, "min_s": minimum}
+               "it_per_s": 1 / median, "min_s": minimum, "compiled": args.compile, "compile_mode": args.compile_mode}
         results["quickstart"].append(row)
-        print(f"  quickstart model {label}, batch {args.quickstart_batch} at {size} px: "
+        print(f"  quickstart model {label}{' compiled' if args.compile else ''}, batch {args.quickstart_batch} at {size} px: "
               f"{median * 1000:.1f} ms/it = {1 / median:.1f} it/s", flush=True)
         if label == "fp32":  # after the timed steps: AdamW's state already exists
             results["quickstart_operator_census"] = operator_census(model, optimizer, records, device, amp_dtype)
@@ -657,7 +661,8 @@ def print_table(results, batch):
         print(f"| {label} | {fmt(ours, 'ms')} | {fmt(hf, 'ms')} | {ratio} | {fmt(ours, 'img_per_s')} | "
               f"{fmt(hf, 'img_per_s')} | {fmt(ours, 'peak_gib', 2)} | {fmt(hf, 'peak_gib', 2)} | {peak_ratio} |")
     for row in results["quickstart"]:
-        print(f"| quickstart model training, {row['precision']}, batch {row['batch']} ({row['crop']} px) | "
+        compiled = f", compiled {'+'.join(row['compiled'])} ({row['compile_mode']})" if row.get("compiled") else ""
+        print(f"| quickstart model training, {row['precision']}{compiled}, batch {row['batch']} ({row['crop']} px) | "
               f"{row['s_per_it'] * 1000:.1f} | | | {row['it_per_s'] * row['batch']:.1f} | | | | |"
               f"  ({row['it_per_s']:.1f} it/s)")
     fixed = results.get("quickstart_fixed_cost")
@@ -678,10 +683,15 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps (10; small: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (3; small: 1)")
     parser.add_argument("--amp", choices=("bfloat16", "float16", "none"), default="bfloat16")
+    parser.add_argument("--skip-ours", action="store_true", help="no paper-size model of ours (e.g. quickstart only)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-quickstart", action="store_true")
     parser.add_argument("--compile", nargs="+", default=[], metavar="MODULE",
-                        help="torch.compile these submodules of our model (as SOLVER.COMPILE.MODULES)")
+                        help="torch.compile these submodules of our models, the quickstart's too "
+                             "(as SOLVER.COMPILE.MODULES)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode (as SOLVER.COMPILE.MODE); reduce-overhead replays CUDA graphs")
     parser.add_argument("--channels-last", action="store_true", help="our model's weights channels-last")
     parser.add_argument("--saved-tensors", action="store_true",
                         help="MiB that autograd saves for the backward of our training step")
@@ -705,7 +715,7 @@ def main():
 
     from ddl_mask2former import ops
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    extras = "".join([f" | ours compiled: {','.join(args.compile)}" if args.compile else "",
+    extras = "".join([f" | ours compiled ({args.compile_mode}): {','.join(args.compile)}" if args.compile else "",
                       " | ours channels-last" if args.channels_last else "",
                       f" | ours {' '.join(args.opts)}" if args.opts else ""])
     header = (f"device {name} | torch {torch.__version__} | autocast {args.amp}{extras} | {args.shape} models, "
@@ -714,7 +724,7 @@ def main():
     print(header, flush=True)
     results = {"header": header, "args": vars(args), "train": [], "inference": [], "quickstart": []}
     failures = []
-    parts = [("ours", lambda: run_ours(args, device, shape, amp_dtype, results))]
+    parts = [] if args.skip_ours else [("ours", lambda: run_ours(args, device, shape, amp_dtype, results))]
     if not args.skip_hf:
         parts.append(("hf", lambda: run_hf(args, device, shape, amp_dtype, results)))
     if not args.skip_quickstart:

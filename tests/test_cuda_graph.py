@@ -43,6 +43,23 @@ def test_shape_cache_builds_once_per_key_and_stays_bounded():
         ShapeCache(max_entries=0)
 
 
+def test_shape_cache_is_bypassed_while_compiling():
+    """Under torch.compile the value is built in the graph: the cache stays empty, so a second
+    call finds the same state and does not compile again."""
+    from torch._dynamo.testing import CompileCounter
+
+    cache = ShapeCache()
+    counter = CompileCounter()
+
+    def add_code(x):
+        return x + cache.get((x.shape[0],), lambda: torch.arange(x.shape[0], dtype=x.dtype))
+    compiled = torch.compile(add_code, backend=counter)
+    first, second = compiled(torch.zeros(3)), compiled(torch.ones(3))
+    assert torch.equal(first, torch.arange(3.0)) and torch.equal(second, torch.arange(3.0) + 1)
+    assert len(cache) == 0 and counter.frame_count == 1
+    assert torch.equal(add_code(torch.zeros(3)), torch.arange(3.0)) and len(cache) == 1  # eager: cached
+
+
 def _inputs(batch, size=64, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [{"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator),

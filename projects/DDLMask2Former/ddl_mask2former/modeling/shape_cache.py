@@ -8,10 +8,16 @@ modules keeps one ``ShapeCache``; it is bounded (test-time inputs can come in ma
 Every cache registers itself, so ``ShapeCache.held_values()`` lists the tensors all caches
 hold: a CUDA graph (``cuda_graph.py``) reads them at replay and keeps that list alive, so a
 later eviction cannot free memory a captured graph still uses.
+
+Under ``torch.compile`` the cache is bypassed: the value is built inside the traced graph (the
+compiler folds or fuses it), so the graph does not depend on, and guard on, the cache's state
+(with it, every fresh model compiled twice: once empty, once filled).
 """
 from __future__ import annotations
 
 import weakref
+
+import torch
 
 __all__ = ["ShapeCache"]
 
@@ -30,7 +36,9 @@ class ShapeCache:
         ShapeCache._instances.add(self)
 
     def get(self, key, build):
-        """The value for ``key``, calling ``build()`` the first time."""
+        """The value for ``key``, calling ``build()`` the first time (every time while compiling)."""
+        if torch.compiler.is_compiling():
+            return build()
         try:
             return self._entries[key]
         except KeyError:
