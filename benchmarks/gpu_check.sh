@@ -120,6 +120,10 @@ step train_net 200 60 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --
 # step time and peak memory of our model against the table above.
 step swin_fused 120 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf --skip-quickstart \
   --opts MODEL.SWIN.FUSED_ATTENTION True --json "$OUT/throughput_swin_fused.json"
+# Opt-in MODEL.SWIN.GRAD_CHECKPOINTING (each Swin block runs its forward again in the backward):
+# what it saves of the peak and costs of the step time (log only: 8 files come back).
+step swin_checkpointed 100 50 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf --skip-quickstart \
+  --opts MODEL.SWIN.GRAD_CHECKPOINTING True
 # torch.compile'd backbone and transformer decoder (SOLVER.COMPILE.MODULES; the backbone alone
 # measured 194.8 ms on the H100, -9 %; the decoder traces without graph breaks, the pixel decoder
 # does not: its deformable attention is an opaque op); compiling takes a minute or more.

@@ -343,3 +343,24 @@ def test_swin_recomputed_attention_same_gradients_less_saved():
         attention.softmax.register_forward_hook(lambda *args: calls.append(1))
         recomputing(image)
     assert calls  # timm's forward (its softmax module) when no gradient is taken
+
+
+def test_swin_grad_checkpointing_same_gradients_less_saved():
+    """MODEL.SWIN.GRAD_CHECKPOINTING: same features and gradients; the backward keeps only each
+    block's input (held by the checkpoint, outside autograd's saved tensors) instead of its
+    activations."""
+    torch.manual_seed(0)
+    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
+    checkpointed = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    image = torch.randn(2, 3, 96, 160)
+    runs = []
+    for model in (plain, checkpointed):
+        output, saved = _saved_bytes(lambda model=model: model(image))
+        sum(value.square().mean() for value in output.values()).backward()
+        runs.append((output, saved))
+    for name in runs[0][0]:
+        torch.testing.assert_close(runs[1][0][name], runs[0][0][name], rtol=0, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert runs[1][1] < runs[0][1] / 3

@@ -54,6 +54,11 @@ def _add_model_config(cfg):
     # block in the backward. No effect with FUSED_ATTENTION (that path keeps no probabilities).
     # False runs timm's attention as it is.
     cfg.MODEL.SWIN.RECOMPUTE_ATTENTION = True
+    # Activation checkpointing: every Swin block keeps only its input for the backward and runs
+    # its forward again there (timm's set_grad_checkpointing). For training that is bound by
+    # GPU memory (larger batches per GPU): the backbone's activations shrink to one tensor per
+    # block, at the cost of a second backbone forward per step. Off by default.
+    cfg.MODEL.SWIN.GRAD_CHECKPOINTING = False
 
     cfg.MODEL.DDL = CN()
     # Branches to build and run: any non-empty subset of ["detection", "localization"].

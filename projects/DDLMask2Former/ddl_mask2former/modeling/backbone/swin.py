@@ -60,6 +60,7 @@ class D2SwinTransformer(Backbone):
         fused_attention=False,
         recompute_gelu=True,
         recompute_attention=True,
+        grad_checkpointing=False,
     ):
         super().__init__()
         depths, num_heads = tuple(depths), tuple(num_heads)
@@ -100,6 +101,9 @@ class D2SwinTransformer(Backbone):
                 if recompute_attention and not recompute_attention_in_backward(module):
                     raise ValueError(f"Swin attention {type(module).__name__} is not timm's written-out window "
                                      "attention; set MODEL.SWIN.RECOMPUTE_ATTENTION False")
+        # Activation checkpointing of whole blocks (timm's switch): each block keeps only its input
+        # and runs its forward again in the backward (MODEL.SWIN.GRAD_CHECKPOINTING).
+        self.trunk.set_grad_checkpointing(grad_checkpointing)
         stage_indices = [_STAGE_NAMES.index(f) for f in out_features]
         self.trunk.prune_intermediate_layers(max(stage_indices) + 1, prune_norm=True, prune_head=True)
         self._out_features = list(out_features)
@@ -186,6 +190,7 @@ def build_swin_backbone(cfg, input_shape):
         fused_attention=swin.FUSED_ATTENTION,
         recompute_gelu=swin.RECOMPUTE_GELU,
         recompute_attention=swin.RECOMPUTE_ATTENTION,
+        grad_checkpointing=swin.GRAD_CHECKPOINTING,
     )
 
 
