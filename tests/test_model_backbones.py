@@ -202,6 +202,27 @@ def _saved_bytes(function):
     return output, sum(sizes.values())
 
 
+def _swin_variant_equals_plain(plain_options, variant_options):
+    """Build two Swin backbones with the same weights, run forward + backward on one image batch,
+    check equal features (bit for bit) and gradients; return both saved-byte counts and the
+    variant."""
+    torch.manual_seed(0)
+    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, **plain_options)
+    variant = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, **variant_options)
+    variant.load_state_dict(plain.state_dict())
+    image = torch.randn(2, 3, 96, 160)
+    runs = []
+    for model in (plain, variant):
+        output, saved = _saved_bytes(lambda model=model: model(image))
+        sum(value.square().mean() for value in output.values()).backward()
+        runs.append((output, saved))
+    for name in runs[0][0]:
+        torch.testing.assert_close(runs[1][0][name], runs[0][0][name], rtol=0, atol=0)
+    for (name, a), b in zip(plain.named_parameters(), variant.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    return runs[0][1], runs[1][1], variant
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_gelu_linear_equals_gelu_then_linear_and_keeps_less(amp):
     """Same output and gradients as F.linear(F.gelu(h)) (fp32, and bf16 autocast as autocast
@@ -241,24 +262,11 @@ def test_gelu_linear_equals_gelu_then_linear_and_keeps_less(amp):
 def test_swin_recomputed_gelu_same_gradients_less_saved():
     """MODEL.SWIN.RECOMPUTE_GELU: the backbone's features and gradients equal timm's MLP's, and
     it keeps less for the backward (by the hidden activations of every block)."""
-    torch.manual_seed(0)
-    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, recompute_gelu=False)
-    recomputing = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
-    recomputing.load_state_dict(plain.state_dict())
-    image = torch.randn(2, 3, 96, 160)
-    runs = []
-    for model in (plain, recomputing):
-        output, saved = _saved_bytes(lambda model=model: model(image))
-        sum(value.square().mean() for value in output.values()).backward()
-        runs.append((output, saved))
-    for name in runs[0][0]:
-        torch.testing.assert_close(runs[1][0][name], runs[0][0][name], rtol=0, atol=0)
-    for (name, a), b in zip(plain.named_parameters(), recomputing.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    plain_saved, saved, _ = _swin_variant_equals_plain(dict(recompute_gelu=False), {})
     # Hidden tokens x width of every block's MLP (fp32 here): 4x the block's channels.
     hidden = sum(2 * (96 // 4 // 2**s) * (160 // 4 // 2**s) * 4 * 16 * 2**s * 4 * depth
                  for s, depth in enumerate(SWIN_ARCH["depths"]))
-    assert runs[0][1] - runs[1][1] == hidden
+    assert plain_saved - saved == hidden
 
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
@@ -317,31 +325,18 @@ def test_swin_recomputed_attention_same_gradients_less_saved():
     """MODEL.SWIN.RECOMPUTE_ATTENTION: the backbone's features and gradients equal timm's
     attention's (with shifted windows and padding), it keeps less for the backward, and without
     autograd timm's own forward runs."""
-    torch.manual_seed(0)
-    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, recompute_attention=False)
-    recomputing = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
-    recomputing.load_state_dict(plain.state_dict())
-    image = torch.randn(2, 3, 96, 160)
-    runs = []
-    for model in (plain, recomputing):
-        output, saved = _saved_bytes(lambda model=model: model(image))
-        sum(value.square().mean() for value in output.values()).backward()
-        runs.append((output, saved))
-    for name in runs[0][0]:
-        torch.testing.assert_close(runs[1][0][name], runs[0][0][name], rtol=0, atol=0)
-    for (name, a), b in zip(plain.named_parameters(), recomputing.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    plain_saved, saved, recomputing = _swin_variant_equals_plain(dict(recompute_attention=False), {})
     # Each block's float32 probabilities: windows x heads x 49 x 49 (feature maps padded to 7s).
     probabilities = 0
     for stage, depth in enumerate(SWIN_ARCH["depths"]):
         h, w = (-(-(side // 4 // 2**stage) // 7) * 7 for side in (96, 160))
         probabilities += depth * 2 * (h * w // 49) * SWIN_ARCH["num_heads"][stage] * 49 * 49 * 4
-    assert runs[0][1] - runs[1][1] >= probabilities
+    assert plain_saved - saved >= probabilities
     with torch.no_grad():
         calls = []
         attention = next(m for m in recomputing.modules() if hasattr(m, "qkv"))
         attention.softmax.register_forward_hook(lambda *args: calls.append(1))
-        recomputing(image)
+        recomputing(torch.randn(1, 3, 96, 160))
     assert calls  # timm's forward (its softmax module) when no gradient is taken
 
 
@@ -349,18 +344,5 @@ def test_swin_grad_checkpointing_same_gradients_less_saved():
     """MODEL.SWIN.GRAD_CHECKPOINTING: same features and gradients; the backward keeps only each
     block's input (held by the checkpoint, outside autograd's saved tensors) instead of its
     activations."""
-    torch.manual_seed(0)
-    plain = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
-    checkpointed = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, grad_checkpointing=True)
-    checkpointed.load_state_dict(plain.state_dict())
-    image = torch.randn(2, 3, 96, 160)
-    runs = []
-    for model in (plain, checkpointed):
-        output, saved = _saved_bytes(lambda model=model: model(image))
-        sum(value.square().mean() for value in output.values()).backward()
-        runs.append((output, saved))
-    for name in runs[0][0]:
-        torch.testing.assert_close(runs[1][0][name], runs[0][0][name], rtol=0, atol=0)
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert runs[1][1] < runs[0][1] / 3
+    plain_saved, saved, _ = _swin_variant_equals_plain({}, dict(grad_checkpointing=True))
+    assert saved < plain_saved / 3
