@@ -28,25 +28,25 @@ def _autocast_dtype(device_type):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _logits(q, k, bias, mask, scale, compute_dtype):
-    """timm's pre-softmax attention: (B_, heads, N, N), float32 when the bias is."""
+def _operands(q, k, v, scale, compute_dtype):
+    """``q * scale``, k and v as the matmuls see them (autocast casts a matmul's operands)."""
     scaled = q * scale
-    if compute_dtype is not None:  # what autocast does to a matmul's operands
-        scaled, k = scaled.to(compute_dtype), k.to(compute_dtype)
-    logits = scaled @ k.transpose(-2, -1)
+    if compute_dtype is None:
+        return scaled, k, v
+    return scaled.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+
+
+def _probabilities(scaled, keys, bias, mask, compute_dtype):
+    """timm's attention weights (B_, heads, N, N) and the dtype of the logits (float32 when the
+    bias is). CUDA's autocast runs softmax in float32; the CPU's leaves it in its input's dtype."""
+    logits = scaled @ keys.transpose(-2, -1)
     logits = logits + bias
     if mask is not None:
         num_windows, tokens = mask.shape[0], logits.shape[-1]
         logits = logits.view(-1, num_windows, logits.shape[1], tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
         logits = logits.view(-1, logits.shape[2], tokens, tokens)
-    return logits
-
-
-def _softmax_dtype(logits, device_type, compute_dtype):
-    # CUDA's autocast runs softmax in float32; the CPU's leaves it in its input's dtype.
-    if compute_dtype is not None and device_type == "cuda":
-        return torch.float32
-    return logits.dtype
+    softmax_dtype = torch.float32 if compute_dtype is not None and logits.is_cuda else logits.dtype
+    return logits.softmax(-1, dtype=softmax_dtype), logits.dtype
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -55,12 +55,10 @@ class _WindowAttention(torch.autograd.Function):
         device_type = q.device.type
         compute_dtype = _autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            logits = _logits(q, k, bias, mask, scale, compute_dtype)
-            probs = logits.softmax(-1, dtype=_softmax_dtype(logits, device_type, compute_dtype))
-            values = v if compute_dtype is None else v.to(compute_dtype)
+            scaled, keys, values = _operands(q, k, v, scale, compute_dtype)
+            probs, ctx.logits_dtype = _probabilities(scaled, keys, bias, mask, compute_dtype)
             output = probs.to(values.dtype) @ values
         ctx.scale, ctx.compute_dtype = scale, compute_dtype
-        ctx.logits_dtype = logits.dtype
         ctx.save_for_backward(q, k, v, bias, mask)
         return output
 
@@ -68,26 +66,17 @@ class _WindowAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         q, k, v, bias, mask = ctx.saved_tensors
-        scale, compute_dtype = ctx.scale, ctx.compute_dtype
-        device_type = q.device.type
-        with torch.autocast(device_type, enabled=False):
-            logits = _logits(q, k, bias, mask, scale, compute_dtype)  # recomputed, as in the forward
-            probs = logits.softmax(-1, dtype=_softmax_dtype(logits, device_type, compute_dtype))
-            values = v if compute_dtype is None else v.to(compute_dtype)
-            cast_probs = probs.to(values.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            # Recomputed exactly as in the forward.
+            scaled, keys, values = _operands(q, k, v, ctx.scale, ctx.compute_dtype)
+            probs, _ = _probabilities(scaled, keys, bias, mask, ctx.compute_dtype)
             grad_output = grad_output.to(values.dtype)
-            grad_v = (cast_probs.transpose(-2, -1) @ grad_output).to(v.dtype)
+            grad_v = (probs.to(values.dtype).transpose(-2, -1) @ grad_output).to(v.dtype)
             grad_probs = (grad_output @ values.transpose(-2, -1)).to(probs.dtype)
             grad_logits = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).to(ctx.logits_dtype)
-            grad_bias = None
-            if ctx.needs_input_grad[3]:
-                grad_bias = grad_logits.sum(0, keepdim=True).to(bias.dtype)
-            scaled = q * scale
-            keys = k
-            if compute_dtype is not None:
-                scaled, keys = scaled.to(compute_dtype), k.to(compute_dtype)
+            grad_bias = grad_logits.sum(0, keepdim=True).to(bias.dtype) if ctx.needs_input_grad[3] else None
             grad_scores = grad_logits.to(scaled.dtype)
-            grad_q = ((grad_scores @ keys).to(q.dtype) * scale).to(q.dtype)
+            grad_q = (grad_scores @ keys).to(q.dtype) * ctx.scale
             grad_k = (grad_scores.transpose(-2, -1) @ scaled).to(k.dtype)
         return grad_q, grad_k, grad_v, grad_bias, None, None
 
