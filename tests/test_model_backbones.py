@@ -346,3 +346,29 @@ def test_swin_grad_checkpointing_same_gradients_less_saved():
     activations."""
     plain_saved, saved, _ = _swin_variant_equals_plain({}, dict(grad_checkpointing=True))
     assert saved < plain_saved / 3
+
+
+@pytest.mark.slow
+def test_swin_backbone_with_recomputations_compiles_without_graph_breaks():
+    """The recomputed GELU and attention are traced by dynamo whole (one graph, no break), and
+    the traced backward (aot_eager) gives the eager gradients, under bf16 autocast."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
+    image = torch.randn(2, 3, 96, 160)
+
+    def loss(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return sum(value.float().square().mean() for value in model(x).values())
+    loss(image).backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch.compile(loss, backend=counter)(image).backward()
+    dynamo.reset()
+    assert counter.frame_count == 1  # a graph break would split the function into more frames
+    for (name, parameter), expected in zip(model.named_parameters(), eager):
+        torch.testing.assert_close(parameter.grad, expected, rtol=0, atol=0, msg=name)
