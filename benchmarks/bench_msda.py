@@ -25,14 +25,14 @@ if importlib.util.find_spec("ddl_mask2former") is None:
 import torch
 
 from ddl_mask2former.ops import compiled_op_available, ms_deform_attn_pytorch
-from ddl_mask2former.ops.ms_deform_attn_func import _MSDeformAttnCUDA
+from ddl_mask2former.ops.registered_op import ms_deform_attn_op
 
 LEVELS = ((64, 64), (32, 32), (16, 16))
 PATHS = {
     "pytorch": ms_deform_attn_pytorch,
     # Widest channel packs per thread (the default of ms_deform_attn) and one channel per thread.
-    "compiled": lambda *inputs: _MSDeformAttnCUDA.apply(*inputs, 0),
-    "compiled_1ch": lambda *inputs: _MSDeformAttnCUDA.apply(*inputs, 1),
+    "compiled": lambda *inputs: ms_deform_attn_op(*inputs, 0),
+    "compiled_1ch": lambda *inputs: ms_deform_attn_op(*inputs, 1),
 }
 
 

@@ -10,7 +10,9 @@ process's high-water mark, so the step runs first and once), then the MiB of dis
 autograd keeps for the backward, in all and by submodule (``saved_tensor_mib`` of
 ``bench_gpu_throughput.py``, a second step). A CPU measurement: on a GPU
 ``bench_gpu_throughput.py`` reports ``torch.cuda.max_memory_allocated``. On the CPU the
-deformable attention runs its PyTorch path, which keeps more than the compiled op does.
+deformable attention runs its PyTorch path, which keeps its sampled values for the backward;
+``--registered-msda`` routes it through the registered operator instead (``registered_op_on_cpu``),
+which keeps only its inputs, as the CUDA op does, so the pixel decoder's figure is a GPU's.
 """
 import argparse
 import json
@@ -24,6 +26,15 @@ import bench_gpu_throughput as bench
 
 
 def measure(args, overrides):
+    if args.registered_msda:
+        from ddl_mask2former.ops import registered_op_on_cpu
+
+        with registered_op_on_cpu():
+            return _measure(args, overrides)
+    return _measure(args, overrides)
+
+
+def _measure(args, overrides):
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     amp_dtype = {"bfloat16": torch.bfloat16, "none": None}[args.amp]
@@ -49,6 +60,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variant", nargs="+", action="append", metavar="NAME [KEY VALUE ...]",
                         help="a name and config overrides (default: one variant, the config as it is)")
+    parser.add_argument("--registered-msda", action="store_true",
+                        help="deformable attention through the registered operator (keeps only its "
+                             "inputs for the backward, as on a GPU)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -56,10 +70,13 @@ def main():
         print(json.dumps(measure(args, args.child)))
         return
     results = {}
-    print(f"paper model, batch {args.batch} at {args.size} px, autocast {args.amp}, CPU, {args.threads} threads")
+    msda = "registered operator" if args.registered_msda else "PyTorch path"
+    print(f"paper model, batch {args.batch} at {args.size} px, autocast {args.amp}, CPU, {args.threads} threads, "
+          f"deformable attention: {msda}")
     for name, *overrides in args.variant or [["defaults"]]:
         command = [sys.executable, __file__, "--size", str(args.size), "--batch", str(args.batch), "--amp", args.amp,
-                   "--threads", str(args.threads), "--child", *overrides]
+                   "--threads", str(args.threads), *(["--registered-msda"] if args.registered_msda else []),
+                   "--child", *overrides]
         child = subprocess.run(command, capture_output=True, text=True)
         if child.returncode:
             sys.exit(f"bench_train_memory.py: variant {name} failed (exit {child.returncode}):\n{child.stderr[-3000:]}")

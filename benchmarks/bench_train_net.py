@@ -103,6 +103,9 @@ def main():
     parser.add_argument("--keep", type=Path, help="keep data, logs and outputs in this folder")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    args.config = args.config.resolve()
+    if not args.config.is_file():
+        parser.error(f"--config {args.config}: no such file")
     defaults = {"batch": (32, 2), "iters": (60, 6), "num_train": (256, 8), "loader_workers": (12, 0)}
     for key, (full, small) in defaults.items():
         if getattr(args, key) is None:
@@ -124,7 +127,7 @@ def main():
     finally:
         if scratch_context:
             scratch_context.cleanup()
-    print(f"\ntools/train_net.py, {args.config.relative_to(ROOT)}, batch {args.batch}, {args.iters} iterations")
+    print(f"\ntools/train_net.py, {args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}, batch {args.batch}, {args.iters} iterations")
     print("| variant | s/it | img/s | last total_loss |")
     print("| --- | ---: | ---: | ---: |")
     for row in rows:

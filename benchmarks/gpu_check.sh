@@ -108,9 +108,10 @@ if [ "${DDL_GPU_CHECK_SMALL:-0}" = 1 ]; then SMALL=(--device cpu --small); TN_AR
 [ -n "${DDL_GPU_CHECK_TRAIN_NET_ARGS:-}" ] && read -r -a TN_ARGS <<< "$DDL_GPU_CHECK_TRAIN_NET_ARGS"
 # Model tests first (quick): they use tests/conftest.py (so no --noconftest); on CUDA they add
 # the GPU cases (batched matcher and criterion equal to the per-image reference, no stream
-# synchronization in a training step, the pending loss copy, CUDA-graph inference equal to eager).
+# synchronization in a training step, the pending loss copy, CUDA-graph inference equal to eager,
+# the registered deformable-attention operator on the CUDA kernels: opcheck, compiled layer).
 step model_tests 90 30 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_throughput_engine.py \
-  tests/test_throughput_model.py tests/test_cuda_graph.py \
+  tests/test_throughput_model.py tests/test_cuda_graph.py tests/test_ops_registered.py \
   "tests/test_model_backbones.py::test_window_attention_equals_timm_written_out_and_keeps_no_probabilities"
 step throughput 240 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --profile --json "$OUT/throughput.json"
 step train_net 200 60 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --json "$OUT/train_net.json"
@@ -124,17 +125,18 @@ step swin_fused 120 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}
 # what it saves of the peak and costs of the step time (log only: 8 files come back).
 step swin_checkpointed 100 50 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf --skip-quickstart \
   --opts MODEL.SWIN.GRAD_CHECKPOINTING True
-# torch.compile'd backbone and transformer decoder (SOLVER.COMPILE.MODULES; the backbone alone
-# measured 194.8 ms on the H100, -9 %; the decoder traces without graph breaks, the pixel decoder
-# does not: its deformable attention is an opaque op); compiling takes a minute or more.
+# The whole network compiled as one graph (SOLVER.COMPILE.MODULES ["network"]: backbone, heads,
+# pixel and transformer decoders; the deformable attention is a registered operator now, so the
+# pixel decoder no longer breaks the graph). The backbone alone measured 194.8 ms on the H100
+# (-9 %); compiling takes a minute or more.
 step compiled 200 120 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf \
-  --skip-quickstart --compile backbone transformer_decoder --json "$OUT/throughput_compiled.json"
-# The quickstart model with its backbone and transformer decoder compiled and replayed as CUDA
-# graphs (mode reduce-overhead): its eager step is host-bound (~3,400 operators at ~24 us each on
-# the H100), so the 30 it/s goal needs the per-operator cost gone. Table in the log only (the
-# device tool brings back 8 files).
+  --skip-quickstart --compile network --json "$OUT/throughput_compiled.json"
+# The quickstart model's whole network compiled and replayed as CUDA graphs (mode
+# reduce-overhead): its eager step is host-bound (~3,400 operators at ~24 us each on the H100),
+# so the 30 it/s goal needs the per-operator cost gone; the losses and inputs stay eager. Table
+# in the log only (the device tool brings back 8 files).
 step quickstart_compiled 150 90 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-ours --skip-hf \
-  --compile backbone transformer_decoder --compile-mode reduce-overhead
+  --compile network --compile-mode reduce-overhead
 # Ops tests (the kernels passed them on an H200 at 73a948d and have not changed since).
 # --noconftest: the ops tests need no shared fixtures, and a conftest must not pull in detectron2.
 # The error-path test runs in its own process so a crash there cannot hide the other results.

@@ -194,3 +194,37 @@ def test_channels_last_option_converts_conv_weights():
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     output = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
     assert torch.allclose(output, reference, atol=1e-5)
+
+
+def test_compiling_the_whole_network_traces_one_graph_with_the_eager_losses_and_gradients():
+    """SOLVER.COMPILE.MODULES ["network"]: backbone, heads and decoders in one graph (the
+    deformable attention is a registered operator, traced here through its CPU kernel), with the
+    eager step's losses and gradients."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from ddl_mask2former.ops import registered_op_on_cpu
+    from model_helpers import build, tiny_cfg, training_batch
+
+    def step(model):
+        torch.manual_seed(3)  # the criterion's random points
+        losses = model(training_batch())
+        sum(losses.values()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in losses.items()}, grads
+
+    with registered_op_on_cpu():
+        eager_losses, eager_grads = step(build(tiny_cfg()).train())
+        model = build(tiny_cfg()).train()
+        dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        assert compile_submodules(model, ["network"], backend=counter) == ["network"]
+        losses, grads = step(model)
+        dynamo.reset()
+    assert counter.frame_count == 1  # one graph: no break anywhere in the network
+    assert list(model.state_dict()) == list(build(tiny_cfg()).state_dict())
+    for name, value in eager_losses.items():
+        torch.testing.assert_close(losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -259,7 +259,8 @@ def _add_solver_config(cfg):
     # Convert the model's 4-D weights to channels-last (NHWC convolutions).
     cfg.SOLVER.CHANNELS_LAST = False
     cfg.SOLVER.COMPILE = CN()
-    # Submodules of the model to torch.compile in place for training, e.g. ["backbone", "pixel_decoder"].
+    # Submodules of the model to torch.compile in place for training, e.g. ["backbone", "pixel_decoder"],
+    # or ["network"]: backbone, heads and decoders as one graph (the losses stay eager).
     cfg.SOLVER.COMPILE.MODULES = []
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
     cfg.SOLVER.COMPILE.MODE = "default"
