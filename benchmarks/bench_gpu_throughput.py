@@ -360,12 +360,14 @@ def operator_census(model, optimizer, records, device, amp_dtype, top=4, verbose
     return census
 
 
-def saved_tensor_mib(model, records, device, amp_dtype):
+def saved_tensor_mib(model, records, device, amp_dtype, depth=1):
     """MiB of distinct storages autograd keeps for the backward of one training forward (a
     device-independent proxy for the activation memory; weights saved by their layers included),
-    in all and by the direct submodule whose forward saved it first ("rest": inputs, targets and
-    the criterion outside a submodule). On the CPU the deformable attention runs its PyTorch path,
-    which keeps more than the compiled op does on a GPU."""
+    in all and by the innermost submodule, down to ``depth`` name parts, whose forward saved it
+    first (list indices merged: "pixel_decoder.encoder.*"; "rest": inputs, targets and the
+    criterion outside a submodule). On the CPU the deformable attention runs its PyTorch path,
+    which keeps more than the compiled op does on a GPU (``ops.registered_op_on_cpu`` keeps what
+    it keeps)."""
     sizes, owner, current = {}, {}, ["rest"]
 
     def pack(tensor):
@@ -380,8 +382,11 @@ def saved_tensor_mib(model, records, device, amp_dtype):
     def leave(module, inputs, output):
         current.pop()
     hooks = []
-    for name, child in model.named_children():
-        hooks += [child.register_forward_pre_hook(enter(name)), child.register_forward_hook(leave)]
+    for name, child in model.named_modules():
+        parts = name.split(".")
+        if name and len(parts) <= depth:
+            label = ".".join("*" if part.isdigit() else part for part in parts)
+            hooks += [child.register_forward_pre_hook(enter(label)), child.register_forward_hook(leave)]
     model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -47,7 +47,7 @@ def _measure(args, overrides):
     sum(losses.values()).backward()
     model.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    saved, by_module = bench.saved_tensor_mib(model, records, device, amp_dtype)
+    saved, by_module = bench.saved_tensor_mib(model, records, device, amp_dtype, args.depth)
     return {"peak_rss_mib": peak, "step_adds_mib": peak - before, "saved_mib": saved, "saved_by_module": by_module}
 
 
@@ -63,6 +63,9 @@ def main():
     parser.add_argument("--registered-msda", action="store_true",
                         help="deformable attention through the registered operator (keeps only its "
                              "inputs for the backward, as on a GPU)")
+    parser.add_argument("--depth", type=int, default=1,
+                        help="attribute saved tensors to submodules down to this many name parts "
+                             "(2: pixel_decoder.encoder; list indices are merged)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -75,7 +78,7 @@ def main():
           f"deformable attention: {msda}")
     for name, *overrides in args.variant or [["defaults"]]:
         command = [sys.executable, __file__, "--size", str(args.size), "--batch", str(args.batch), "--amp", args.amp,
-                   "--threads", str(args.threads), *(["--registered-msda"] if args.registered_msda else []),
+                   "--threads", str(args.threads), "--depth", str(args.depth), *(["--registered-msda"] if args.registered_msda else []),
                    "--child", *overrides]
         child = subprocess.run(command, capture_output=True, text=True)
         if child.returncode:

@@ -196,35 +196,42 @@ def test_channels_last_option_converts_conv_weights():
     assert torch.allclose(output, reference, atol=1e-5)
 
 
-def test_compiling_the_whole_network_traces_one_graph_with_the_eager_losses_and_gradients():
-    """SOLVER.COMPILE.MODULES ["network"]: backbone, heads and decoders in one graph (the
-    deformable attention is a registered operator, traced here through its CPU kernel), with the
-    eager step's losses and gradients."""
+def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_step():
+    """SOLVER.COMPILE.MODULES ["network", "criterion"]: backbone, heads and decoders in one graph
+    (the deformable attention is a registered operator, traced here through its CPU kernel), the
+    losses in another, reused by a batch with another real/fake arrangement; losses and
+    gradients equal the eager step's."""
     import torch._dynamo as dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from ddl_mask2former.ops import registered_op_on_cpu
     from model_helpers import build, tiny_cfg, training_batch
 
-    def step(model):
-        torch.manual_seed(3)  # the criterion's random points
-        losses = model(training_batch())
+    real, fake = training_batch()
+    batches = [[real, fake], [fake, dict(fake, image=fake["image"].flip(-1))]]
+
+    def step(model, batch):
+        torch.manual_seed(3)  # the matcher's and criterion's random points
+        losses = model(batch)
         sum(losses.values()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
         return {k: v.detach() for k, v in losses.items()}, grads
 
     with registered_op_on_cpu():
-        eager_losses, eager_grads = step(build(tiny_cfg()).train())
+        eager_model = build(tiny_cfg()).train()
+        expected = [step(eager_model, batch) for batch in batches]
         model = build(tiny_cfg()).train()
         dynamo.reset()
         counter = CompileCounterWithBackend("aot_eager")
-        assert compile_submodules(model, ["network"], backend=counter) == ["network"]
-        losses, grads = step(model)
+        assert compile_submodules(model, ["network", "criterion"], backend=counter) == ["network", "criterion"]
+        got = [step(model, batch) for batch in batches]
         dynamo.reset()
-    assert counter.frame_count == 1  # one graph: no break anywhere in the network
-    assert list(model.state_dict()) == list(build(tiny_cfg()).state_dict())
-    for name, value in eager_losses.items():
-        torch.testing.assert_close(losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    assert grads.keys() == eager_grads.keys()
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert counter.frame_count == 2  # no graph break, no recompilation for the second batch
+    assert list(model.state_dict()) == list(eager_model.state_dict())
+    for (losses, grads), (eager_losses, eager_grads) in zip(got, expected):
+        for name, value in eager_losses.items():
+            torch.testing.assert_close(losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert grads.keys() == eager_grads.keys()
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

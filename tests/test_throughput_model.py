@@ -19,6 +19,7 @@ from ddl_mask2former.modeling import criterion as criterion_module
 from ddl_mask2former.modeling import matcher as matcher_module
 from ddl_mask2former.modeling.criterion import LocalizationCriterion
 from ddl_mask2former.modeling.matcher import HungarianMatcher, pairwise_mask_costs
+from ddl_mask2former.modeling.targets import LocalizationTargets
 
 from model_helpers import build, tiny_cfg, training_batch
 
@@ -175,14 +176,12 @@ def test_matching_of_all_layers_equals_per_image_matching(monkeypatch, classes):
     matcher = HungarianMatcher(num_points=64)
     outputs, targets = _case(3, classes, num_classes=len(classes))
     layers = [outputs] + outputs["aux_outputs"]
-    starts = np.cumsum([0] + [t["masks"].shape[0] for t in targets])
-    for layer, pairs in zip(layers, matcher.match_layers(layers, targets)):
+    for layer, matched in zip(layers, matcher.match_layers(layers, LocalizationTargets.from_images(targets))):
         reference = _reference_match(matcher, layer, targets)
-        got = sorted(zip(pairs.batch.tolist(), pairs.query.tolist(), pairs.target.tolist()))
-        want = sorted((b, q, t + starts[b]) for b, (qs, ts) in enumerate(reference)
-                      for q, t in zip(qs.tolist(), ts.tolist()))
+        got = sorted((b, matched[b, t].item(), t) for b, target in enumerate(targets)
+                     for t in range(target["masks"].shape[0]))
+        want = sorted((b, q, t) for b, (qs, ts) in enumerate(reference) for q, t in zip(qs.tolist(), ts.tolist()))
         assert got == want
-        assert pairs.targets_in_order
 
 
 def test_no_targets_anywhere_gives_zero_mask_losses_with_gradients():
@@ -270,7 +269,7 @@ def test_batched_targets_equal_the_per_image_reference(classes, same_size):
     batch += [all_forged, padded_crop]
     if not same_size:
         batch[0] = dict(batch[0], image=batch[0]["image"][:, :40, :56], forgery_mask=batch[0]["forgery_mask"][:40, :56])
-    got = model._localization_targets(batch, (64, 64))
+    got = model._localization_targets(batch, (64, 64)).per_image()
     expected = _reference_targets(model, batch, (64, 64))
     for index, (a, b) in enumerate(zip(got, expected)):
         for key in ("masks", "labels", "valid"):
@@ -331,9 +330,12 @@ def test_training_step_never_waits_for_the_gpu(classes):
     assert all(torch.isfinite(v).item() for v in losses.values())
 
 
-def test_criterion_module_has_no_item_in_one_process():
-    assert criterion_module._distributed_mean_count(0, torch.device("cpu")) == 1.0
-    assert criterion_module._distributed_mean_count(5, torch.device("cpu")) == 5.0
+def test_target_count_stays_a_device_tensor_in_one_process():
+    none = torch.zeros(3, 2, dtype=torch.bool)
+    five = torch.tensor([[True, True], [True, False], [True, True]])
+    assert criterion_module._distributed_mean_count(none).item() == 1.0  # at least 1
+    assert criterion_module._distributed_mean_count(five).item() == 5.0
+    assert isinstance(criterion_module._distributed_mean_count(five), torch.Tensor)
 
 
 def test_batched_inference_equals_one_image_at_a_time():
@@ -347,3 +349,38 @@ def test_batched_inference_equals_one_image_at_a_time():
         torch.testing.assert_close(joint["mask_prob"], single["mask_prob"], rtol=0, atol=1e-5)
         torch.testing.assert_close(joint["fake_prob"], single["fake_prob"], rtol=0, atol=1e-6)
         assert torch.equal(joint["mask"], joint["mask_prob"] > 0.5)
+
+
+def test_criterion_compiles_once_for_any_mix_of_real_and_fake_images():
+    """Fixed-shape targets: batches of the same size but different real/fake arrangements reuse
+    one compiled graph (with per-image target lists dynamo compiled again for each arrangement),
+    and the compiled losses and gradients equal the eager ones."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    crit = LocalizationCriterion(HungarianMatcher(num_points=64), num_points=48)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(crit, backend=counter)
+    dynamo.reset()
+    for seed, fake_images in enumerate([(1, 3), (0, 1, 2), (), (0, 1, 2, 3)]):
+        outputs, targets = _case(seed, ("forged",))
+        targets = [t if b in fake_images else dict(t, masks=t["masks"][:0], labels=t["labels"][:0])
+                   for b, t in enumerate(targets)]
+        batch_targets = LocalizationTargets.from_images(targets)
+        if not fake_images:  # no slot at all: give the batch its one (empty) forged slot
+            batch_targets = LocalizationTargets(
+                torch.zeros(4, 1, 16, 16, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.int64),
+                torch.zeros(4, 1, dtype=torch.bool), batch_targets.valid)
+        results = []
+        for function in (crit, compiled):
+            torch.manual_seed(seed)
+            losses = function(outputs, batch_targets)
+            grads = torch.autograd.grad(sum(losses.values()), _leaves(outputs))
+            results.append((losses, grads))
+        (eager, eager_grads), (got, got_grads) = results
+        for key in eager:
+            torch.testing.assert_close(got[key], eager[key], rtol=1e-6, atol=1e-7, msg=key)
+        for grad, expected in zip(got_grads, eager_grads):
+            torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    dynamo.reset()
+    assert counter.frame_count == 1

@@ -6,6 +6,7 @@ from .detection_head import DetectionHead
 from .matcher import HungarianMatcher
 from .meta_arch import DDLMask2Former
 from .pixel_decoder import PIXEL_DECODER_REGISTRY, MSDeformAttnPixelDecoder, build_pixel_decoder
+from .targets import LocalizationTargets
 from .transformer_decoder import TRANSFORMER_DECODER_REGISTRY, MaskedAttentionDecoder, build_transformer_decoder
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "LocalizationCriterion",
     "DetectionHead",
     "HungarianMatcher",
+    "LocalizationTargets",
     "DDLMask2Former",
     "PIXEL_DECODER_REGISTRY",
     "MSDeformAttnPixelDecoder",

@@ -7,7 +7,7 @@ queries are matched to targets (``HungarianMatcher``). Then:
   ``MODEL.DDL.TARGET_CLASSES``) and the one-hot class of its matched target (all zeros when
   unmatched); unmatched queries weighted by ``no_object_weight``; the weighted mean over all
   queries and classes. With K = 1 this is the paper's foreground-confidence BCE.
-* ``loss_mask`` / ``loss_dice``: for matched pairs only, on ``num_points`` points per mask
+* ``loss_mask`` / ``loss_dice``: for matched targets only, on ``num_points`` points per mask
   chosen by importance sampling (PointRend-style: oversample ``oversample_ratio * num_points``
   random points, keep the ``importance_sample_ratio`` fraction the prediction is least certain
   about, fill the rest uniformly). Ignore pixels (padding, label 255) get zero weight. Summed
@@ -20,7 +20,10 @@ masks are cast, never all queries' masks).
 Speed: all supervised predictions are matched together (``HungarianMatcher.match_layers``: at
 most one device->host copy per step, none with one target per image), and the class and mask
 losses of all layers are computed in one batched pass (one importance sampling over every
-layer's matched masks), so the number of operators does not grow with batch x layers.
+layer's matched masks), so the number of operators does not grow with batch x layers. The
+targets come in fixed shapes (``LocalizationTargets``: T slots per image, empty ones weighted
+0), so with one target class the whole loss has the same shapes in every step and compiles
+into one graph (``SOLVER.COMPILE.MODULES ["criterion"]``).
 """
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,7 @@ from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
 
 from .matcher import HungarianMatcher
-from .transfer import to_device_async
+from .targets import LocalizationTargets
 
 
 def _uncertainty(logits):
@@ -39,16 +42,15 @@ def _uncertainty(logits):
     return -logits.abs()
 
 
-def _distributed_mean_count(count, device):
-    """Number of targets averaged over workers, so every worker normalizes the same way: a
-    float in one process; with several, a 0-dim tensor on ``device`` (reading it on the host
-    would wait for the device every step)."""
+def _distributed_mean_count(present):
+    """Number of targets averaged over workers (at least 1), so every worker normalizes the same
+    way: a 0-dim float tensor on the targets' device, never read on the host."""
+    count = present.sum().float()
     world = get_world_size()
-    if world == 1:
-        return max(float(count), 1.0)  # no device round trip in one process
-    total = to_device_async([float(count)], device, torch.float32)
-    torch.distributed.all_reduce(total)
-    return (total[0] / world).clamp(min=1.0)
+    if world > 1:
+        torch.distributed.all_reduce(count)
+        count = count / world
+    return count.clamp(min=1.0)
 
 
 def uncertain_point_coords(mask_logits, num_points, oversample_ratio, importance_sample_ratio):
@@ -117,52 +119,51 @@ class LocalizationCriterion(nn.Module):
             "deep_supervision": loss.DEEP_SUPERVISION,
         }
 
-    def _class_losses(self, layers, labels, pairs):
-        """(L,) class losses. logits of each layer (B, Q, K); a matched query's row is the one-hot
-        of its target's class, unmatched rows are all zeros with weight ``no_object_weight``."""
+    def _class_losses(self, layers, targets, matched):
+        """(L,) class losses. logits of each layer (B, Q, K); a query matched to a present slot
+        has the one-hot of the slot's class as its row, the other rows are all zeros with weight
+        ``no_object_weight``. ``matched``: (L, B, T) query of each slot."""
         logits = torch.stack([layer["pred_logits"].float() for layer in layers])  # (L, B, Q, K)
-        target = torch.zeros_like(logits)
-        weight = torch.full_like(logits, self.no_object_weight)
-        layer_idx = torch.cat([torch.full_like(p.batch, i) for i, p in enumerate(pairs)])
-        batch_idx = torch.cat([p.batch for p in pairs])
-        query_idx = torch.cat([p.query for p in pairs])
-        class_idx = labels[torch.cat([p.target for p in pairs])]
-        # A device scalar: a Python 1.0 would be copied from the host, waiting for the device.
-        one = logits.new_ones(())
-        target.index_put_((layer_idx, batch_idx, query_idx, class_idx), one)
-        weight.index_put_((layer_idx, batch_idx, query_idx), one)
+        queries, classes = logits.shape[-2:]
+        # (L, B, T, Q): 1 where the query is matched to a present slot.
+        chosen = F.one_hot(matched, queries).to(logits.dtype) * targets.present[None, :, :, None].to(logits.dtype)
+        slot_classes = F.one_hot(targets.labels, classes).to(logits.dtype)  # (B, T, K)
+        target = torch.einsum("lbtq,btk->lbqk", chosen, slot_classes)
+        is_matched = chosen.sum(2, keepdim=True).transpose(2, 3)  # (L, B, Q, 1), 0 or 1
+        weight = (self.no_object_weight + (1.0 - self.no_object_weight) * is_matched).expand_as(logits)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
         return (bce * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3))
 
-    def _mask_losses(self, layers, target_masks, target_valid, pairs, num_masks):
-        """(L,) mask BCE and (L,) Dice losses over every layer's matched pairs, in one pass."""
-        matches = pairs[0].batch.shape[0]
-        if matches == 0:
+    def _mask_losses(self, layers, targets, matched, num_masks):
+        """(L,) mask BCE and (L,) Dice losses over every layer's matched slots, in one pass;
+        empty slots are computed too (fixed shapes) and weighted 0."""
+        num_layers = len(layers)
+        batch, slots = targets.present.shape
+        if slots == 0:
             # Keeps every mask parameter in the graph (DDP) while contributing zero.
             zero = torch.stack([layer["pred_masks"].sum().float() * 0.0 for layer in layers])
             return zero, zero
-        # Only the matched masks are gathered and cast to fp32: (L*N, 1, h, w).
-        src = torch.cat([layer["pred_masks"][p.batch, p.query] for layer, p in zip(layers, pairs)])
-        src = src.float()[:, None]
+        height, width = layers[0]["pred_masks"].shape[-2:]
+        # Only the matched masks are gathered and cast to fp32: (L*B*T, 1, h, w).
+        src = torch.stack([layer["pred_masks"].gather(1, query[:, :, None, None].expand(-1, -1, height, width))
+                           for layer, query in zip(layers, matched)])
+        src = src.float().view(num_layers * batch * slots, 1, height, width)
         with torch.no_grad():
             coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
-                                            self.importance_sample_ratio)  # (L*N, P, 2)
-            num_layers = len(layers)
-            if all(p.targets_in_order for p in pairs):
-                # Every layer matched every target in order: each target is sampled once, at its
-                # points of all layers, (N, L*P, 2), without copying a mask per layer.
-                per_target = coords.view(num_layers, matches, -1, 2).transpose(0, 1).reshape(matches, -1, 2)
-                labels = point_sample(target_masks[:, None].float(), per_target, align_corners=False, mode="nearest")
-                weights = point_sample(target_valid[:, None].float(), per_target, align_corners=False, mode="nearest")
-                labels = labels.view(matches, num_layers, -1).transpose(0, 1).reshape(num_layers * matches, -1)
-                weights = weights.view(matches, num_layers, -1).transpose(0, 1).reshape(num_layers * matches, -1)
-            else:
-                flat = torch.cat([p.target for p in pairs])
-                labels = point_sample(target_masks[flat][:, None].float(), coords, align_corners=False,
-                                      mode="nearest").squeeze(1)
-                weights = point_sample(target_valid[flat][:, None].float(), coords, align_corners=False,
-                                       mode="nearest").squeeze(1)
-        point_logits = point_sample(src, coords, align_corners=False).squeeze(1)  # (L*N, P)
+                                            self.importance_sample_ratio)  # (L*B*T, P, 2)
+            points = coords.shape[1]
+            # Each slot's mask is sampled once, at its points of all layers; each image's valid
+            # map once, at the points of all its slots and layers.
+            per_slot = coords.view(num_layers, batch * slots, points, 2).transpose(0, 1)
+            labels = point_sample(targets.masks.flatten(0, 1)[:, None].float(), per_slot.reshape(batch * slots, -1, 2),
+                                  align_corners=False, mode="nearest")
+            labels = labels.view(batch * slots, num_layers, points).transpose(0, 1).reshape(-1, points)
+            per_image = coords.view(num_layers, batch, slots * points, 2).transpose(0, 1)
+            weights = point_sample(targets.valid[:, None].float(), per_image.reshape(batch, -1, 2),
+                                   align_corners=False, mode="nearest")
+            weights = weights.view(batch, num_layers, slots * points).transpose(0, 1).reshape(-1, points)
+            keep = targets.present.flatten().to(src.dtype).repeat(num_layers)  # (L*B*T,)
+        point_logits = point_sample(src, coords, align_corners=False).squeeze(1)  # (L*B*T, P)
 
         bce = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none")
         per_mask_bce = (bce * weights).sum(1) / weights.sum(1).clamp(min=1.0)
@@ -170,34 +171,30 @@ class LocalizationCriterion(nn.Module):
         numerator = 2 * (probs * labels).sum(1)
         denominator = probs.sum(1) + (labels * weights).sum(1)
         per_mask_dice = 1 - (numerator + 1) / (denominator + 1)
-        loss_mask = per_mask_bce.view(num_layers, matches).sum(1) / num_masks
-        loss_dice = per_mask_dice.view(num_layers, matches).sum(1) / num_masks
+        loss_mask = (per_mask_bce * keep).view(num_layers, -1).sum(1) / num_masks
+        loss_dice = (per_mask_dice * keep).view(num_layers, -1).sum(1) / num_masks
         return loss_mask, loss_dice
 
     def forward(self, outputs, targets):
         """
         Args:
             outputs: transformer decoder output dict (``pred_logits``, ``pred_masks``, ``aux_outputs``).
-            targets: per image {"masks": (T, H, W) bool, "labels": (T,) int64 class indices,
-                "valid": (H, W) bool}, at the padded input resolution; T may be 0.
+            targets: ``LocalizationTargets`` at the padded input resolution, or per image
+                {"masks": (T, H, W) bool, "labels": (T,) int64 class indices, "valid": (H, W) bool}
+                (T may be 0), which are converted.
         """
+        if not isinstance(targets, LocalizationTargets):
+            targets = LocalizationTargets.from_images(targets)
         with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
             layers = [outputs]
             suffixes = [""]
             if self.deep_supervision:
                 layers += list(outputs["aux_outputs"])
                 suffixes += [f"_{index}" for index in range(len(outputs["aux_outputs"]))]
-            num_masks = _distributed_mean_count(sum(t["masks"].shape[0] for t in targets),
-                                                outputs["pred_logits"].device)
-            pairs = self.matcher.match_layers(layers, targets)
-            labels = torch.cat([t["labels"] for t in targets])
-            target_masks = torch.cat([t["masks"] for t in targets])
-            # Each target's image's valid map, (T, H, W): one gather for the batch, not two calls per image.
-            owners = [b for b, t in enumerate(targets) for _ in range(t["masks"].shape[0])]
-            valid = torch.stack([t["valid"] for t in targets])
-            target_valid = valid[to_device_async(owners, valid.device, torch.int64)]
-            loss_cls = self._class_losses(layers, labels, pairs)
-            loss_mask, loss_dice = self._mask_losses(layers, target_masks, target_valid, pairs, num_masks)
+            num_masks = _distributed_mean_count(targets.present)
+            matched = torch.stack(self.matcher.match_layers(layers, targets))  # (L, B, T)
+            loss_cls = self._class_losses(layers, targets, matched)
+            loss_mask, loss_dice = self._mask_losses(layers, targets, matched, num_masks)
             scale = self.loc_weight
             loss_cls = scale * self.class_weight * loss_cls
             loss_mask = scale * self.mask_weight * loss_mask

@@ -59,6 +59,7 @@ from .cuda_graph import CudaGraphRunner
 from .detection_head import DetectionHead
 from .noise_residuals import NoiseResiduals
 from .pixel_decoder import build_pixel_decoder
+from .targets import LocalizationTargets
 from .tiled_inference import TiledInference
 from .transfer import to_device_async
 from .transformer_decoder import build_transformer_decoder
@@ -205,11 +206,11 @@ class DDLMask2Former(nn.Module):
         return ImageList.from_tensors(normalized_images, self.size_divisibility)
 
     def _localization_targets(self, batched_inputs, padded_shape):
-        """Per image {"masks", "labels", "valid"} on the device, in one host->device copy.
+        """``LocalizationTargets`` of the batch on the device, in one host->device copy: slot k of
+        every image is the mask of ``target_classes[k]``, present when the class has a pixel there.
 
-        Which classes are present is read from the masks before they move (the loader's masks
-        are on the CPU), so building the targets never waits for the device. The work runs on
-        the whole batch at once, whatever its size; per image there are only views.
+        Fixed shapes, and nothing read back from the device: the masks move as one padded
+        (B, H, W) tensor and everything else is computed from it on the device.
         """
         forgery_masks = []
         for record in batched_inputs:
@@ -231,32 +232,14 @@ class DDLMask2Former(nn.Module):
                                 device=forgery_masks[0].device)
             for index, forgery_mask in enumerate(forgery_masks):
                 padded[index, : forgery_mask.shape[0], : forgery_mask.shape[1]] = forgery_mask.to(padded.device)
-        # Padding is IGNORE_VALUE, so presence in the original equals presence after padding.
-        class_values = [1 if cls == "forged" else 0 for cls in self.target_classes]
-        flat = padded.flatten(1)
-        present_matrix = torch.stack([(flat == value).any(1) for value in class_values], 1).tolist()
-        present = [[label for label, is_present in enumerate(row) if is_present] for row in present_matrix]
-
         padded = padded.to(self.device, non_blocking=True)
-        labels = to_device_async([label for labels in present for label in labels], self.device, torch.int64)
-        labels = labels.split([len(p) for p in present])
-        valid = (padded != IGNORE_VALUE).unbind(0)
-        # (B, K, H, W): each image's mask of each target class.
-        class_masks = torch.stack([padded == value for value in class_values], 1).unbind(0)
-        no_masks = padded.new_zeros((0, height, width), dtype=torch.bool)
-        all_classes = list(range(len(class_values)))
-        targets = []
-        for index, image_labels in enumerate(present):
-            if image_labels == all_classes:
-                masks = class_masks[index]
-            elif len(image_labels) == 1:  # a view: indexing with a list would copy it from the host
-                masks = class_masks[index][image_labels[0]: image_labels[0] + 1]
-            elif image_labels:
-                masks = class_masks[index][image_labels]
-            else:
-                masks = no_masks
-            targets.append({"masks": masks, "labels": labels[index], "valid": valid[index]})
-        return targets
+        class_values = [1 if cls == "forged" else 0 for cls in self.target_classes]
+        # (B, K, H, W): each image's mask of each target class. Padding is IGNORE_VALUE, so a
+        # class is present after padding exactly when it was in the original mask.
+        masks = torch.stack([padded == value for value in class_values], 1)
+        present = masks.flatten(2).any(2)
+        labels = torch.arange(len(class_values), device=self.device).expand(len(forgery_masks), -1)
+        return LocalizationTargets(masks, labels, present, padded != IGNORE_VALUE)
 
     def _labels(self, batched_inputs):
         labels = []
