@@ -384,3 +384,27 @@ def test_criterion_compiles_once_for_any_mix_of_real_and_fake_images():
             torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
     dynamo.reset()
     assert counter.frame_count == 1
+
+
+def test_criterion_keeps_only_the_matched_masks_for_the_backward():
+    """Autograd must not keep every query's mask of every layer alive until the backward (as
+    ``gather`` would: its backward saves its whole input); the matched ones are all it needs."""
+    generator = torch.Generator().manual_seed(0)
+
+    def prediction():
+        return {"pred_logits": torch.randn(4, 50, 1, generator=generator, requires_grad=True),
+                "pred_masks": torch.randn(4, 50, 32, 32, generator=generator, requires_grad=True)}
+    outputs = prediction()
+    outputs["aux_outputs"] = [prediction() for _ in range(3)]
+    _, targets = _case(0, ("forged",), size=128)
+    crit = LocalizationCriterion(HungarianMatcher(num_points=64), num_points=48)
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        crit(outputs, targets)
+    all_masks = sum(layer["pred_masks"].numel() * 4 for layer in [outputs] + outputs["aux_outputs"])
+    assert sum(storages.values()) < all_masks / 8

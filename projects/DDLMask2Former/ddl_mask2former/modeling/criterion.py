@@ -144,9 +144,10 @@ class LocalizationCriterion(nn.Module):
             zero = torch.stack([layer["pred_masks"].sum().float() * 0.0 for layer in layers])
             return zero, zero
         height, width = layers[0]["pred_masks"].shape[-2:]
-        # Only the matched masks are gathered and cast to fp32: (L*B*T, 1, h, w).
-        src = torch.stack([layer["pred_masks"].gather(1, query[:, :, None, None].expand(-1, -1, height, width))
-                           for layer, query in zip(layers, matched)])
+        # Only the matched masks are taken and cast to fp32: (L*B*T, 1, h, w). Indexing, not
+        # gather: gather's backward keeps its whole input (every query's mask of every layer).
+        images = torch.arange(batch, device=matched.device)[:, None]
+        src = torch.stack([layer["pred_masks"][images, query] for layer, query in zip(layers, matched)])
         src = src.float().view(num_layers * batch * slots, 1, height, width)
         with torch.no_grad():
             coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
