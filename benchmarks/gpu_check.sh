@@ -136,6 +136,10 @@ if [ "${DDL_GPU_CHECK_SMALL:-0}" != 1 ]; then
   step train_net_compiled 240 150 "$PYTHON" benchmarks/bench_train_net.py --batch 32 --iters 50 \
     --variant compiled_bf16 SOLVER.AMP.PRECISION bfloat16 SOLVER.COMPILE.MODULES "['network','criterion']"
 fi
+# Opt-in MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS False (the deformable layers' value and output
+# projections in bf16, positions and sampling still float32): step time and peak memory.
+step half_projections 120 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf --skip-quickstart \
+  --opts MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS False
 # Swin window attention through scaled_dot_product_attention (opt-in MODEL.SWIN.FUSED_ATTENTION):
 # step time and peak memory of our model against the table above.
 step swin_fused 120 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf --skip-quickstart \

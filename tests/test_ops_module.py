@@ -76,6 +76,40 @@ def test_runs_in_float32_under_autocast():
     torch.testing.assert_close(output, expected, rtol=2e-2, atol=2e-2)
 
 
+def test_half_projections_under_autocast_keep_float32_positions_and_save_less():
+    """fp32_projections=False: value and output projections in autocast's dtype (bf16 output, the
+    value the op keeps is bf16), offsets, weights and sampling in float32; close to the float32
+    layer, and less kept for the backward than with fp32_projections=True."""
+    torch.manual_seed(0)
+    full = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=2)
+    half = MSDeformAttn(d_model=16, n_levels=3, n_heads=2, n_points=2, fp32_projections=False)
+    with torch.no_grad():  # non-trivial offsets and weights
+        for parameter in full.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    half.load_state_dict(full.state_dict())
+    query, reference_points, input_flatten, shapes, starts = _module_inputs(full)
+    expected = full(query, reference_points, input_flatten, shapes, starts)
+    offsets_dtypes = []
+    half.sampling_offsets.register_forward_hook(lambda module, inputs, output: offsets_dtypes.append(output.dtype))
+
+    def saved_bytes(module):
+        storages = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+        leaf = input_flatten.bfloat16().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = module(query.bfloat16(), reference_points, leaf, shapes, starts)
+        return output, sum(storages.values())
+
+    output, half_saved = saved_bytes(half)
+    _, full_saved = saved_bytes(full)
+    assert output.dtype == torch.bfloat16 and offsets_dtypes == [torch.float32]
+    torch.testing.assert_close(output.float(), expected, rtol=3e-2, atol=3e-2)
+    assert half_saved < 0.85 * full_saved, (half_saved, full_saved)
+
+
 def test_bad_configuration_and_inputs_raise():
     with pytest.raises(ValueError, match="divisible"):
         MSDeformAttn(d_model=30, n_heads=8)

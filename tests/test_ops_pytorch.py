@@ -134,3 +134,25 @@ def test_only_a_missing_extension_is_tolerated(monkeypatch, failure, tolerated):
     else:
         with pytest.raises(ImportError, match=str(failure)):
             ms_deform_attn_func.compiled_op_available()
+
+
+def test_half_value_with_float32_positions_is_sampled_in_float32():
+    """As the CUDA op: a bf16 value with float32 positions and weights is sampled in float32 (a
+    bf16 grid would move points by up to a quarter pixel on a 64-px level); the output is bf16.
+    The registered operator's CPU gradients follow the same rule."""
+    from ddl_mask2former.ops import ms_deform_attn_op
+
+    value, shapes, starts, locations, weights = make_inputs(dtype=torch.float32, level_shapes=((64, 48), (9, 7)))
+    half_value = value.bfloat16()
+    output = ms_deform_attn_pytorch(half_value, shapes, starts, locations, weights)
+    expected = ms_deform_attn_pytorch(half_value.float(), shapes, starts, locations, weights)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected.bfloat16(), rtol=0, atol=0)
+    leaves = [half_value.clone().requires_grad_(), locations.clone().requires_grad_(), weights.clone().requires_grad_()]
+    ms_deform_attn_op(leaves[0], shapes, starts, leaves[1], leaves[2], 0).float().sum().backward()
+    reference = [half_value.float().requires_grad_(), locations.clone().requires_grad_(),
+                 weights.clone().requires_grad_()]
+    ms_deform_attn_pytorch(reference[0], shapes, starts, reference[1], reference[2]).sum().backward()
+    for leaf, ref in zip(leaves, reference):
+        assert leaf.grad.dtype == leaf.dtype
+        torch.testing.assert_close(leaf.grad, ref.grad.to(leaf.dtype), rtol=1e-6, atol=1e-6)

@@ -104,6 +104,11 @@ def _add_model_config(cfg):
     cfg.MODEL.DDL.PIXEL_DECODER.ENCODER_FFN_DIM = 1024
     # Dropout in the encoder layers.
     cfg.MODEL.DDL.PIXEL_DECODER.DROPOUT = 0.0
+    # Under autocast, run each deformable-attention layer wholly in float32 (True, as Mask2Former
+    # keeps its pixel decoder in float32). False: only the sampling offsets, attention weights and
+    # the sampling in float32, the value and output projections in autocast's dtype, which halves
+    # what they keep for the backward (docs/PERFORMANCE.md, "GPU throughput").
+    cfg.MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS = True
 
     # Masked-attention transformer decoder (registry DDL_TRANSFORMER_DECODER).
     cfg.MODEL.DDL.TRANSFORMER_DECODER = CN()

@@ -8,6 +8,7 @@ uniform (zero weight and bias), value/output projections are Xavier-uniform.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,10 +28,14 @@ class MSDeformAttn(nn.Module):
         n_heads: attention heads M; ``d_model`` must be divisible by it.
         n_points: sampling points P per head and level.
 
-    Under autocast the whole layer runs in float32 (sampling positions are fragile in half).
+        fp32_projections: under autocast, True (default) runs the whole layer in float32
+            (sampling positions are fragile in half); False runs only the sampling offsets, the
+            attention weights and the sampling in float32 and the value and output projections in
+            autocast's dtype, which halves what those keep for the backward.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4):
+    def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4,
+                 fp32_projections: bool = True):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"MSDeformAttn: d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -44,6 +49,7 @@ class MSDeformAttn(nn.Module):
         self.n_heads = n_heads
         self.n_points = n_points
         self.head_dim = d_model // n_heads
+        self.fp32_projections = fp32_projections
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -70,7 +76,7 @@ class MSDeformAttn(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, "
-                f"n_points={self.n_points}")
+                f"n_points={self.n_points}, fp32_projections={self.fp32_projections}")
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
                 input_level_start_index, input_padding_mask=None):
@@ -84,18 +90,24 @@ class MSDeformAttn(nn.Module):
             input_padding_mask: (N, S) bool, True marks padding, or None.
 
         Returns:
-            (N, Lq, C); float32 under autocast, else the inputs' dtype.
+            (N, Lq, C); under autocast float32 (``fp32_projections``) or autocast's dtype, else
+            the inputs' dtype.
         """
         device_type = query.device.type
-        if torch.is_autocast_enabled(device_type):
+        if not torch.is_autocast_enabled(device_type):
+            return self._attend(query, reference_points, input_flatten, input_spatial_shapes,
+                                input_level_start_index, input_padding_mask)
+        if self.fp32_projections:
             with torch.autocast(device_type=device_type, enabled=False):
                 return self._attend(query.float(), reference_points.float(), input_flatten.float(),
                                     input_spatial_shapes, input_level_start_index, input_padding_mask)
         return self._attend(query, reference_points, input_flatten, input_spatial_shapes,
-                            input_level_start_index, input_padding_mask)
+                            input_level_start_index, input_padding_mask, float32_sampling=True)
 
     def _attend(self, query, reference_points, input_flatten, spatial_shapes, level_start_index,
-                padding_mask):
+                padding_mask, float32_sampling=False):
+        """The layer; ``float32_sampling``: offsets, weights and sampling in float32 with autocast
+        off, the two projections under the caller's autocast."""
         if query.dim() != 3 or query.shape[-1] != self.d_model:
             raise ValueError(f"MSDeformAttn: query must be (N, Lq, {self.d_model}), got {tuple(query.shape)}")
         batch, n_queries, _ = query.shape
@@ -124,15 +136,21 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(batch, total_len, self.n_heads, self.head_dim)
 
-        offsets = self.sampling_offsets(query).view(
-            batch, n_queries, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(
-            batch, n_queries, self.n_heads, self.n_levels * self.n_points)
-        weights = weights.softmax(-1).view(batch, n_queries, self.n_heads, self.n_levels, self.n_points)
+        sampling_context = (torch.autocast(device_type=query.device.type, enabled=False) if float32_sampling
+                            else contextlib.nullcontext())
+        with sampling_context:
+            if float32_sampling:
+                query, reference_points = query.float(), reference_points.float()
+            offsets = self.sampling_offsets(query).view(
+                batch, n_queries, self.n_heads, self.n_levels, self.n_points, 2)
+            weights = self.attention_weights(query).view(
+                batch, n_queries, self.n_heads, self.n_levels * self.n_points)
+            weights = weights.softmax(-1).view(batch, n_queries, self.n_heads, self.n_levels, self.n_points)
 
-        # Offsets are in pixels of each level; divide by (W, H) to move in normalized coordinates.
-        level_size_xy = spatial_shapes.flip(-1).to(offsets.dtype)
-        sampling_locations = (reference_points[:, :, None, :, None, :]
-                              + offsets / level_size_xy[None, None, None, :, None, :])
-        output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights)
+            # Offsets are in pixels of each level; divide by (W, H) to move in normalized coordinates.
+            level_size_xy = spatial_shapes.flip(-1).to(offsets.dtype)
+            sampling_locations = (reference_points[:, :, None, :, None, :]
+                                  + offsets / level_size_xy[None, None, None, :, None, :])
+            # A half value with float32 positions is sampled in float32 (output in value's dtype).
+            output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights)
         return self.output_proj(output)

@@ -149,9 +149,12 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
         )
     # grid_sample wants [-1, 1] coordinates; x then y as in sampling_locations.
     sampling_grids = 2 * sampling_locations - 1
+    # Half values with float32 positions are sampled in float32 (as the CUDA op does); the
+    # output has value's dtype either way.
+    compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
     output = None
     for level, ((height, width), start) in enumerate(zip(level_shapes, level_starts)):
-        level_value = value[:, start:start + height * width]
+        level_value = value[:, start:start + height * width].to(compute_dtype)
         level_value = level_value.permute(0, 2, 3, 1).reshape(batch * n_heads, head_dim, height, width)
         # Points before queries, so each point's samples are one contiguous (D, Lq) slab.
         level_grid = sampling_grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(
@@ -168,7 +171,7 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
             contribution = samples[:, :, point] * level_weights[:, :, point]  # (N*M, D, Lq)
             output = contribution if output is None else output + contribution
     output = output.view(batch, n_heads * head_dim, n_queries)
-    return output.transpose(1, 2).contiguous()
+    return output.transpose(1, 2).to(value.dtype).contiguous()
 
 
 @contextlib.contextmanager

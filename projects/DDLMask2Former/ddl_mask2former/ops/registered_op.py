@@ -93,16 +93,17 @@ def _pytorch_backward(value, spatial_shapes, level_start_index, sampling_locatio
     grad_locations = torch.zeros_like(sampling_locations)
     grad_weights = torch.zeros_like(attention_weights)
     # (N*M, D, Lq), the layout the forward's sum had before it became (N, Lq, M*D).
-    grad_sum = grad_output.transpose(1, 2).reshape(batch * n_heads, head_dim, n_queries).to(value.dtype)
+    compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)  # as the forward
+    grad_sum = grad_output.transpose(1, 2).reshape(batch * n_heads, head_dim, n_queries).to(compute_dtype)
     sampling_grids = 2 * sampling_locations - 1
     levels = zip(spatial_shapes.tolist(), level_start_index.tolist())
     for level, ((height, width), start) in enumerate(levels):
-        level_value = value[:, start:start + height * width].permute(0, 2, 3, 1).reshape(
+        level_value = value[:, start:start + height * width].to(compute_dtype).permute(0, 2, 3, 1).reshape(
             batch * n_heads, head_dim, height, width)
         level_grid = sampling_grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(
-            batch * n_heads, n_points, n_queries, 2).to(value.dtype)
+            batch * n_heads, n_points, n_queries, 2).to(compute_dtype)
         level_weights = attention_weights[:, :, :, level].permute(0, 2, 3, 1).reshape(
-            batch * n_heads, 1, n_points, n_queries).to(value.dtype)
+            batch * n_heads, 1, n_points, n_queries).to(compute_dtype)
         samples = F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # (N*M, D, P, Lq)
         weight_grad = (samples * grad_sum[:, :, None]).sum(1)  # (N*M, P, Lq)

@@ -28,9 +28,10 @@ def group_norm(channels):
 class DeformableEncoderLayer(nn.Module):
     """Post-norm layer: multi-scale deformable self-attention, then a two-layer FFN."""
 
-    def __init__(self, d_model, ffn_dim, n_levels, n_heads, n_points, dropout):
+    def __init__(self, d_model, ffn_dim, n_levels, n_heads, n_points, dropout, fp32_projections=True):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points)
+        self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points,
+                                      fp32_projections=fp32_projections)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
@@ -65,12 +66,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         encoder_points=4,
         encoder_ffn_dim=1024,
         dropout=0.0,
+        fp32_projections=True,
     ):
         """
         Args:
             input_shape: dict name -> ShapeSpec of the backbone features to use (all of them
                 are used; those not in ``deform_in_features`` join through the FPN path).
             deform_in_features: names of the levels fed to the deformable encoder.
+            fp32_projections: see ``MSDeformAttn`` (``MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS``).
         """
         super().__init__()
         missing = [f for f in deform_in_features if f not in input_shape]
@@ -93,7 +96,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(len(self.deform_features), conv_dim))
         self.encoder = nn.ModuleList(
             DeformableEncoderLayer(
-                conv_dim, encoder_ffn_dim, len(self.deform_features), encoder_heads, encoder_points, dropout
+                conv_dim, encoder_ffn_dim, len(self.deform_features), encoder_heads, encoder_points, dropout,
+                fp32_projections,
             )
             for _ in range(encoder_layers)
         )
@@ -140,6 +144,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "encoder_points": pd.ENCODER_POINTS,
             "encoder_ffn_dim": pd.ENCODER_FFN_DIM,
             "dropout": pd.DROPOUT,
+            "fp32_projections": pd.FP32_PROJECTIONS,
         }
 
     def _level_geometry(self, shapes, batch, device):
