@@ -407,6 +407,7 @@ def saved_tensor_mib(model, records, device, amp_dtype, depth=1):
 
 def ours_train_step(model, optimizer, records, device, amp_dtype):
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # as DDLTrainLoop: a new step for CUDA-graph trees
         with autocast(device, amp_dtype):
             losses = model(records)
             total = sum(losses.values())

@@ -152,6 +152,9 @@ class DDLTrainLoop(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
+        # A new step for CUDA-graph trees (SOLVER.COMPILE.MODE reduce-overhead): the previous
+        # step's graph outputs may be overwritten from here on. A no-op without them.
+        torch.compiler.cudagraph_mark_step_begin()
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
