@@ -15,6 +15,7 @@ deformable attention runs its PyTorch path, which keeps its sampled values for t
 which keeps only its inputs, as the CUDA op does, so the pixel decoder's figure is a GPU's.
 """
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -26,12 +27,10 @@ import bench_gpu_throughput as bench
 
 
 def measure(args, overrides):
-    if args.registered_msda:
-        from ddl_mask2former.ops import registered_op_on_cpu
+    from ddl_mask2former.ops import registered_op_on_cpu
 
-        with registered_op_on_cpu():
-            return _measure(args, overrides)
-    return _measure(args, overrides)
+    with registered_op_on_cpu() if args.registered_msda else contextlib.nullcontext():
+        return _measure(args, overrides)
 
 
 def _measure(args, overrides):

@@ -132,6 +132,22 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
         raise TypeError("ms_deform_attn: value, sampling_locations and attention_weights must be floating point")
 
 
+def level_operands(value, sampling_grids, attention_weights, level, start, height, width, dtype):
+    """One level's ``grid_sample`` operands in ``dtype``: the value map (N*M, D, H, W), the grid
+    (N*M, P, Lq, 2) in [-1, 1] and the weights (N*M, 1, P, Lq). Points come before queries, so
+    each point's samples are one contiguous (D, Lq) slab. Shared by the PyTorch path and the
+    registered operator's CPU backward."""
+    batch, _, n_heads, head_dim = value.shape
+    _, n_queries, _, _, n_points, _ = sampling_grids.shape
+    level_value = value[:, start:start + height * width].to(dtype).permute(0, 2, 3, 1).reshape(
+        batch * n_heads, head_dim, height, width)
+    level_grid = sampling_grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(
+        batch * n_heads, n_points, n_queries, 2).to(dtype)
+    level_weights = attention_weights[:, :, :, level].permute(0, 2, 3, 1).reshape(
+        batch * n_heads, 1, n_points, n_queries).to(dtype)
+    return level_value, level_grid, level_weights
+
+
 def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """Reference implementation on ``F.grid_sample``; runs on any device and dtype.
 
@@ -154,17 +170,10 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     compute_dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
     output = None
     for level, ((height, width), start) in enumerate(zip(level_shapes, level_starts)):
-        level_value = value[:, start:start + height * width].to(compute_dtype)
-        level_value = level_value.permute(0, 2, 3, 1).reshape(batch * n_heads, head_dim, height, width)
-        # Points before queries, so each point's samples are one contiguous (D, Lq) slab.
-        level_grid = sampling_grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(
-            batch * n_heads, n_points, n_queries, 2)
-        samples = F.grid_sample(
-            level_value, level_grid.to(level_value.dtype), mode="bilinear",
-            padding_mode="zeros", align_corners=False,
-        )  # (N*M, D, P, Lq)
-        level_weights = attention_weights[:, :, :, level].permute(0, 2, 3, 1).reshape(
-            batch * n_heads, 1, n_points, n_queries).to(samples.dtype)
+        level_value, level_grid, level_weights = level_operands(
+            value, sampling_grids, attention_weights, level, start, height, width, compute_dtype)
+        samples = F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (N*M, D, P, Lq)
         # A loop over the few points beats one (samples * weights).sum(): no (N*M, D, P, Lq)
         # product is materialized, and each step streams over contiguous memory.
         for point in range(n_points):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ms_deform_attn_func import _load_extension, ms_deform_attn_pytorch
+from .ms_deform_attn_func import _load_extension, level_operands, ms_deform_attn_pytorch
 
 __all__ = ["ms_deform_attn_op", "ms_deform_attn_backward_op"]
 
@@ -87,8 +87,8 @@ def _pytorch_backward(value, spatial_shapes, level_start_index, sampling_locatio
     """The PyTorch path's gradients, written out: a kernel runs below autograd, so it cannot ask
     autograd for them. Per level, the samples are drawn again and ``grid_sample``'s own backward
     gives the value and grid gradients; the weights' gradient is the samples times the output's."""
-    batch, total_len, n_heads, head_dim = value.shape
-    _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
+    batch, _, n_heads, head_dim = value.shape
+    _, n_queries, _, _, n_points, _ = sampling_locations.shape
     grad_value = torch.zeros_like(value)
     grad_locations = torch.zeros_like(sampling_locations)
     grad_weights = torch.zeros_like(attention_weights)
@@ -98,12 +98,8 @@ def _pytorch_backward(value, spatial_shapes, level_start_index, sampling_locatio
     sampling_grids = 2 * sampling_locations - 1
     levels = zip(spatial_shapes.tolist(), level_start_index.tolist())
     for level, ((height, width), start) in enumerate(levels):
-        level_value = value[:, start:start + height * width].to(compute_dtype).permute(0, 2, 3, 1).reshape(
-            batch * n_heads, head_dim, height, width)
-        level_grid = sampling_grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(
-            batch * n_heads, n_points, n_queries, 2).to(compute_dtype)
-        level_weights = attention_weights[:, :, :, level].permute(0, 2, 3, 1).reshape(
-            batch * n_heads, 1, n_points, n_queries).to(compute_dtype)
+        level_value, level_grid, level_weights = level_operands(
+            value, sampling_grids, attention_weights, level, start, height, width, compute_dtype)
         samples = F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)  # (N*M, D, P, Lq)
         weight_grad = (samples * grad_sum[:, :, None]).sum(1)  # (N*M, P, Lq)
