@@ -1,5 +1,7 @@
 """The training step of issue 10: bfloat16/float16 autocast choice, one host sync per step for
 the losses, and the opt-in speed options (channels-last, torch.compile)."""
+import os
+
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
@@ -196,12 +198,24 @@ def test_channels_last_option_converts_conv_weights():
     assert torch.allclose(output, reference, atol=1e-5)
 
 
-def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_step():
+_INDUCTOR_TESTS = os.environ.get("DDL_INDUCTOR_TESTS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
+        not _INDUCTOR_TESTS, reason="inductor compiles the tiny model's step for 2-3 minutes on a "
+        "2-core CPU; set DDL_INDUCTOR_TESTS=1 to run it")]),
+])
+def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_step(backend):
     """SOLVER.COMPILE.MODULES ["network", "criterion"]: backbone, heads and decoders in one graph
     (the deformable attention is a registered operator, traced here through its CPU kernel), the
     losses in another, reused by a batch with another real/fake arrangement; losses and
-    gradients equal the eager step's."""
+    gradients equal the eager step's. aot_eager checks the capture (dynamo and AOT autograd);
+    inductor also its code generation (C++ on the CPU, as Triton would be on a GPU), with
+    inductor's random numbers replaced by eager's so that the losses sample the same points."""
     import torch._dynamo as dynamo
+    import torch._inductor.config as inductor_config
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from ddl_mask2former.ops import registered_op_on_cpu
@@ -223,9 +237,10 @@ def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_
         expected = [step(eager_model, batch) for batch in batches]
         model = build(tiny_cfg()).train()
         dynamo.reset()
-        counter = CompileCounterWithBackend("aot_eager")
+        counter = CompileCounterWithBackend(backend)
         assert compile_submodules(model, ["network", "criterion"], backend=counter) == ["network", "criterion"]
-        got = [step(model, batch) for batch in batches]
+        with inductor_config.patch(fallback_random=True):
+            got = [step(model, batch) for batch in batches]
         dynamo.reset()
     assert counter.frame_count == 2  # no graph break, no recompilation for the second batch
     assert list(model.state_dict()) == list(eager_model.state_dict())
@@ -234,4 +249,8 @@ def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_
             torch.testing.assert_close(losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
         assert grads.keys() == eager_grads.keys()
         for name, grad in eager_grads.items():
-            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            if backend == "aot_eager":  # the same aten operators in the same order
+                torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            else:  # fused kernels sum in another order: measured 1e-5 of each gradient's norm
+                error = (grads[name] - grad).norm().item()
+                assert error <= 1e-4 * grad.norm().item() + 1e-5, (name, error, grad.norm().item())
