@@ -461,7 +461,7 @@ def run_ours(args, device, shape, amp_dtype, results):
         from ddl_mask2former.engine.train_loop import apply_memory_format, compile_submodules
 
         apply_memory_format(model, args.channels_last)
-        compile_submodules(model, args.compile, args.compile_mode)
+        compile_submodules(model, args.compile, args.compile_mode, training_only=False)
     size = shape["image"]
     optimizer = adamw(model, device)
     records = ddl_records(args.batch, size)
@@ -584,7 +584,7 @@ def run_quickstart(args, device, results):
         if args.compile:
             from ddl_mask2former.engine.train_loop import compile_submodules
 
-            compile_submodules(model, args.compile, args.compile_mode)
+            compile_submodules(model, args.compile, args.compile_mode, training_only=False)
         size = cfg.INPUT.CROP.SIZE[0]
         optimizer = adamw(model, device)
         records = ddl_records(args.quickstart_batch, size, seed=2)

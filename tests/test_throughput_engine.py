@@ -177,14 +177,36 @@ def test_float16_loop_clips_unscaled_gradients_with_a_fused_optimizer(monkeypatc
     assert seen and seen[0] < 10 * true_norm + 1.0
 
 
-def test_compile_submodules_in_place_keeps_state_dict_keys():
+def test_compile_submodules_in_place_keeps_state_dict_keys_and_compiles_training_only():
+    """Compiled in place (state-dict keys unchanged); the compiled code runs in training mode only,
+    so evaluation on images of new sizes does not compile again."""
+    from torch._dynamo.testing import CompileCounter
+
     model = nn.Sequential()
     model.backbone = nn.Conv2d(3, 4, 3)
     model.head = None
     keys = list(model.state_dict())
-    assert compile_submodules(model, ["backbone", "head"]) == ["backbone"]
-    assert model.backbone._compiled_call_impl is not None  # compiled lazily on the first call
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    assert compile_submodules(model, ["backbone", "head"], backend=counter) == ["backbone"]
     assert list(model.state_dict()) == keys
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(2, 3, size, size, generator=generator) for size in (8, 11, 13)]
+    model.train()
+    model.backbone(images[0])
+    assert counter.frame_count == 1
+    model.eval()
+    with torch.no_grad():
+        for image in images[1:]:
+            torch.testing.assert_close(model.backbone(image), nn.functional.conv2d(
+                image, model.backbone.weight, model.backbone.bias))
+    assert counter.frame_count == 1  # evaluation ran eagerly
+    everywhere = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    compile_submodules(everywhere, ["0"], backend=counter, training_only=False)
+    with torch.no_grad():
+        everywhere(images[1])
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
     with pytest.raises(ValueError, match="no submodule 'pixel_decoder'"):
         compile_submodules(model, ["pixel_decoder"])
 
@@ -241,6 +263,9 @@ def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_
         assert compile_submodules(model, ["network", "criterion"], backend=counter) == ["network", "criterion"]
         with inductor_config.patch(fallback_random=True):
             got = [step(model, batch) for batch in batches]
+        model.eval()
+        with torch.no_grad():  # evaluation runs eagerly: nothing compiled for a new image size
+            model([dict(real, image=real["image"][:, :-32])])
         dynamo.reset()
     assert counter.frame_count == 2  # no graph break, no recompilation for the second batch
     assert list(model.state_dict()) == list(eager_model.state_dict())

@@ -265,7 +265,9 @@ def _add_solver_config(cfg):
     cfg.SOLVER.CHANNELS_LAST = False
     cfg.SOLVER.COMPILE = CN()
     # Submodules of the model to torch.compile in place for training, e.g. ["backbone", "pixel_decoder"],
-    # or ["network"]: backbone, heads and decoders as one graph (the losses stay eager).
+    # or ["network"]: backbone, heads and decoders as one graph, and/or "criterion" (the losses).
+    # The compiled code runs in training mode only: evaluation (TEST.EVAL_PERIOD) stays eager, so
+    # new image sizes compile nothing; TEST.CUDA_GRAPH speeds up inference on GPUs instead.
     cfg.SOLVER.COMPILE.MODULES = []
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs) or "max-autotune".
     cfg.SOLVER.COMPILE.MODE = "default"
