@@ -88,3 +88,19 @@ def eval_inputs(batch, height=None, width=None):
          "file_name": record["file_name"], "image_id": record["image_id"]}
         for record in batch
     ]
+
+
+def saved_bytes(function, exclude=()):
+    """``function()`` and the bytes of distinct storages autograd keeps for its backward, less
+    those of the tensors in ``exclude`` (e.g. parameters, which exist anyway)."""
+    sizes = {}
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = function()
+    return output, sum(sizes.values())

@@ -9,7 +9,7 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ddl_mask2former.modeling.backbone.swin import D2SwinTransformer
-from model_helpers import build, tiny_cfg
+from model_helpers import build, saved_bytes, tiny_cfg
 from tool_helpers import load_tool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -189,19 +189,6 @@ def test_swin_window_masks_leave_no_denormals():
     assert found and sum(found) == 0
 
 
-def _saved_bytes(function):
-    """Bytes of distinct storages autograd keeps for the backward of ``function()``."""
-    sizes = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        sizes[storage.data_ptr()] = storage.nbytes()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = function()
-    return output, sum(sizes.values())
-
-
 def _swin_variant_equals_plain(plain_options, variant_options):
     """Build two Swin backbones with the same weights, run forward + backward on one image batch,
     check equal features (bit for bit) and gradients; return both saved-byte counts and the
@@ -213,7 +200,7 @@ def _swin_variant_equals_plain(plain_options, variant_options):
     image = torch.randn(2, 3, 96, 160)
     runs = []
     for model in (plain, variant):
-        output, saved = _saved_bytes(lambda model=model: model(image))
+        output, saved = saved_bytes(lambda model=model: model(image))
         sum(value.square().mean() for value in output.values()).backward()
         runs.append((output, saved))
     for name in runs[0][0]:
@@ -243,7 +230,7 @@ def test_gelu_linear_equals_gelu_then_linear_and_keeps_less(amp):
                 if use_function:
                     return gelu_linear(hidden, fc2.weight, fc2.bias)
                 return fc2(torch.nn.functional.gelu(hidden))
-        output, saved = _saved_bytes(run)
+        output, saved = saved_bytes(run)
         output.float().square().sum().backward()
         results.append((output, saved, inputs.grad, [p.grad.clone() for p in (*fc1.parameters(), *fc2.parameters())]))
     (reference, reference_saved, reference_grad, reference_params), (output, saved, grad, params) = results
@@ -304,7 +291,7 @@ def test_window_attention_equals_timm_written_out_and_keeps_no_probabilities(amp
                 if mask is not None:
                     attn = (attn.view(-1, windows, heads, tokens, tokens) + mask[None, :, None]).view(-1, heads, tokens, tokens)
                 return attn.softmax(-1) @ vs
-        output, saved = _saved_bytes(run)
+        output, saved = saved_bytes(run)
         output.float().square().sum().backward()
         results.append((output, saved, [t.grad for t in (q, k, v, b)]))
     (reference, reference_saved, reference_grads), (output, saved, grads) = results

@@ -109,6 +109,9 @@ def _add_model_config(cfg):
     # the sampling in float32, the value and output projections in autocast's dtype, which halves
     # what they keep for the backward (docs/PERFORMANCE.md, "GPU throughput").
     cfg.MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS = True
+    # Encoder FFNs keep their 256-wide input for the backward and recompute the 1024-wide hidden
+    # there (one more matmul per layer; ~1 GiB less at batch 16, 512 px; the same gradients).
+    cfg.MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN = True
 
     # Masked-attention transformer decoder (registry DDL_TRANSFORMER_DECODER).
     cfg.MODEL.DDL.TRANSFORMER_DECODER = CN()

@@ -18,6 +18,7 @@ from ...ops import MSDeformAttn
 from ..position_encoding import SinePositionEmbedding
 from ..shape_cache import ShapeCache
 from .build import PIXEL_DECODER_REGISTRY
+from .recomputed_ffn import relu_ffn
 
 
 def group_norm(channels):
@@ -28,8 +29,10 @@ def group_norm(channels):
 class DeformableEncoderLayer(nn.Module):
     """Post-norm layer: multi-scale deformable self-attention, then a two-layer FFN."""
 
-    def __init__(self, d_model, ffn_dim, n_levels, n_heads, n_points, dropout, fp32_projections=True):
+    def __init__(self, d_model, ffn_dim, n_levels, n_heads, n_points, dropout, fp32_projections=True,
+                 recompute_ffn=True):
         super().__init__()
+        self.recompute_ffn = recompute_ffn
         self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points,
                                       fp32_projections=fp32_projections)
         self.norm1 = nn.LayerNorm(d_model)
@@ -41,7 +44,10 @@ class DeformableEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, None)
         src = self.norm1(src + self.dropout(attended))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(src), inplace=True)))
+        if self.recompute_ffn and torch.is_grad_enabled() and not (self.training and self.dropout.p > 0):
+            ffn = relu_ffn(src, self.linear1, self.linear2)  # keeps src, not the hidden (recomputed_ffn.py)
+        else:
+            ffn = self.linear2(self.dropout(F.relu(self.linear1(src), inplace=True)))
         return self.norm2(src + self.dropout(ffn))
 
 
@@ -67,6 +73,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         encoder_ffn_dim=1024,
         dropout=0.0,
         fp32_projections=True,
+        recompute_ffn=True,
     ):
         """
         Args:
@@ -74,6 +81,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 are used; those not in ``deform_in_features`` join through the FPN path).
             deform_in_features: names of the levels fed to the deformable encoder.
             fp32_projections: see ``MSDeformAttn`` (``MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS``).
+            recompute_ffn: the encoder FFNs keep their input, not their hidden, for the backward
+                (``recomputed_ffn.py``, ``MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN``).
         """
         super().__init__()
         missing = [f for f in deform_in_features if f not in input_shape]
@@ -97,7 +106,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.encoder = nn.ModuleList(
             DeformableEncoderLayer(
                 conv_dim, encoder_ffn_dim, len(self.deform_features), encoder_heads, encoder_points, dropout,
-                fp32_projections,
+                fp32_projections, recompute_ffn,
             )
             for _ in range(encoder_layers)
         )
@@ -145,6 +154,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "encoder_ffn_dim": pd.ENCODER_FFN_DIM,
             "dropout": pd.DROPOUT,
             "fp32_projections": pd.FP32_PROJECTIONS,
+            "recompute_ffn": pd.RECOMPUTE_FFN,
         }
 
     def _level_geometry(self, shapes, batch, device):
