@@ -24,6 +24,24 @@ def test_residuals_ignore_smooth_content_and_see_noise():
     assert residuals(step).abs().max() <= residuals.truncation
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residuals_under_autocast_equal_float32(dtype):
+    """Autocast must not change the residuals: in bfloat16 the kernels' taps round and a flat
+    image got a residual of ~1.2 gray levels that float32 inference never sees."""
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        pytest.skip("float16 autocast runs on CUDA only")
+    device = "cpu" if dtype == torch.bfloat16 else "cuda"
+    residuals = NoiseResiduals(in_channels=3).to(device)
+    generator = torch.Generator().manual_seed(0)
+    image = (torch.rand(1, 3, 48, 48, generator=generator) * 255).round().to(device)
+    flat = torch.full((1, 3, 16, 16), 200.0, device=device)
+    with torch.autocast(device, dtype=dtype):
+        autocast_image, autocast_flat = residuals(image), residuals(flat)
+    assert autocast_image.dtype == torch.float32
+    torch.testing.assert_close(autocast_image, residuals(image), rtol=0, atol=0)
+    assert autocast_flat.abs().max() < 1e-4
+
+
 def test_model_with_residual_channels_trains_and_infers():
     cfg = tiny_cfg()
     cfg.MODEL.DDL.NOISE_RESIDUALS = True

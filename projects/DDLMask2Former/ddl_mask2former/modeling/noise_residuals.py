@@ -43,6 +43,11 @@ class NoiseResiduals(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, pixels):
-        residual = F.conv2d(F.pad(pixels, (2, 2, 2, 2), mode="replicate"), self.weight,
-                            groups=self.in_channels)
-        return (residual / self.scale).clamp(-self.truncation, self.truncation)
+        # Always float32, also under autocast: in bfloat16 the kernels' taps (multiples of 1/12)
+        # round, the kernels stop summing to zero, and a flat gray-200 image gets a residual of
+        # about 1.2 gray levels: as large as the traces, and absent from float32 inference, so a
+        # model trained with bfloat16 autocast saw other residuals than it was evaluated on.
+        with torch.autocast(pixels.device.type, enabled=False):
+            residual = F.conv2d(F.pad(pixels.float(), (2, 2, 2, 2), mode="replicate"), self.weight,
+                                groups=self.in_channels)
+            return (residual / self.scale).clamp(-self.truncation, self.truncation)
