@@ -104,3 +104,33 @@ def saved_bytes(function, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = function()
     return output, sum(sizes.values())
+
+
+def assert_same_step(reference, function, x, modules, amp):
+    """Run ``reference(inputs)`` and ``function(inputs)`` (float32, or under bf16 autocast), each
+    with a backward; assert equal outputs (dtype included) and gradients of the inputs and of
+    the modules' parameters (float32). Bit-equal on the development machine; one bf16 rounding
+    step of room for other kernels. Returns both saved-byte counts, parameters excluded."""
+    parameters = [p for module in modules for p in module.parameters()]
+    runs = []
+    for run_function in (reference, function):
+        for parameter in parameters:
+            parameter.grad = None
+        inputs = x.clone().requires_grad_(True)
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                return run_function(inputs)
+        output, saved = saved_bytes(run, exclude=parameters)
+        output.float().square().sum().backward()
+        runs.append((output, saved, inputs.grad, [p.grad.clone() for p in parameters]))
+    (expected, expected_saved, expected_grad, expected_params), (output, saved, grad, params) = runs
+    assert output.dtype == expected.dtype == (torch.bfloat16 if amp else torch.float32)
+    tolerance = dict(rtol=4e-3, atol=1e-6) if amp else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(output, expected, **tolerance)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, expected_grad, **tolerance)
+    for actual, wanted in zip(params, expected_params):
+        assert actual.dtype == torch.float32
+        torch.testing.assert_close(actual, wanted, **tolerance)
+    return expected_saved, saved

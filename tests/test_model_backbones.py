@@ -9,7 +9,7 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ddl_mask2former.modeling.backbone.swin import D2SwinTransformer
-from model_helpers import build, saved_bytes, tiny_cfg
+from model_helpers import assert_same_step, build, saved_bytes, tiny_cfg
 from tool_helpers import load_tool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -219,29 +219,9 @@ def test_gelu_linear_equals_gelu_then_linear_and_keeps_less(amp):
     torch.manual_seed(0)
     x = torch.randn(2, 50, 16)
     fc1, fc2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
-    results = []
-    for use_function in (False, True):
-        fc1.zero_grad(), fc2.zero_grad()
-        inputs = x.clone().requires_grad_(True)
-
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                hidden = fc1(inputs)
-                if use_function:
-                    return gelu_linear(hidden, fc2.weight, fc2.bias)
-                return fc2(torch.nn.functional.gelu(hidden))
-        output, saved = saved_bytes(run)
-        output.float().square().sum().backward()
-        results.append((output, saved, inputs.grad, [p.grad.clone() for p in (*fc1.parameters(), *fc2.parameters())]))
-    (reference, reference_saved, reference_grad, reference_params), (output, saved, grad, params) = results
-    assert output.dtype == reference.dtype == (torch.bfloat16 if amp else torch.float32)
-    # Bit-equal on the development machine; one bf16 rounding step of room for other kernels.
-    tolerance = dict(rtol=4e-3, atol=1e-6) if amp else dict(rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(output, reference, **tolerance)
-    torch.testing.assert_close(grad, reference_grad, **tolerance)
-    for actual, expected in zip(params, reference_params):
-        assert actual.dtype == torch.float32
-        torch.testing.assert_close(actual, expected, **tolerance)
+    reference_saved, saved = assert_same_step(
+        lambda inputs: fc2(torch.nn.functional.gelu(fc1(inputs))),
+        lambda inputs: gelu_linear(fc1(inputs), fc2.weight, fc2.bias), x, (fc1, fc2), amp)
     hidden_bytes = 2 * 50 * 64 * (2 if amp else 4)
     assert reference_saved - saved == hidden_bytes  # exactly the GELU output
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ddl_mask2former.modeling.pixel_decoder.msdeform import DeformableEncoderLayer, MSDeformAttnPixelDecoder
 from ddl_mask2former.modeling.pixel_decoder.recomputed_ffn import relu_ffn
-from model_helpers import saved_bytes
+from model_helpers import assert_same_step, saved_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -18,30 +18,9 @@ def test_relu_ffn_equals_the_two_linears_and_keeps_no_hidden(amp):
     torch.manual_seed(0)
     x = torch.randn(2, 40, 16)
     linear1, linear2 = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
-    runs = []
-    for recompute in (False, True):
-        linear1.zero_grad(), linear2.zero_grad()
-        inputs = x.clone().requires_grad_(True)
-
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                if recompute:
-                    return relu_ffn(inputs, linear1, linear2)
-                return linear2(F.relu(linear1(inputs)))
-        output, saved = saved_bytes(run, exclude=[*linear1.parameters(), *linear2.parameters()])
-        output.float().square().sum().backward()
-        grads = [p.grad.clone() for p in (*linear1.parameters(), *linear2.parameters())]
-        runs.append((output, saved, inputs.grad, grads))
-    (reference, reference_saved, reference_grad, reference_params), (output, saved, grad, params) = runs
-    assert output.dtype == reference.dtype == (torch.bfloat16 if amp else torch.float32)
-    # Bit-equal on the development machine; one bf16 rounding step of room for other kernels.
-    tolerance = dict(rtol=4e-3, atol=1e-6) if amp else dict(rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(output, reference, **tolerance)
-    assert grad.dtype == torch.float32
-    torch.testing.assert_close(grad, reference_grad, **tolerance)
-    for actual, expected in zip(params, reference_params):
-        assert actual.dtype == torch.float32
-        torch.testing.assert_close(actual, expected, **tolerance)
+    reference_saved, saved = assert_same_step(
+        lambda inputs: linear2(F.relu(linear1(inputs))),
+        lambda inputs: relu_ffn(inputs, linear1, linear2), x, (linear1, linear2), amp)
     hidden = 2 * 40 * 64 * (2 if amp else 4)
     weight_copies = 2 * 16 * 64 * 2 if amp else 0  # autocast's bf16 weights, which linear keeps
     assert reference_saved - saved == hidden + weight_copies
