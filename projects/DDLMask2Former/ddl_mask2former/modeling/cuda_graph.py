@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
+from .autocast import autocast_dtype
 from .shape_cache import ShapeCache
 
 __all__ = ["CudaGraphRunner"]
@@ -91,7 +92,7 @@ class CudaGraphRunner:
         if weights != self._weights:
             self.clear()
             self._weights = weights
-        amp_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        amp_dtype = autocast_dtype("cuda")
         key = (tuple(images.shape), images.dtype, images.device, amp_dtype)
         entry = self._graphs.get(key)
         if entry is None:

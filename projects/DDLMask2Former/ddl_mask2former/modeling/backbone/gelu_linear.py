@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..autocast import autocast_dtype
+
 __all__ = ["gelu_linear", "recompute_gelu_in_backward"]
 
 
@@ -26,8 +28,8 @@ class _GeluLinear(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias):
         device_type = hidden.device.type
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = autocast_dtype(device_type)
+        if dtype is not None:
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):

@@ -21,11 +21,9 @@ import types
 import torch
 from torch import nn
 
+from ..autocast import autocast_dtype
+
 __all__ = ["window_attention", "recompute_attention_in_backward"]
-
-
-def _autocast_dtype(device_type):
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _operands(q, k, v, scale, compute_dtype):
@@ -53,7 +51,7 @@ class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, mask, scale):
         device_type = q.device.type
-        compute_dtype = _autocast_dtype(device_type)
+        compute_dtype = autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             scaled, keys, values = _operands(q, k, v, scale, compute_dtype)
             probs, ctx.logits_dtype = _probabilities(scaled, keys, bias, mask, compute_dtype)

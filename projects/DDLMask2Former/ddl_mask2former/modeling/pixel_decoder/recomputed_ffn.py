@@ -17,11 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..autocast import autocast_dtype
+
 __all__ = ["relu_ffn"]
-
-
-def _compute_dtype(device_type):
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _cast(tensors, dtype):
@@ -32,7 +30,7 @@ class _ReluFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight1, bias1, weight2, bias2):
         device_type = x.device.type
-        compute_dtype = _compute_dtype(device_type)
+        compute_dtype = autocast_dtype(device_type)
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight1, bias1, weight2, bias2)]
         ctx.compute_dtype = compute_dtype
         xc, w1, b1, w2, b2 = _cast((x, weight1, bias1, weight2, bias2), compute_dtype)
