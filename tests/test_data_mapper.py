@@ -1,4 +1,5 @@
 """DDLDatasetMapper: augmentations keep image and forgery mask aligned; test-time sizes."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -9,6 +10,7 @@ from model_helpers import ddl_cfg
 from ddl_mask2former.data import (
     IGNORE_VALUE, BaseScaleResize, DDLDatasetMapper, PadToSize, PhotometricDistortion,
     base_scale_size)
+from ddl_mask2former.data.augmentations import BaseScaleResizeCrop, CategoryAreaCrop, ResizedCropTransform
 
 RED, GRAY = (220, 30, 30), (90, 90, 90)
 
@@ -195,3 +197,80 @@ def test_decoded_cache_stops_at_its_budget(tmp_path):
     assert mapper.decoded_cache.used_bytes == 0
     with pytest.raises(ValueError, match="DECODED_CACHE_MB"):
         DDLDatasetMapper(_cfg(**{"DATALOADER.DECODED_CACHE_MB": -1}), is_train=True)
+
+
+def _resize_then_crop(image, h, w, new_h, new_w, x0, y0, crop_w, crop_h, segmentation=False):
+    """detectron2's two transforms, one after the other: what ResizedCropTransform replaces."""
+    resize, crop = T.ResizeTransform(h, w, new_h, new_w), T.CropTransform(x0, y0, crop_w, crop_h)
+    if segmentation:
+        return crop.apply_segmentation(resize.apply_segmentation(image))
+    return crop.apply_image(resize.apply_image(image))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.8, 1.0, 1.4, 2.0])
+def test_resized_crop_equals_resize_then_crop(ratio):
+    rng = np.random.default_rng(int(ratio * 10))
+    h, w = 270, 480  # a 16:9 image; the crop window is placed at random
+    # Smooth content with noise on top, as a photo: every resampled pixel is a mix of several.
+    image = cv2.resize(rng.integers(0, 256, (27, 48, 3), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
+    image = np.clip(image + rng.integers(-8, 9, image.shape), 0, 255).astype(np.uint8)
+    mask = (rng.random((h // 10, w // 10)) > 0.6).astype(np.uint8).repeat(10, 0).repeat(10, 1)
+    new_h, new_w = base_scale_size(h, w, (512, 128), ratio)
+    crop_h, crop_w = min(96, new_h), min(128, new_w)
+    for _ in range(5):
+        y0, x0 = int(rng.integers(0, new_h - crop_h + 1)), int(rng.integers(0, new_w - crop_w + 1))
+        args = (h, w, new_h, new_w, x0, y0, crop_w, crop_h)
+        transform = ResizedCropTransform(*args)
+        np.testing.assert_array_equal(transform.apply_segmentation(mask), _resize_then_crop(mask, *args, segmentation=True))
+        fused = transform.apply_image(image).astype(int)
+        reference = _resize_then_crop(image, *args).astype(int)
+        assert fused.shape == reference.shape == (crop_h, crop_w, 3)
+        # Same filter at the same positions; Pillow's coordinates from the box round apart rarely.
+        difference = np.abs(fused - reference)
+        assert difference.max() <= 2 and (difference > 0).mean() < 0.01
+        gray = transform.apply_image(image[:, :, 1]).astype(int)
+        assert np.abs(gray - _resize_then_crop(image[:, :, 1], *args)).max() <= 2
+        # Other dtypes take the two-step path.
+        floats = image.astype(np.float32)
+        np.testing.assert_array_equal(transform.apply_image(floats), _resize_then_crop(floats, *args))
+        coords = np.array([[0.0, 0.0], [w - 1.0, h - 1.0]])
+        np.testing.assert_allclose(transform.apply_coords(coords.copy()),
+                                   T.CropTransform(x0, y0, crop_w, crop_h).apply_coords(
+                                       T.ResizeTransform(h, w, new_h, new_w).apply_coords(coords.copy())))
+
+
+def test_resized_crop_rejects_windows_outside_the_resized_image():
+    with pytest.raises(ValueError, match="outside"):
+        ResizedCropTransform(100, 100, 50, 50, 10, 0, 48, 48)
+    with pytest.raises(ValueError, match="expects a 100x100"):
+        ResizedCropTransform(100, 100, 50, 50, 0, 0, 48, 48).apply_image(np.zeros((90, 100, 3), np.uint8))
+
+
+# Resized at a random ratio; within the base scale and not enlarged (no resize, a plain crop).
+@pytest.mark.parametrize("ratio_range,enlarge", [((0.5, 2.0), True), ((1.0, 1.0), False)])
+def test_fused_resize_crop_draws_the_windows_of_the_two_steps(ratio_range, enlarge):
+    """Same seed, same ratio and window as BaseScaleResize then CategoryAreaCrop; the mask equal."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    mask = np.zeros((90, 120), np.uint8)
+    mask[20:50, 30:70] = 1
+    resize = BaseScaleResize((256, 128), ratio_range, enlarge=enlarge)
+    crop = CategoryAreaCrop((48, 48), 0.75)
+    for seed in range(8):
+        outputs = []
+        for augmentations in ([BaseScaleResizeCrop(resize, crop)], [resize, crop]):
+            np.random.seed(seed)
+            aug_input = T.AugInput(image, sem_seg=mask)
+            T.AugmentationList(augmentations)(aug_input)
+            outputs.append((aug_input.image.astype(int), aug_input.sem_seg))
+        (fused_image, fused_mask), (image_two_steps, mask_two_steps) = outputs
+        np.testing.assert_array_equal(fused_mask, mask_two_steps)
+        assert np.abs(fused_image - image_two_steps).max() <= 2
+
+
+def test_training_mapper_resizes_and_crops_in_one_step():
+    args = DDLDatasetMapper.from_config(_cfg(), is_train=True)
+    assert isinstance(args["augmentations"][0], BaseScaleResizeCrop)
+    assert not any(isinstance(a, BaseScaleResize) for a in args["augmentations"])
+    no_crop = DDLDatasetMapper.from_config(_cfg(**{"INPUT.CROP.ENABLED": False}), is_train=True)
+    assert isinstance(no_crop["augmentations"][0], BaseScaleResize)

@@ -79,7 +79,8 @@ def test_mapper_uses_the_configured_crop_constraint():
     cfg = tiny_cfg()
     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 0.75
     mapper_args = DDLDatasetMapper.from_config(cfg, is_train=True)
-    crops = [a for a in mapper_args["augmentations"] if isinstance(a, CategoryAreaCrop)]
+    # The crop runs inside the resize step (BaseScaleResizeCrop).
+    crops = [a.crop for a in mapper_args["augmentations"] if isinstance(getattr(a, "crop", None), CategoryAreaCrop)]
     assert len(crops) == 1 and crops[0].single_category_max_area == 0.75
 
 

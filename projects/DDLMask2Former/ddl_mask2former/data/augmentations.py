@@ -9,6 +9,10 @@ by a bincount). detectron2's RandomCrop and RandomFlip are used as they are; the
 resize, the photometric distortion and the padding are written here.
 Every geometric step is a detectron2 Transform, so the forgery mask follows the image
 exactly (nearest-neighbour for the mask); photometric steps touch only the image.
+
+In training the resize and the crop run as one step (``BaseScaleResizeCrop``): the crop window is
+drawn on the resized mask as before, and only the window's pixels of the image are resampled. A
+2.0x resize of a 1920x1080 image makes 1.9 M pixels of which the 512x512 crop keeps 0.26 M.
 """
 import cv2
 import numpy as np
@@ -16,7 +20,7 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import PadTransform
 from PIL import Image
 
-__all__ = ["BaseScaleResize", "CategoryAreaCrop", "PhotometricDistortion", "PadToSize", "base_scale_size"]
+__all__ = ["BaseScaleResize", "BaseScaleResizeCrop", "CategoryAreaCrop", "ResizedCropTransform", "PhotometricDistortion", "PadToSize", "base_scale_size"]
 
 
 def base_scale_size(height, width, base_scale, ratio=1.0, enlarge=True):
@@ -97,6 +101,69 @@ class CategoryAreaCrop(T.Augmentation):
         if self.ignored_category is not None and self.ignored_category < len(counts):
             counts[self.ignored_category] = 0
         return counts[counts > 0]
+
+
+class ResizedCropTransform(T.Transform):
+    """A resize from (h, w) to (new_h, new_w), then the crop (x0, y0, crop_w, crop_h) of the result.
+
+    The same as detectron2's ``ResizeTransform`` followed by ``CropTransform``, except that a
+    uint8 image resamples only the crop's source box (Pillow's ``resize(box=...)``): the output
+    pixels sit at the same positions with the same filter, but Pillow derives the filter
+    coordinates from the box, so a pixel may round to a neighbouring gray level (at most 2 apart
+    after the two resampling passes). The segmentation is resized whole with nearest neighbour and
+    then cropped, so it equals the two-step result exactly.
+    """
+
+    def __init__(self, h, w, new_h, new_w, x0, y0, crop_w, crop_h, interp=Image.BILINEAR):
+        super().__init__()
+        if not (0 <= x0 and x0 + crop_w <= new_w and 0 <= y0 and y0 + crop_h <= new_h):
+            raise ValueError(f"crop ({x0}, {y0}, {crop_w}, {crop_h}) is outside the resized "
+                             f"{new_w}x{new_h} (WxH) image")
+        self._set_attributes(locals())
+
+    def _resize(self):
+        return T.ResizeTransform(self.h, self.w, self.new_h, self.new_w, self.interp)
+
+    def _crop(self):
+        return T.CropTransform(self.x0, self.y0, self.crop_w, self.crop_h)
+
+    def apply_image(self, img):
+        if img.shape[:2] != (self.h, self.w):
+            raise ValueError(f"ResizedCropTransform expects a {self.w}x{self.h} (WxH) image, got "
+                             f"{img.shape[1]}x{img.shape[0]}")
+        if img.dtype != np.uint8 or not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 3)):
+            return self._crop().apply_image(self._resize().apply_image(img))
+        scale_x, scale_y = self.w / self.new_w, self.h / self.new_h
+        box = (self.x0 * scale_x, self.y0 * scale_y,
+               (self.x0 + self.crop_w) * scale_x, (self.y0 + self.crop_h) * scale_y)
+        return np.asarray(Image.fromarray(img).resize((self.crop_w, self.crop_h), self.interp, box=box))
+
+    def apply_segmentation(self, segmentation):
+        return self._crop().apply_segmentation(self._resize().apply_segmentation(segmentation))
+
+    def apply_coords(self, coords):
+        return self._crop().apply_coords(self._resize().apply_coords(coords))
+
+
+class BaseScaleResizeCrop(T.Augmentation):
+    """``resize`` (a BaseScaleResize) then ``crop`` (a CategoryAreaCrop), resampling only the crop.
+
+    Draws the same random numbers in the same order as the two augmentations one after the
+    other (the ratio, then the windows, chosen on the resized mask), so with the same seed it
+    picks the same window; the result is a ``ResizedCropTransform``.
+    """
+
+    def __init__(self, resize, crop):
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image, sem_seg):
+        resize = self.resize.get_transform(image)
+        if isinstance(resize, T.NoOpTransform):
+            return self.crop.get_transform(image, sem_seg)
+        window = self.crop.get_transform(None, resize.apply_segmentation(sem_seg))
+        return ResizedCropTransform(resize.h, resize.w, resize.new_h, resize.new_w,
+                                    window.x0, window.y0, window.w, window.h, resize.interp)
 
 
 def _distort_photometric(image, brightness, contrast, contrast_first, saturation, hue):

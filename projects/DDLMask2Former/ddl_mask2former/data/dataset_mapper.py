@@ -2,8 +2,9 @@
 
 Training: decode the image (RGB, EXIF applied), read the forgery mask of a fake (> threshold
 is forged) or use an all-zero mask for a real image, then apply BaseScaleResize with a random
-ratio, CategoryAreaCrop (a random crop, re-drawn while one class dominates it when
-INPUT.CROP.SINGLE_CATEGORY_MAX_AREA < 1), RandomFlip, PhotometricDistortion and PadToSize. Output:
+ratio and CategoryAreaCrop (a random crop, re-drawn while one class dominates it when
+INPUT.CROP.SINGLE_CATEGORY_MAX_AREA < 1) as one step that resamples only the crop
+(BaseScaleResizeCrop), then RandomFlip, PhotometricDistortion and PadToSize. Output:
 "image" uint8 (3, H, W) in cfg.INPUT.FORMAT, "label" int, "forgery_mask" uint8 (H, W) with
 0 real / 1 forged / 255 ignore (padding), plus "file_name", "image_id", "height", "width"
 (original size, as everywhere in detectron2).
@@ -29,7 +30,8 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from .augmentations import BaseScaleResize, CategoryAreaCrop, PadToSize, PhotometricDistortion
+from .augmentations import (BaseScaleResize, BaseScaleResizeCrop, CategoryAreaCrop, PadToSize,
+                            PhotometricDistortion)
 from .image_io import DDLDataError, read_forgery_mask, read_image
 
 __all__ = ["DDLDatasetMapper", "IGNORE_VALUE"]
@@ -87,15 +89,16 @@ class DDLDatasetMapper:
         base_scale = tuple(cfg.INPUT.BASE_SCALE)
         enlarge = cfg.INPUT.BASE_SCALE_ENLARGE
         if is_train:
-            augmentations = [BaseScaleResize(base_scale, tuple(cfg.INPUT.RATIO_RANGE),
-                                             enlarge=enlarge)]
+            resize = BaseScaleResize(base_scale, tuple(cfg.INPUT.RATIO_RANGE), enlarge=enlarge)
+            augmentations = [resize]
             if cfg.INPUT.CROP.ENABLED:
                 if cfg.INPUT.CROP.TYPE != "absolute":
                     raise ValueError(f"DDL training crops are 'absolute' (H, W) sizes; "
                                      f"INPUT.CROP.TYPE is {cfg.INPUT.CROP.TYPE!r}")
                 crop_size = tuple(int(s) for s in cfg.INPUT.CROP.SIZE)
-                augmentations.append(CategoryAreaCrop(
-                    crop_size, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignored_category=IGNORE_VALUE))
+                # One step: only the crop's pixels are resampled.
+                augmentations = [BaseScaleResizeCrop(resize, CategoryAreaCrop(
+                    crop_size, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignored_category=IGNORE_VALUE))]
             if cfg.INPUT.RANDOM_FLIP != "none":
                 augmentations.append(T.RandomFlip(
                     horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
