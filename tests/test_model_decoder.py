@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddl_mask2former.modeling.transformer_decoder.masked_attention import Attention, MaskedAttentionDecoder
+from ddl_mask2former.modeling.transformer_decoder.masked_attention import (
+    Attention, MaskedAttentionDecoder, downsample_bilinear)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,3 +87,28 @@ def test_resizing_features_equals_resizing_masks():
         clear = resized_masks.abs() > 1e-4
         assert clear.float().mean() > 0.9
         assert torch.equal(keep[:, 0][clear], expected[clear])
+
+
+@pytest.mark.parametrize("size,out", [((128, 128), (64, 64)), ((128, 128), (16, 16)), ((64, 96), (16, 12)),
+                                      ((32, 32), (8, 16)), ((30, 30), (15, 15)), ((30, 30), (10, 10)), ((20, 24), (7, 9)),
+                                      ((16, 16), (16, 16)), ((8, 8), (16, 16))])
+def test_downsample_bilinear_equals_interpolate(size, out):
+    """Even factors take the strided 2x2 average; odd factors, other sizes and upsampling interpolate."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 3, *size, dtype=torch.float64)
+    expected = F.interpolate(features, size=out, mode="bilinear", align_corners=False)
+    got = downsample_bilinear(features, out)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_decoder_level_features_use_the_strided_average(monkeypatch):
+    """At the usual sizes (mask features 2x, 4x, 8x the levels) no bilinear kernel runs."""
+    calls = []
+    original = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *args, **kwargs: calls.append(args[0].shape) or original(*args, **kwargs))
+    decoder = _decoder()
+    multi_scale, mask_features = _features()
+    with torch.no_grad():
+        decoder(multi_scale, mask_features)
+    assert calls == []

@@ -13,7 +13,11 @@ predictions are supervised (deep supervision); the last one is the model's outpu
 Speed note: the attention mask for a level of size (h, w) needs the predicted mask at that
 size. Bilinear resizing is linear in the channels, so resize(e . P) == e . resize(P): P is
 resized once per level and the full-resolution masks are computed only where they are needed
-(every layer in training, the last layer at inference).
+(every layer in training, the last layer at inference). When a level is smaller by an even
+factor s (the usual 2, 4, 8), bilinear resizing without antialiasing reads just two pixels per
+axis, s/2 - 1 and s/2 of each block of s, with weight 1/2 each: a 2x2 average with stride s,
+which ``downsample_bilinear`` computes directly (equal to ``F.interpolate``; on the CPU,
+whose bilinear kernel first copies an NCHW input to channels-last, 3-6x faster).
 """
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,23 @@ from detectron2.config import configurable
 
 from ..position_encoding import SinePositionEmbedding
 from .build import TRANSFORMER_DECODER_REGISTRY
+
+
+def downsample_bilinear(features, size):
+    """``F.interpolate(features, size, mode="bilinear", align_corners=False)`` for (..., H, W) maps.
+
+    With H and W multiples of the output size by even factors (fy, fx), output pixel i sits at
+    input coordinate fy * i + fy / 2 - 1/2, halfway between rows fy * i + fy / 2 - 1 and
+    fy * i + fy / 2: the average of that 2x2 block, taken by a stride-(fy, fx) average pool. Any
+    other size goes to ``F.interpolate``.
+    """
+    height, width = features.shape[-2:]
+    out_height, out_width = size
+    factor_y, factor_x = height // out_height, width // out_width
+    if (factor_y * out_height, factor_x * out_width) == (height, width) and factor_y % 2 == 0 and factor_x % 2 == 0:
+        cropped = features[..., factor_y // 2 - 1:, factor_x // 2 - 1:]
+        return F.avg_pool2d(cropped, kernel_size=2, stride=(factor_y, factor_x))
+    return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 class Attention(nn.Module):
@@ -180,9 +201,7 @@ class MaskedAttentionDecoder(nn.Module):
             memory_pos.append(self.position_embedding(feature).flatten(2).transpose(1, 2))
             projected = self.input_proj[level](feature).flatten(2).transpose(1, 2)
             memories.append(projected + self.level_embed.weight[level])
-            level_mask_features.append(
-                F.interpolate(mask_features, size=feature.shape[-2:], mode="bilinear", align_corners=False)
-            )
+            level_mask_features.append(downsample_bilinear(mask_features, feature.shape[-2:]))
 
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
         query_pos = self.query_pos.weight.unsqueeze(0).expand(batch, -1, -1)
