@@ -3,8 +3,8 @@
 # its start): build the multi-scale deformable attention op in place, then, most valuable first,
 # the model tests on CUDA, the whole-model throughput of issue 10 (ours vs Hugging Face
 # Mask2Former with a profile of one step, tools/train_net.py images/s), and while time is left
-# the compiled quickstart model, the compiled paper model (step and train_net.py), the fused and
-# checkpointed Swin variants, the ops tests, the quickstart on the hard level and the ops
+# the compiled quickstart model, the compiled paper model (step and train_net.py), a loader
+# worker's cost per sample on the host, the fused and checkpointed Swin variants, the ops tests, the quickstart on the hard level and the ops
 # benchmarks. Every step runs under `timeout`, capped by what is left before the deadline, and all
 # output goes to $OUT/log. Steps that need detectron2 use the wheels carried in .gpu-wheels/ (fill
 # it here first with benchmarks/fetch_gpu_wheels.sh); without them those steps fail and the others
@@ -136,6 +136,9 @@ if [ "${DDL_GPU_CHECK_SMALL:-0}" != 1 ]; then
   step train_net_compiled 240 150 "$PYTHON" benchmarks/bench_train_net.py --batch 32 --iters 50 \
     --variant compiled_bf16 SOLVER.AMP.PRECISION bfloat16 SOLVER.COMPILE.MODULES "['network','criterion']"
 fi
+# What one training sample of a 1920x1080 PNG costs a loader worker on this host's cores (the
+# train_net steps use small generated images): how many workers 100 img/s needs here. Log only.
+step loader 45 20 "$PYTHON" benchmarks/bench_train_mapper.py --sizes 1920x1080 --samples 12
 # Opt-in MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS False (the deformable layers' value and output
 # projections in bf16, positions and sampling still float32): step time and peak memory.
 step half_projections 120 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf --skip-quickstart \
