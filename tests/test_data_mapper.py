@@ -221,7 +221,8 @@ def test_resized_crop_equals_resize_then_crop(ratio):
         y0, x0 = int(rng.integers(0, new_h - crop_h + 1)), int(rng.integers(0, new_w - crop_w + 1))
         args = (h, w, new_h, new_w, x0, y0, crop_w, crop_h)
         transform = ResizedCropTransform(*args)
-        np.testing.assert_array_equal(transform.apply_segmentation(mask), _resize_then_crop(mask, *args, segmentation=True))
+        np.testing.assert_array_equal(transform.apply_segmentation(mask),
+                                      _resize_then_crop(mask, *args, segmentation=True))
         fused = transform.apply_image(image).astype(int)
         reference = _resize_then_crop(image, *args).astype(int)
         assert fused.shape == reference.shape == (crop_h, crop_w, 3)

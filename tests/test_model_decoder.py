@@ -89,9 +89,9 @@ def test_resizing_features_equals_resizing_masks():
         assert torch.equal(keep[:, 0][clear], expected[clear])
 
 
-@pytest.mark.parametrize("size,out", [((128, 128), (64, 64)), ((128, 128), (16, 16)), ((64, 96), (16, 12)),
-                                      ((32, 32), (8, 16)), ((30, 30), (15, 15)), ((30, 30), (10, 10)), ((20, 24), (7, 9)),
-                                      ((16, 16), (16, 16)), ((8, 8), (16, 16))])
+@pytest.mark.parametrize("size,out", [
+    ((128, 128), (64, 64)), ((128, 128), (16, 16)), ((64, 96), (16, 12)), ((32, 32), (8, 16)),
+    ((30, 30), (15, 15)), ((30, 30), (10, 10)), ((20, 24), (7, 9)), ((16, 16), (16, 16)), ((8, 8), (16, 16))])
 def test_downsample_bilinear_equals_interpolate(size, out):
     """Even factors take the strided 2x2 average; odd factors, other sizes and upsampling interpolate."""
     torch.manual_seed(0)
@@ -106,7 +106,8 @@ def test_decoder_level_features_use_the_strided_average(monkeypatch):
     """At the usual sizes (mask features 2x, 4x, 8x the levels) no bilinear kernel runs."""
     calls = []
     original = F.interpolate
-    monkeypatch.setattr(F, "interpolate", lambda *args, **kwargs: calls.append(args[0].shape) or original(*args, **kwargs))
+    monkeypatch.setattr(F, "interpolate",
+                        lambda *args, **kwargs: calls.append(args[0].shape) or original(*args, **kwargs))
     decoder = _decoder()
     multi_scale, mask_features = _features()
     with torch.no_grad():

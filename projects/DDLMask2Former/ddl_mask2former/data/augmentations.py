@@ -20,7 +20,8 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import PadTransform
 from PIL import Image
 
-__all__ = ["BaseScaleResize", "BaseScaleResizeCrop", "CategoryAreaCrop", "ResizedCropTransform", "PhotometricDistortion", "PadToSize", "base_scale_size"]
+__all__ = ["BaseScaleResize", "BaseScaleResizeCrop", "CategoryAreaCrop", "ResizedCropTransform",
+           "PhotometricDistortion", "PadToSize", "base_scale_size"]
 
 
 def base_scale_size(height, width, base_scale, ratio=1.0, enlarge=True):

@@ -90,15 +90,17 @@ class DDLDatasetMapper:
         enlarge = cfg.INPUT.BASE_SCALE_ENLARGE
         if is_train:
             resize = BaseScaleResize(base_scale, tuple(cfg.INPUT.RATIO_RANGE), enlarge=enlarge)
-            augmentations = [resize]
             if cfg.INPUT.CROP.ENABLED:
                 if cfg.INPUT.CROP.TYPE != "absolute":
                     raise ValueError(f"DDL training crops are 'absolute' (H, W) sizes; "
                                      f"INPUT.CROP.TYPE is {cfg.INPUT.CROP.TYPE!r}")
                 crop_size = tuple(int(s) for s in cfg.INPUT.CROP.SIZE)
+                crop = CategoryAreaCrop(crop_size, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+                                        ignored_category=IGNORE_VALUE)
                 # One step: only the crop's pixels are resampled.
-                augmentations = [BaseScaleResizeCrop(resize, CategoryAreaCrop(
-                    crop_size, cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA, ignored_category=IGNORE_VALUE))]
+                augmentations = [BaseScaleResizeCrop(resize, crop)]
+            else:
+                augmentations = [resize]
             if cfg.INPUT.RANDOM_FLIP != "none":
                 augmentations.append(T.RandomFlip(
                     horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
