@@ -14,10 +14,11 @@ checkpoint on it in each mode, each in its own fresh process so that its peak RS
 * ``tiled_flip``: the same with ``TEST.AUG.ENABLED`` (horizontal-flip TTA).
 
 AUC, F1 and IoU come from ``DDLEvaluator`` (F1/IoU: per-image mean at threshold 0.5, the
-headline, and dataset-level; AUC with the ``TEST.TILE.FAKE_PROB`` rule in use). The AUC of every
-other rule comes from the same run: the tiles' scores of the tiled mode and, for the rules that
-use the global view, the resize mode's score (the global view is that same resize, without flip). Speed: wall and CPU
-seconds of the model call per megapixel of native image (decoding not counted). Memory: the
+headline, and dataset-level; AUC with the ``TEST.TILE.FAKE_PROB`` rule in use, each image scored
+as evaluation scores it, through ``TiledInference.predict``). The AUC of every other rule comes
+from the same run: the tiles' scores of the tiled mode and, for the rules that use the global
+view, the resize mode's score (the global view is that same resize, without flip). Speed: wall
+and CPU seconds of the model call per megapixel of native image (decoding not counted). Memory: the
 mode process's peak RSS. Then, unless ``--memory-sizes`` is empty, peak RSS of
 ``ForgeryPredictor`` on one random image of each size (e.g. 8000x6000) per mode, again one
 fresh process each. Everything runs on ``MODEL.DEVICE`` of the config (``--opts`` overrides).
@@ -144,9 +145,9 @@ def evaluate_mode(args, mode, split_dir):
                 output = model([model_input])[0]
                 tile_probs = None
             else:
-                # The model's own tiled path, split in two calls to keep every tile's score.
-                prediction = model.tiling.predict_tiles(model_input, model.predict_views,
-                                                        model.tiling.uses_global_view)
+                # The model's own tiled path (TiledInference.__call__), split in two calls to
+                # keep every tile's score; an image that fits in one tile goes the same way.
+                prediction = model.tiling.predict(model_input, model.predict_views)
                 output = model.tiling.image_output(prediction)
                 tile_probs = prediction.tile_fake_probs
             wall += time.perf_counter() - wall_start

@@ -52,6 +52,10 @@ def tiny_cfg(backbone="swin", tasks=("detection", "localization")):
     td = ddl.TRANSFORMER_DECODER
     td.HIDDEN_DIM, td.NUM_QUERIES, td.NHEADS, td.DIM_FEEDFORWARD, td.DEC_LAYERS = 32, 4, 2, 64, 3
     ddl.LOSS.NUM_POINTS = 256
+    # The network's own outputs (the head's probability, the map as it comes), so tests of the
+    # network compare what it computed; tests/test_verdict.py covers the other rules and the gate.
+    ddl.VERDICT.RULE = "head"
+    ddl.VERDICT.MASK_POLICY = "independent"
     return cfg
 
 

@@ -97,7 +97,7 @@ def photo(tmp_path_factory):
 
 
 def _check_prediction(prediction, height, width):
-    assert set(prediction) == {"fake_prob", "mask_prob", "mask"}
+    assert set(prediction) == {"fake_prob", "is_fake", "mask_prob", "mask"}
     assert isinstance(prediction["fake_prob"], float) and 0.0 <= prediction["fake_prob"] <= 1.0
     mask_prob, mask = prediction["mask_prob"], prediction["mask"]
     assert mask_prob.shape == (height, width) and mask_prob.dtype == np.float32

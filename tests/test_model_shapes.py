@@ -29,7 +29,7 @@ def test_backbone_features_and_outputs(backbone):
     with torch.no_grad():
         outputs = model(eval_inputs(batch, height=75, width=110))
     for output in outputs:
-        assert set(output) == {"fake_prob", "mask_prob", "mask"}
+        assert set(output) == {"fake_prob", "is_fake", "mask_prob", "mask"}
         assert output["fake_prob"].dim() == 0 and 0 <= output["fake_prob"].item() <= 1
         assert output["mask_prob"].shape == (75, 110) and output["mask_prob"].dtype == torch.float32
         assert output["mask_prob"].min() >= 0 and output["mask_prob"].max() <= 1
@@ -53,7 +53,7 @@ def test_detection_only_builds_and_runs_no_localization_branch():
     model.eval()
     with torch.no_grad():
         outputs = model(eval_inputs(batch))
-    assert all(set(o) == {"fake_prob"} for o in outputs)
+    assert all(set(o) == {"fake_prob", "is_fake"} for o in outputs)
 
 
 def test_localization_only_builds_and_runs_no_detection_branch():

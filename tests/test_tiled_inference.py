@@ -11,6 +11,7 @@ from detectron2.modeling import build_model
 from ddl_mask2former.evaluation import DDLEvaluator
 from ddl_mask2former.modeling.tiled_inference import TiledInference, tile_starts, tile_weights
 from ddl_mask2former.data import DDLDatasetMapper
+from ddl_mask2former.data.augmentations import BaseScaleResize
 from ddl_mask2former.predictor import ForgeryPredictor
 
 from model_helpers import build, ddl_cfg, tiny_cfg
@@ -115,15 +116,72 @@ def test_fake_prob_rules():
         torch.testing.assert_close(tiling.image_output(prediction)["fake_prob"], value)
 
 
+def _size_readout(calls):
+    """fake_prob = the input's pixel count / 1e6, so it tells which view it came from; each
+    input's (H, W) is appended to ``calls``."""
+    def predict_views(records):
+        calls.extend(tuple(r["image"].shape[-2:]) for r in records)
+        return [{"fake_prob": torch.tensor(r["image"].shape[-2] * r["image"].shape[-1] / 1e6),
+                 "mask_prob": torch.zeros(r["image"].shape[-2:])} for r in records]
+    return predict_views
+
+
+@pytest.mark.parametrize("base_scale, global_size", [((64, 64), (64, 58)), ((256, 256), (256, 230))])
+def test_one_tile_image_gets_the_global_views_fake_prob(base_scale, global_size):
+    # 100 x 90 fits in a 128 px tile; the global view shrinks or enlarges it to the base scale.
+    tiling = TiledInference(tile_size=128, overlap=16, fake_prob_rule="global", base_scale=base_scale)
+    calls = []
+    output = tiling(_record(_image(100, 90)), _size_readout(calls))
+    assert calls == [(100, 90), global_size]
+    assert float(output["fake_prob"]) == pytest.approx(global_size[0] * global_size[1] / 1e6)
+    assert output["mask_prob"].shape == (100, 90)
+
+
+def test_one_tile_image_global_tile_max_is_the_mean_of_both_views():
+    tiling = TiledInference(tile_size=128, overlap=16, fake_prob_rule="global_tile_max",
+                            base_scale=(64, 64))
+    output = tiling(_record(_image(100, 90)), _size_readout([]))
+    assert float(output["fake_prob"]) == pytest.approx(0.5 * (100 * 90 + 64 * 58) / 1e6)
+
+
+@pytest.mark.parametrize("rule", ["tile_max", "tile_mean"])
+def test_one_tile_image_without_the_global_rules_runs_once_at_native_size(rule):
+    tiling = TiledInference(tile_size=128, overlap=16, fake_prob_rule=rule, base_scale=(64, 64))
+    calls = []
+    output = tiling(_record(_image(100, 90)), _size_readout(calls))
+    assert calls == [(100, 90)]
+    assert float(output["fake_prob"]) == pytest.approx(100 * 90 / 1e6)
+
+
 # --- the model with tiling and flip ---------------------------------------------------------
 
 def test_image_smaller_than_a_tile_equals_the_plain_path():
     image = _image(70, 90)
     plain = _predict(_tiny_model(), image)
     tiled = _predict(_tiny_model(tile_size=128), image)
-    assert plain.keys() == tiled.keys() == {"fake_prob", "mask_prob", "mask"}
+    assert plain.keys() == tiled.keys() == {"fake_prob", "is_fake", "mask_prob", "mask"}
     for key in plain:
         assert torch.equal(plain[key], tiled[key]), key
+
+
+def test_image_smaller_than_a_tile_with_the_global_rule_scores_the_base_scale_view():
+    image = _image(70, 90)
+    plain, tiled = _tiny_model(), _tiny_model(tile_size=128, rule="global")
+    tiled.tiling.base_scale = (64, 64)
+    pixels = image.permute(1, 2, 0).numpy()
+    resized = BaseScaleResize((64, 64)).get_transform(pixels).apply_image(pixels)
+    global_view = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    assert tuple(global_view.shape[-2:]) == (50, 64)
+    # The tiling's own output, before anything the model does to whole images afterwards.
+    with torch.no_grad():
+        output = tiled.tiling(_record(image), tiled.predict_views)
+        native = plain.predict_views([_record(image)])[0]
+        expected = plain.predict_views([{"image": global_view}])[0]["fake_prob"]
+    torch.testing.assert_close(output["fake_prob"], expected)
+    assert not torch.equal(output["fake_prob"], native["fake_prob"])
+    # The map is still the plain path's at native size.
+    assert torch.equal(output["mask_prob"], native["mask_prob"])
+    assert torch.equal(output["mask"], native["mask"])
 
 
 def test_tiled_model_output_at_sizes_not_divisible_by_the_stride():

@@ -159,7 +159,7 @@ def test_two_cpu_processes_over_gloo_train_and_evaluate(ddl_root, tmp_path):
     result = _check(_run(
         [TRAIN_NET, "--config-file", TINY_CONFIG, "--num-gpus", "2", "--dist-url", "auto",
          "OUTPUT_DIR", "run", "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "4",
-         "TEST.EXPORT_DIR", "export"], ddl_root, tmp_path))
+         "TEST.EXPORT_DIR", "export", "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
     log = result.stdout + result.stderr
     assert "World size: 2" in log
     output_dir = tmp_path / "run"
@@ -168,6 +168,14 @@ def test_two_cpu_processes_over_gloo_train_and_evaluate(ddl_root, tmp_path):
     assert max(row["iteration"] for row in _read_metrics(output_dir) if "lr" in row) == 3
     # The evaluation gathered both processes' halves of the 4 val images.
     assert len((tmp_path / "export" / "prediction.txt").read_text().split()) == 4
+    # The verdict was calibrated on all 8 training images (both processes' halves) before the
+    # final evaluation, saved in model_final.pth and described beside the export.
+    assert "Verdict calibrated on ddl_i_train (8 images" in log
+    state = torch.load(output_dir / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert float(state["verdict.target_fprs"][1]) == 0.05  # map_max, fitted at the default rate
+    verdict = json.loads((tmp_path / "export" / "verdict.json").read_text())
+    assert verdict["calibrated"] and verdict["rule"] == "map_max"
+    assert verdict["threshold"] == pytest.approx(float(state["verdict.thresholds"][1]))
 
 
 def test_demo_writes_overlays_and_json_and_reports_bad_files(killed_then_resumed, ddl_root,

@@ -308,7 +308,7 @@ def test_evaluation_leaves_the_training_random_state_alone(monkeypatch):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    assert Trainer.test(None, None) == {"ddl": {"AUC": 50.0}}
+    assert Trainer.test(ddl_cfg(), None) == {"ddl": {"AUC": 50.0}}
     assert torch.equal(torch.rand(3), expected)
 
 

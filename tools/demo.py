@@ -5,8 +5,9 @@
         --output demo_out --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
 
 For each readable image it writes ``OUTPUT/<name>_overlay.png`` (heat map of ``mask_prob``,
-outline of the predicted ``mask``, caption "FAKE 0.97" / "REAL 0.03") and prints one JSON
-line on stdout: ``{"file", "fake_prob", "forged_area_fraction", "output"}`` (the same lines
+outline of the predicted ``mask``, caption "FAKE 0.97" / "REAL 0.03" at the
+calibrated verdict threshold) and prints one JSON
+line on stdout: ``{"file", "fake_prob", "is_fake", "forged_area_fraction", "output"}`` (the same lines
 go to ``OUTPUT/predictions.jsonl``). The model runs through ``ddl_mask2former.ForgeryPredictor``
 (images resized to the config's test scale, or with ``--opts TEST.TILE.ENABLED True`` predicted
 tile by tile at native resolution, and ``TEST.AUG.ENABLED True`` for flip test-time
@@ -151,7 +152,7 @@ def run(args):
             mask = prediction.get("mask")
             overlay = render_forgery_overlay(
                 image, prediction.get("mask_prob"), mask, prediction.get("fake_prob"),
-                alpha=args.alpha,
+                alpha=args.alpha, threshold=predictor.threshold,
             )
             out_path = _overlay_path(args.output, path, used_names)
             if not cv2.imwrite(out_path, np.ascontiguousarray(overlay[:, :, ::-1])):
@@ -161,6 +162,7 @@ def run(args):
             line = json.dumps({
                 "file": path,
                 "fake_prob": prediction.get("fake_prob"),
+                "is_fake": prediction.get("is_fake"),
                 "forged_area_fraction": None if mask is None else forged_area_fraction(mask),
                 "output": out_path,
             })

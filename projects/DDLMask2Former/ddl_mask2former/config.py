@@ -82,6 +82,20 @@ def _add_model_config(cfg):
     # every position and the image takes the highest score (small regions are not diluted).
     cfg.MODEL.DDL.DET_HEAD.POOLING = "avg"
 
+    # The image-level verdict (modeling/verdict.py; docs/EVALUATION.md "Verdict").
+    cfg.MODEL.DDL.VERDICT = CN()
+    # How fake_prob is made: "head" (the paper's detection head alone), "map_max" (the forgery
+    # map's maximum: the best query's confidence x its mask), "map_top" (mean of the map's top
+    # 0.5 % of pixels) or "fusion" (logistic regression on the head's and the map's features).
+    # Measured against each other in docs/PERFORMANCE.md#quickstart.
+    cfg.MODEL.DDL.VERDICT.RULE = "map_max"
+    # "gate": an image called real (fake_prob <= threshold) gets an empty mask_prob and mask;
+    # "independent": the map as the localization branch made it (the paper).
+    cfg.MODEL.DDL.VERDICT.MASK_POLICY = "gate"
+    # Calibration (DATASETS.CALIBRATION) sets the verdict threshold so that at most this share
+    # of the calibration split's real images is called fake.
+    cfg.MODEL.DDL.VERDICT.TARGET_FPR = 0.05
+
     # Pixel decoder (registry DDL_PIXEL_DECODER).
     cfg.MODEL.DDL.PIXEL_DECODER = CN()
     # Registered pixel decoder class.
@@ -194,6 +208,11 @@ def _add_data_config(cfg):
     cfg.INPUT.PHOTOMETRIC.SATURATION_RANGE = (0.5, 1.5)
     # Hue: shift by an integer in [-delta, delta] in OpenCV 8-bit hue units (180 = full circle).
     cfg.INPUT.PHOTOMETRIC.HUE_DELTA = 18
+    # Datasets the verdict is calibrated on before every evaluation during training (Platt
+    # scaling and the TARGET_FPR threshold, stored in the checkpoint); kept apart from training
+    # and evaluation data, e.g. ("ddl_i_train_calib",) with DATASETS.TRAIN ("ddl_i_train_fit",).
+    # Empty: no calibration (fake_prob is the rule's uncalibrated score, threshold 0.5).
+    cfg.DATASETS.CALIBRATION = ()
     # Training drops samples whose files are unreadable (each logged with its file, and counted).
     cfg.DATALOADER.SKIP_BAD_SAMPLES = False
     # Training keeps decoded images and masks in memory up to this many MiB per data-loader

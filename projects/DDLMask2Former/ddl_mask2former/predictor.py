@@ -87,8 +87,12 @@ class ForgeryPredictor:
     An image is a file path, a uint8 HxWx3 numpy array (RGB unless ``format="BGR"``, e.g. for
     ``cv2.imread`` output) or a PIL image. Each dict holds, at the image's original size:
 
-    * ``fake_prob``: float, probability that the image is forged (detection branch);
-    * ``mask_prob``: float32 HxW numpy array in [0, 1], per-pixel forgery probability;
+    * ``fake_prob``: float, calibrated probability that the image is forged, by the verdict
+      rule ``MODEL.DDL.VERDICT.RULE`` (``modeling/verdict.py``);
+    * ``is_fake``: bool, the verdict: ``fake_prob > self.threshold`` (the threshold calibrated at
+      ``MODEL.DDL.VERDICT.TARGET_FPR`` and stored with the weights);
+    * ``mask_prob``: float32 HxW numpy array in [0, 1], per-pixel forgery probability (all zero
+      for an image called real under the default mask policy "gate");
     * ``mask``: bool HxW numpy array, ``mask_prob > 0.5``.
 
     Keys of a branch that ``MODEL.DDL.TASKS`` turns off are absent. The network sees the image
@@ -116,6 +120,17 @@ class ForgeryPredictor:
         mapper = DDLDatasetMapper(self.cfg, is_train=False)
         self.augmentations = mapper.augmentations
         self.input_format = mapper.image_format
+        verdict = getattr(self.model, "verdict", None)
+        if verdict is not None and verdict.enabled and not verdict.calibrated:
+            logger.warning("%s holds no verdict calibration: fake_prob is the uncalibrated '%s' score and "
+                           "the verdict threshold is 0.5 (train with DATASETS.CALIBRATION to calibrate)",
+                           self.cfg.MODEL.WEIGHTS or "the model", verdict.rule)
+
+    @property
+    def threshold(self) -> float:
+        """``fake_prob`` above which an image is called fake."""
+        verdict = getattr(self.model, "verdict", None)
+        return verdict.threshold if verdict is not None and verdict.enabled else 0.5
 
     def __call__(self, images: Union[ImageInput, Sequence[ImageInput]],
                  format: str = "RGB") -> Union[Dict, List[Dict]]:
@@ -165,6 +180,8 @@ def _to_numpy(output: Dict) -> Dict:
     prediction = {}
     if "fake_prob" in output:
         prediction["fake_prob"] = float(output["fake_prob"])
+    if "is_fake" in output:
+        prediction["is_fake"] = bool(output["is_fake"])
     if "mask_prob" in output:
         prediction["mask_prob"] = output["mask_prob"].float().cpu().numpy()
         prediction["mask"] = output["mask"].cpu().numpy().astype(bool)

@@ -16,8 +16,9 @@ import numpy as np
 
 from .data.image_io import read_forgery_mask, read_image
 from .evaluation.export import (
-    MASK_DIR, PREDICTION_FILE, PROB_DIR, decode_prob_u8, mask_file_name, read_gray_png, read_predictions)
-from .visualization import render_forgery_overlay
+    MASK_DIR, PREDICTION_FILE, PROB_DIR, decode_prob_u8, mask_file_name, read_gray_png, read_predictions,
+    read_verdict_threshold)
+from .visualization import format_caption, render_forgery_overlay
 
 __all__ = ["read_metrics", "plot_learning_curve", "write_contact_sheet"]
 
@@ -114,10 +115,11 @@ def _label_strip(text, width, height=22):
     return strip
 
 
-def write_contact_sheet(export_dir, split_dir, out_png, num_fake=6, num_real=2, row_height=200):
+def write_contact_sheet(export_dir, split_dir, out_png, num_fake=6, num_real=4, row_height=200):
     """Contact sheet of the first ``num_fake`` fake and ``num_real`` real images of a labeled
     split (sorted by name), from an export of predictions on it; returns ``out_png``."""
     scores = read_predictions(os.path.join(export_dir, PREDICTION_FILE))
+    threshold = read_verdict_threshold(export_dir)
     rows = []
     for label, folder, count in ((1, "fake", num_fake), (0, "real", num_real)):
         image_dir = os.path.join(split_dir, folder)
@@ -125,12 +127,13 @@ def write_contact_sheet(export_dir, split_dir, out_png, num_fake=6, num_real=2, 
             raise FileNotFoundError(f"{image_dir}: not a labeled DDL split folder")
         names = sorted(n for n in os.listdir(image_dir) if n in scores)[:count]
         for name in names:
-            rows.append(_contact_row(export_dir, split_dir, folder, name, label, scores[name], row_height))
+            rows.append(_contact_row(export_dir, split_dir, folder, name, label, scores[name], threshold,
+                                     row_height))
     if not rows:
         raise ValueError(f"{export_dir}: no prediction matches an image of {split_dir}")
     width = max(max(pair.shape[1] for _caption, pair in rows), 640)
     parts = [_label_strip("left: image, ground-truth outline (green)   right: mask_prob heat map, "
-                          "mask outline, fake_prob", width)]
+                          f"mask outline, verdict (FAKE when fake_prob > {threshold:.2f})", width)]
     for caption, pair in rows:
         parts += [_label_strip(caption, width),
                   np.pad(pair, ((0, 4), (0, width - pair.shape[1]), (0, 0)), constant_values=255)]
@@ -141,7 +144,7 @@ def write_contact_sheet(export_dir, split_dir, out_png, num_fake=6, num_real=2, 
     return out_png
 
 
-def _contact_row(export_dir, split_dir, folder, name, label, fake_prob, row_height):
+def _contact_row(export_dir, split_dir, folder, name, label, fake_prob, threshold, row_height):
     image = read_image(os.path.join(split_dir, folder, name), format="RGB")
     height, width = image.shape[:2]
     thickness = max(1, int(round(max(height, width) / 250)))
@@ -156,13 +159,14 @@ def _contact_row(export_dir, split_dir, folder, name, label, fake_prob, row_heig
     else:  # an export without prob/: the binary mask is all there is
         predicted = read_gray_png(os.path.join(export_dir, MASK_DIR, mask_file_name(name))) > 127
         mask_prob = predicted.astype(np.float32)
-    prediction = render_forgery_overlay(image, mask_prob, predicted, fake_prob)
+    prediction = render_forgery_overlay(image, mask_prob, predicted, fake_prob, threshold=threshold)
+    verdict = f"{format_caption(fake_prob, threshold=threshold)}"
     if label:
         union = np.logical_or(truth, predicted).sum()
         iou = np.logical_and(truth, predicted).sum() / union if union else 1.0
-        caption = f"{folder} {name}: fake_prob {fake_prob:.2f}, IoU {iou:.2f}"
+        caption = f"{folder} {name}: {verdict}, IoU {iou:.2f}"
     else:
-        caption = f"{folder} {name}: fake_prob {fake_prob:.2f}, {100 * predicted.mean():.1f}% marked forged"
+        caption = f"{folder} {name}: {verdict}, {100 * predicted.mean():.1f}% marked forged"
     pair = np.concatenate([_fit(_outline(image, truth, _GT_RGB, thickness), row_height),
                            np.full((row_height, 4, 3), 255, np.uint8), _fit(prediction, row_height)], axis=1)
     return caption, pair

@@ -4,7 +4,8 @@ draws with these.
 An overlay shows ``mask_prob`` as a heat map blended over the image (the blend weight grows
 with the probability, so real regions keep their colours), the outline of ``mask`` and a
 caption with the detection verdict, e.g. "FAKE 0.97" or "REAL 0.03" (the number is always
-``fake_prob``).
+``fake_prob``; the verdict is FAKE when ``fake_prob`` is above the threshold, as the model's
+``is_fake``: pass the calibrated threshold, ``ForgeryPredictor.threshold``).
 """
 from typing import Optional
 
@@ -26,7 +27,7 @@ def format_caption(fake_prob: Optional[float] = None, forged_fraction: Optional[
     """"FAKE 0.97" / "REAL 0.03" from ``fake_prob``; the forged-area share when there is no
     detection output (localization-only models)."""
     if fake_prob is not None:
-        verdict = "FAKE" if fake_prob >= threshold else "REAL"
+        verdict = "FAKE" if fake_prob > threshold else "REAL"
         return f"{verdict} {fake_prob:.2f}"
     if forged_fraction is not None:
         return f"forged area {100.0 * forged_fraction:.1f}%"
@@ -59,7 +60,7 @@ def render_forgery_overlay(image: np.ndarray, mask_prob: Optional[np.ndarray] = 
         mask: HxW bool (predicted forged pixels) or None; its outline is drawn.
         fake_prob: image-level probability of forgery, or None.
         alpha: blend weight of the heat map where ``mask_prob`` is 1.
-        threshold: ``fake_prob`` at or above which the caption says FAKE.
+        threshold: ``fake_prob`` above which the caption says FAKE (the verdict's threshold).
 
     Returns:
         uint8 HxWx3 RGB picture, same size as ``image``.
@@ -91,7 +92,7 @@ def render_forgery_overlay(image: np.ndarray, mask_prob: Optional[np.ndarray] = 
     if fake_prob is None:
         banner = _NEUTRAL_BANNER_RGB
     else:
-        banner = _FAKE_BANNER_RGB if fake_prob >= threshold else _REAL_BANNER_RGB
+        banner = _FAKE_BANNER_RGB if fake_prob > threshold else _REAL_BANNER_RGB
     _draw_caption(canvas, caption, banner, scale)
     return canvas
 

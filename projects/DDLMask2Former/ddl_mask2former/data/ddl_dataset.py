@@ -36,6 +36,9 @@ __all__ = [
     "load_ddl_split",
     "register_ddl_split",
     "register_all_ddl_i",
+    "register_calibration_holdout",
+    "in_calibration_part",
+    "CALIBRATION_FRACTION",
     "resolve_split_dir",
     "default_cache_dir",
     "BUILTIN_SPLITS",
@@ -53,6 +56,8 @@ BUILTIN_SPLITS = {
     "ddl_i_val": ("val", "valid"),
     "ddl_i_test": ("test",),
 }
+# Share of a training split held out for calibrating the verdict (register_calibration_holdout).
+CALIBRATION_FRACTION = 0.1
 # Bump when the cached index format or its contents change.
 _CACHE_VERSION = 1
 # Smaller splits index in about a second; caching them would only litter the cache folder.
@@ -361,9 +366,40 @@ def register_ddl_split(name, split_dir, cache_dir="default", check_end=True):
     return name
 
 
+def in_calibration_part(image_id, fraction=CALIBRATION_FRACTION):
+    """Whether an image belongs to the calibration part: a hash of its ``image_id`` (e.g.
+    "fake/0001.png"), so the split is the same in every process, on every machine and whatever
+    other files the folder holds."""
+    digest = hashlib.sha1(str(image_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+
+
+def register_calibration_holdout(base_name, fraction=CALIBRATION_FRACTION):
+    """Register ``<base_name>_fit`` and ``<base_name>_calib``: the registered dataset
+    ``base_name`` split by ``in_calibration_part`` into a training part (1 - ``fraction``) and
+    a calibration part (``fraction``) that training never sees. Returns both names."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    names = (f"{base_name}_fit", f"{base_name}_calib")
+    for name, calibration in zip(names, (False, True)):
+        def load(calibration=calibration):
+            return [d for d in DatasetCatalog.get(base_name)
+                    if in_calibration_part(d["image_id"], fraction) == calibration]
+
+        if name in DatasetCatalog.list():  # registering again (another root) replaces it
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(**{k: v for k, v in MetadataCatalog.get(base_name).as_dict().items()
+                                         if k != "name"})
+    return names
+
+
 def register_all_ddl_i(root=None):
-    """Register ddl_i_train/val/test under ``root`` (default $DETECTRON2_DATASETS or "datasets")."""
+    """Register ddl_i_train/val/test under ``root`` (default $DETECTRON2_DATASETS or "datasets"),
+    and ddl_i_train_fit / ddl_i_train_calib (``register_calibration_holdout``)."""
     root = root if root is not None else os.getenv("DETECTRON2_DATASETS", "datasets")
     ddl_root = os.path.join(root, "DDL-I")
     for name, folders in BUILTIN_SPLITS.items():
         register_ddl_split(name, tuple(os.path.join(ddl_root, f) for f in folders))
+    register_calibration_holdout("ddl_i_train")

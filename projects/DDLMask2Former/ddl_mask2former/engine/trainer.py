@@ -5,7 +5,7 @@ import weakref
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -16,7 +16,7 @@ from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
 from .train_loop import DDLTrainLoop, amp_dtype_from_cfg, apply_memory_format, compile_submodules
 
-__all__ = ["AtomicDetectionCheckpointer", "Trainer", "build_ddp_model"]
+__all__ = ["AtomicDetectionCheckpointer", "CalibrationHook", "Trainer", "build_ddp_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +129,48 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        """detectron2's default hooks, with the log/metrics period from SOLVER.LOG_PERIOD."""
+        """detectron2's default hooks, with the log/metrics period from SOLVER.LOG_PERIOD, and
+        with DATASETS.CALIBRATION a ``CalibrationHook`` just before the evaluation hook."""
         ret = super().build_hooks()
         for i, hook in enumerate(ret):
             if isinstance(hook, hooks.PeriodicWriter):
                 # Reuse its writers: building new ones would open a second TensorBoard file.
                 ret[i] = hooks.PeriodicWriter(hook._writers, period=self.cfg.SOLVER.LOG_PERIOD)
+        if self.cfg.DATASETS.CALIBRATION:
+            position = next((i for i, hook in enumerate(ret) if isinstance(hook, hooks.EvalHook)), len(ret))
+            ret.insert(position, CalibrationHook(self.cfg.TEST.EVAL_PERIOD, self.cfg, self.checkpointer))
         return ret
+
+    @classmethod
+    def calibrate(cls, cfg, model):
+        """Fit the verdict of ``model`` on DATASETS.CALIBRATION (every rule; the fits are stored
+        in the model's buffers) and log them. Leaves torch's random state as it was."""
+        from ..evaluation.calibration import calibrate_model, collect_records
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            records = []
+            for dataset_name in cfg.DATASETS.CALIBRATION:
+                if not DatasetCatalog.get(dataset_name):
+                    continue  # an empty split (a tiny dataset's held-out part): reported below
+                records += collect_records(model, cls.build_test_loader(cfg, dataset_name),
+                                           cfg.INPUT.MASK_THRESHOLD)
+        labels = [r.label for r in records]
+        if 0 not in labels or 1 not in labels:
+            # A training run must not be lost at its end: say so loudly and keep the verdict as it is.
+            logger.warning("Verdict NOT calibrated: DATASETS.CALIBRATION %s holds %d real and %d fake images; "
+                           "calibration needs both (the verdict keeps its previous parameters)",
+                           list(cfg.DATASETS.CALIBRATION), labels.count(0), labels.count(1))
+            return []
+        fits = calibrate_model(model, records, cfg.MODEL.DDL.VERDICT.TARGET_FPR)
+        rule = cfg.MODEL.DDL.VERDICT.RULE
+        lines = [f"  {fit.rule:<8} threshold {fit.threshold:.4f}  real called fake {100 * fit.fpr:5.1f} %  "
+                 f"fake called fake {100 * fit.tpr:5.1f} %" + ("   <- in use" if fit.rule == rule else "")
+                 for fit in fits]
+        logger.info("Verdict calibrated on %s (%d images, target false-positive rate %.1f %%):\n%s",
+                    ", ".join(cfg.DATASETS.CALIBRATION), len(records),
+                    100 * cfg.MODEL.DDL.VERDICT.TARGET_FPR, "\n".join(lines))
+        return fits
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -158,7 +193,19 @@ class Trainer(DefaultTrainer):
         schedule (TEST.EVAL_PERIOD) would change every later random draw of training."""
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            return super().test(cfg, model, evaluators)
+            results = super().test(cfg, model, evaluators)
+        if cfg.TEST.EXPORT_DIR and comm.is_main_process():
+            from ..evaluation.export import write_verdict_description
+            from ..evaluation.calibration import unwrap_model
+
+            verdict = unwrap_model(model).verdict
+            for dataset_name in cfg.DATASETS.TEST:
+                export_dir = cfg.TEST.EXPORT_DIR
+                if len(cfg.DATASETS.TEST) > 1:
+                    export_dir = os.path.join(export_dir, dataset_name)
+                if verdict.enabled and os.path.isdir(export_dir):
+                    write_verdict_description(export_dir, verdict.describe())
+        return results
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -176,3 +223,26 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+
+class CalibrationHook(hooks.HookBase):
+    """Calibrates the verdict on DATASETS.CALIBRATION before every evaluation (every ``period``
+    iterations and after the last one), so each evaluation scores the verdict as it will be
+    shipped; after the last iteration it saves ``model_final`` again with the fitted buffers.
+    Register it before detectron2's ``EvalHook`` (``Trainer.build_hooks`` does)."""
+
+    def __init__(self, period, cfg, checkpointer):
+        self._period = period
+        self._cfg = cfg
+        self._checkpointer = checkpointer
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if self._period > 0 and next_iter % self._period == 0 and next_iter != self.trainer.max_iter:
+            Trainer.calibrate(self._cfg, self.trainer.model)
+
+    def after_train(self):
+        if self.trainer.iter + 1 >= self.trainer.max_iter:
+            Trainer.calibrate(self._cfg, self.trainer.model)
+            self._checkpointer.save("model_final")
+            comm.synchronize()

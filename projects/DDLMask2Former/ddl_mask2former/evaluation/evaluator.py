@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 # compute_ddl_metrics key -> detectron2 result key; fractions become percent
 _RESULT_KEYS = OrderedDict(
     auc="AUC", f1="F1", iou="IoU", score="score", f1_pixel="F1_pixel", iou_pixel="IoU_pixel",
-    real_forged_frac="real_forged_frac",
+    real_forged_frac="real_forged_frac", real_false_alarm="real_false_alarm",
 )
 _COUNT_KEYS = OrderedDict(num_real="num_real", num_fake="num_fake")
 

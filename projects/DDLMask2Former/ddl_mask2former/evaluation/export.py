@@ -6,6 +6,7 @@ Layout of an export directory::
     mask/<stem>.png       predicted forgery mask, 0 (real pixel) / 255 (forged), original size
     prob/<stem>.png       8-bit forgery probability map (encoding below), original size
     submission.zip        optional: prediction.txt + mask/ as the challenge accepts them
+verdict.json          the verdict that made the scores: rule, calibration, threshold, mask policy
 
 Scores are written with Python's shortest round-trip ``repr`` of the float64 value, so the
 offline scorer reads back exactly the numbers the in-process evaluator scored.
@@ -17,6 +18,7 @@ protocol's threshold, so ``mask/`` always equals ``prob/ >= 128`` and thresholdi
 map at 0.5 gives the same mask again (``256 * p`` is exact in binary floating point, so no
 rounding can move a pixel across the threshold).
 """
+import json
 import logging
 import math
 import os
@@ -36,6 +38,9 @@ __all__ = [
     "MASK_DIR",
     "PROB_DIR",
     "ZIP_FILE",
+    "VERDICT_FILE",
+    "write_verdict_description",
+    "read_verdict_threshold",
     "encode_prob_u8",
     "decode_prob_u8",
     "mask_file_name",
@@ -58,6 +63,8 @@ PREDICTION_FILE = "prediction.txt"
 MASK_DIR = "mask"
 PROB_DIR = "prob"
 ZIP_FILE = "submission.zip"
+# The verdict's rule, calibration, threshold and mask policy (modeling/verdict.py), as JSON.
+VERDICT_FILE = "verdict.json"
 
 
 def encode_prob_u8(prob) -> np.ndarray:
@@ -231,3 +238,23 @@ def write_submission_zip(export_dir: str, zip_path: str = None) -> str:
                               compress_type=zipfile.ZIP_STORED)
     os.replace(zip_path + ".tmp", zip_path)
     return zip_path
+
+
+def write_verdict_description(export_dir: str, description: Dict) -> str:
+    """Write ``Verdict.describe()`` to ``export_dir/verdict.json``; returns the path."""
+    path = os.path.join(export_dir, VERDICT_FILE)
+    with open(path, "w") as f:
+        json.dump(description, f, indent=2)
+    return path
+
+
+def read_verdict_threshold(export_dir: str, default: float = 0.5) -> float:
+    """The verdict threshold an export was made with (``default`` when it has no verdict.json)."""
+    path = os.path.join(export_dir, VERDICT_FILE)
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        try:
+            return float(json.load(f)["threshold"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a verdict description ({exc})") from exc

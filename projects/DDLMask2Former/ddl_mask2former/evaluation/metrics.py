@@ -12,7 +12,9 @@ Conventions (the official scorer is not public; these are the ones DESIGN.md fix
   images (headline). An empty prediction on a non-empty mask scores 0; an empty prediction on
   an empty mask scores 1 (nothing to find, nothing claimed). The ``*_pixel`` variants apply the
   same formulas to TP/FP/FN summed over the dataset.
-- On real images: ``real_forged_frac`` = predicted-forged pixels / all pixels, summed over reals.
+- On real images: ``real_forged_frac`` = predicted-forged pixels / all pixels, summed over reals;
+  ``real_false_alarm`` = share of real images with more than ``FALSE_ALARM_AREA`` (1 %) of their
+  pixels predicted forged (what a user sees as "a real photo with a region marked").
 - Overall score = (AUC + F1 + IoU) / 3, with the per-image F1 and IoU.
 """
 import math
@@ -33,10 +35,13 @@ __all__ = [
     "compute_ddl_metrics_from_arrays",
     "compute_group_metrics",
     "LABEL_UNKNOWN",
+    "FALSE_ALARM_AREA",
 ]
 
 # label of an image without ground truth (unlabeled test split): exported, never scored
 LABEL_UNKNOWN = -1
+# A real image with more than this share of its pixels predicted forged is a false alarm.
+FALSE_ALARM_AREA = 0.01
 
 
 class ImageRecord(NamedTuple):
@@ -145,7 +150,7 @@ def compute_ddl_metrics(records: Iterable[ImageRecord], warn: bool = True) -> Di
     """Metrics of a set of records, as fractions in [0, 1].
 
     Keys: ``num_real``, ``num_fake``, ``num_unlabeled`` always; ``auc`` when any record has a
-    detection score; ``f1``, ``iou``, ``f1_pixel``, ``iou_pixel``, ``real_forged_frac`` when any
+    detection score; ``f1``, ``iou``, ``f1_pixel``, ``iou_pixel``, ``real_forged_frac``, ``real_false_alarm`` when any
     record has localization counts; ``score`` when both tasks are present. Unlabeled records
     (label -1) are counted but not scored. Raises if only some records carry a task.
     """
@@ -190,6 +195,8 @@ def compute_ddl_metrics_from_arrays(labels, fake_prob, tp, fp, fn, num_pixels, n
         real_pixels = int(num_pixels[real].sum())
         results["real_forged_frac"] = (int(fp[real].sum()) / real_pixels if real_pixels
                                        else float("nan"))
+        results["real_false_alarm"] = (
+            float(np.mean(fp[real] > FALSE_ALARM_AREA * num_pixels[real])) if real.any() else float("nan"))
     if has_det and has_loc:
         results["score"] = (results["auc"] + results["f1"] + results["iou"]) / 3
     return results
@@ -249,7 +256,8 @@ def compute_group_metrics(records: Iterable[ImageRecord]) -> Dict[str, Dict[str,
 _TABLE_COLUMNS = (
     ("auc", "AUC"), ("f1", "F1"), ("iou", "IoU"), ("score", "score"),
     ("f1_pixel", "F1 (pixel)"), ("iou_pixel", "IoU (pixel)"),
-    ("real_forged_frac", "real forged px"), ("num_real", "#real"), ("num_fake", "#fake"),
+    ("real_forged_frac", "real forged px"), ("real_false_alarm", "real >1% marked"),
+    ("num_real", "#real"), ("num_fake", "#fake"),
 )
 _COUNT_KEYS = ("num_real", "num_fake")
 

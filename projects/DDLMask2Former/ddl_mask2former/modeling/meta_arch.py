@@ -23,18 +23,20 @@ Localization targets, chosen by ``MODEL.DDL.TARGET_CLASSES``:
 Queries carry one confidence logit per class; matching and losses use the target's class.
 
 Inference, per image, at the input dict's ``height`` x ``width`` (the original size):
-* ``fake_prob`` = sigmoid(detection logit), a 0-dim tensor.
+* the head's probability sigmoid(detection logit), a 0-dim tensor;
 * ``mask_prob``: for each class k, s_k(x) = max over queries q of sigmoid(confidence_qk) *
-  sigmoid(mask_q(x)) (the most confident query covering x); then
-  ``mask_prob = s_forged / (s_forged + s_authentic)`` where s_authentic is the authentic
-  class's map when it is modelled and ``1 - s_forged`` otherwise, which reduces to
-  ``mask_prob = s_forged`` for ``["forged"]``. Max rather than a sum or noisy-OR keeps each s_k
-  in [0, 1] without many low-confidence queries adding up to a false positive. It is computed
-  at 1/4 of the (base-scale) network input, then this single map is upsampled bilinearly (to
-  the padded input, cropped to the image, then to the original size), so a 4096-px image
-  costs one H x W float map, never Q of them.
+  sigmoid(mask_q(x)) (the most confident query covering x); ``mask_prob = s_forged`` for
+  ``["forged"]``, and ``s_forged / (s_forged + s_authentic)`` for two classes (computed as
+  sigmoid(log s_forged - log s_authentic), exact however small both are). Max rather than a sum
+  or noisy-OR keeps each s_k in [0, 1] without many low-confidence queries adding up to a false
+  positive. It is computed at 1/4 of the (base-scale) network input, then this single map is
+  upsampled bilinearly (to the padded input, cropped to the image, then to the original size),
+  so a 4096-px image costs one H x W float map, never Q of them;
 * ``mask`` = ``mask_prob > 0.5`` (for two classes: the forged score beats the authentic one).
-Keys of a disabled task are absent.
+Then, on the whole image (after tiling and flip), the ``Verdict`` (``verdict.py``,
+``MODEL.DDL.VERDICT``) makes the final ``fake_prob`` from the head's probability and/or the map
+by the configured rule and calibration, adds ``is_fake`` and applies the mask policy (by
+default an image called real gets an empty map). Keys of a disabled task are absent.
 
 Test-time options (``predict``): with ``TEST.TILE.ENABLED`` each image is predicted tile by tile
 at its native resolution (``tiled_inference.py``); with ``TEST.AUG.ENABLED`` (flip) every
@@ -63,6 +65,7 @@ from .targets import LocalizationTargets
 from .tiled_inference import TiledInference
 from .transfer import to_device_async
 from .transformer_decoder import build_transformer_decoder
+from .verdict import Verdict
 
 TASKS = ("detection", "localization")
 # The two supported MODEL.DDL.TARGET_CLASSES, see the module docstring.
@@ -91,10 +94,13 @@ class DDLMask2Former(nn.Module):
         tiling=None,
         flip=False,
         cuda_graph=False,
+        verdict=None,
     ):
         """``tiling``: a ``TiledInference`` (None: the whole input at once); ``flip``: horizontal
         flip test-time augmentation; ``cuda_graph``: inference forwards on CUDA through
-        ``CudaGraphRunner``. Other arguments: see ``from_config``."""
+        ``CudaGraphRunner``; ``verdict``: the ``Verdict`` that makes the final ``fake_prob`` and
+        applies the mask policy (None: the head's probability and the map as they come).
+        Other arguments: see ``from_config``."""
         super().__init__()
         tasks = tuple(tasks)
         unknown = [t for t in tasks if t not in TASKS]
@@ -125,6 +131,7 @@ class DDLMask2Former(nn.Module):
         self.tiling = tiling
         self.flip = flip
         self.cuda_graph = CudaGraphRunner(self._network, self) if cuda_graph else None
+        self.verdict = verdict
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
@@ -146,6 +153,7 @@ class DDLMask2Former(nn.Module):
             "tiling": TiledInference.from_config(cfg),
             "flip": _flip_from_config(cfg),
             "cuda_graph": _cuda_graph_from_config(cfg),
+            "verdict": Verdict.from_config(cfg),
         }
         shapes = backbone.output_shape()
         if "localization" in ddl.TASKS:
@@ -282,10 +290,15 @@ class DDLMask2Former(nn.Module):
         return losses
 
     def predict(self, batched_inputs):
-        """Inference outputs, one dict per input: tiled (``self.tiling``) or whole inputs."""
+        """Inference outputs, one dict per input: tiled (``self.tiling``) or whole inputs, then
+        the verdict (calibrated ``fake_prob``, ``is_fake``, mask policy) on each whole image."""
         if self.tiling is None:
-            return self.predict_views(batched_inputs)
-        return [self.tiling(record, self.predict_views) for record in batched_inputs]
+            outputs = self.predict_views(batched_inputs)
+        else:
+            outputs = [self.tiling(record, self.predict_views) for record in batched_inputs]
+        if self.verdict is None:
+            return outputs
+        return [self.verdict(output) for output in outputs]
 
     def predict_views(self, batched_inputs):
         """Outputs for the inputs as given, averaged with their mirror images' when ``self.flip``."""
@@ -334,16 +347,20 @@ class DDLMask2Former(nn.Module):
         Per class, the max over queries of confidence x mask probability; with an authentic
         class, the forged share of the two (see the module docstring).
         """
-        confidence = query_logits.float().sigmoid()
-        mask_probs = mask_logits.float().sigmoid()
+        # In log space: log(sigmoid(c) * sigmoid(m)) = logsigmoid(c) + logsigmoid(m), and the max
+        # over queries commutes with the log. The two-class share is then sigmoid(log forged -
+        # log authentic), which is > 0.5 exactly when forged beats authentic, however small both
+        # scores are (a ratio of the products needs a floor on its denominator and loses that).
+        log_confidence = F.logsigmoid(query_logits.float())
+        log_masks = F.logsigmoid(mask_logits.float())
         # (..., K, h, w): one query-max map per class, without materializing (Q, K, h, w).
-        scores = torch.stack([(confidence[..., k, None, None] * mask_probs).amax(dim=-3)
-                              for k in range(confidence.shape[-1])], dim=-3)
-        forged = scores[..., target_classes.index("forged"), :, :]
+        log_scores = torch.stack([(log_confidence[..., k, None, None] + log_masks).amax(dim=-3)
+                                  for k in range(log_confidence.shape[-1])], dim=-3)
+        log_forged = log_scores[..., target_classes.index("forged"), :, :]
         if "authentic" not in target_classes:
-            return forged
-        authentic = scores[..., target_classes.index("authentic"), :, :]
-        return forged / (forged + authentic).clamp(min=1e-6)
+            return log_forged.exp()
+        log_authentic = log_scores[..., target_classes.index("authentic"), :, :]
+        return torch.sigmoid(log_forged - log_authentic)
 
     @staticmethod
     def resize_probability(mask_prob, padded_shape, image_size, output_size):

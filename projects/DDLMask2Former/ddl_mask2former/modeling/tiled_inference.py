@@ -17,7 +17,10 @@ neighbours by at least ``TEST.TILE.OVERLAP``:
   memory is one H x W float map (the output) plus one batch of tiles, whatever the image size.
 * ``fake_prob``: ``TEST.TILE.FAKE_PROB`` picks how the tiles' scores (and optionally the
   base-scale "global" view of the whole image) make the image's; see ``FAKE_PROB_RULES``.
-* An image that fits in one tile is predicted exactly as the plain path predicts it.
+* An image that fits in one tile is its own one tile, run whole as the plain path runs it, so
+  its ``mask_prob`` (and, with ``"tile_max"`` or ``"tile_mean"``, its ``fake_prob``) is exactly
+  the plain path's. The rules that use the global view still combine that tile's fake_prob with
+  the global view's, so every image of a data set gets its score the same way, whatever its size.
 
 The model's own per-input prediction (``predict_views``: one batch of inputs, optionally with
 flip test-time augmentation) is passed in, so this module knows nothing of the network.
@@ -127,10 +130,22 @@ class TiledInference:
 
     def __call__(self, record: Dict, predict_views: PredictViews) -> Dict:
         """One input dict -> the model's output dict (``fake_prob``, ``mask_prob``, ``mask``)."""
+        return self.image_output(self.predict(record, predict_views))
+
+    def predict(self, record: Dict, predict_views: PredictViews) -> TiledPrediction:
+        """The ``TiledPrediction`` of any image, from which ``__call__`` makes its output: the
+        tiles, plus the global view when the rule uses it. An image that fits in one tile is
+        that tile, run whole as the plain path runs it (output at the record's size)."""
         image = record["image"]
-        if image.shape[-2] <= self.tile_size and image.shape[-1] <= self.tile_size:
-            return predict_views([record])[0]
-        return self.image_output(self.predict_tiles(record, predict_views, self.uses_global_view))
+        if image.shape[-2] > self.tile_size or image.shape[-1] > self.tile_size:
+            return self.predict_tiles(record, predict_views, self.uses_global_view)
+        output = predict_views([record])[0]
+        tile_fake_probs = global_fake_prob = None
+        if "fake_prob" in output:
+            tile_fake_probs = output["fake_prob"].float()[None]
+            if self.uses_global_view:
+                global_fake_prob = self._global_fake_prob(record, predict_views)
+        return TiledPrediction(output.get("mask_prob"), tile_fake_probs, global_fake_prob)
 
     def image_output(self, prediction: TiledPrediction) -> Dict:
         """The output dict of a ``TiledPrediction``, with fake_prob by ``fake_prob_rule``."""
@@ -184,7 +199,7 @@ class TiledInference:
             blended = self._normalize(blended, ys, xs, weights_y, weights_x, output_size)
         global_fake_prob = None
         if global_view and tile_fake_probs:
-            global_fake_prob = predict_views([self._global_view(record)])[0]["fake_prob"].float()
+            global_fake_prob = self._global_fake_prob(record, predict_views)
         fake_probs = torch.stack(tile_fake_probs) if tile_fake_probs else None
         return TiledPrediction(blended, fake_probs, global_fake_prob)
 
@@ -204,6 +219,9 @@ class TiledInference:
             blended = F.interpolate(blended[None, None], size=tuple(output_size), mode="bilinear",
                                     align_corners=False)[0, 0]
         return blended.clamp_(0.0, 1.0)
+
+    def _global_fake_prob(self, record: Dict, predict_views: PredictViews) -> torch.Tensor:
+        return predict_views([self._global_view(record)])[0]["fake_prob"].float()
 
     def _global_view(self, record: Dict) -> Dict:
         """The whole image resized as the plain test path resizes it (only its fake_prob is used)."""

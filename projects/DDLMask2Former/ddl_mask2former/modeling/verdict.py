@@ -1,0 +1,196 @@
+"""The image-level verdict: ``fake_prob`` from the detection head and the localization map,
+calibrated, with a threshold at a stated false-positive rate, and one mask policy.
+
+The network gives two pieces of evidence per image (after tiling and flip, at the original
+size): the detection head's probability ``p_head`` and the forgery map ``M = mask_prob``.
+From them come four verdict features (natural-log odds, so that a linear model of them is a
+logistic regression):
+
+====================  ==================================================================
+``head``              logit(p_head), the paper's linear head
+``map_max``           logit(max M): the most confident query's confidence x its mask at its
+                      strongest pixel (M is the max over queries of that product)
+``map_top``           logit(mean of the top ``TOP_FRACTION`` of M's pixels), a max that one
+                      stray pixel cannot set
+``map_area``          log(share of pixels with M > 0.5 + ``AREA_FLOOR``)
+====================  ==================================================================
+
+A rule (``MODEL.DDL.VERDICT.RULE``) picks which features it reads; every rule computes
+``fake_prob = sigmoid(w . x + b)`` over its features x. Uncalibrated, w picks the rule's
+first feature (``head``: the head's probability unchanged; ``map_max``: max M; ``fusion``: the
+mean of the head's and the map's log odds) and b = 0. Calibration (``evaluation/calibration.py``)
+fits w and b by L2-regularized logistic regression on a calibration split that no reported
+figure comes from (one input feature: Platt scaling), and sets the threshold so that at most
+``TARGET_FPR`` of that split's real images score above it. All rules are fitted at once and
+kept in this module's buffers, so they travel inside the checkpoint with the weights and a
+config may switch rules without recalibrating.
+
+The verdict is FAKE exactly when ``fake_prob > threshold``. Mask policy
+(``MODEL.DDL.VERDICT.MASK_POLICY``):
+
+* ``"gate"``: an image called real gets an all-zero ``mask_prob`` and an empty ``mask``, so
+  an image called real carries no region and every region belongs to an image called fake;
+* ``"independent"``: the map is returned as the localization branch made it (the paper).
+"""
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "Verdict",
+           "verdict_features"]
+
+FEATURES = ("head", "map_max", "map_top", "map_area")
+# rule -> the features it reads (the first one is the uncalibrated default's)
+RULES = {
+    "head": ("head",),
+    "map_max": ("map_max",),
+    "map_top": ("map_top",),
+    "fusion": ("head", "map_max", "map_top", "map_area"),
+}
+MASK_POLICIES = ("gate", "independent")
+# map_top: the share of the map's pixels averaged (at least one pixel).
+TOP_FRACTION = 0.005
+# map_area: added to the marked share before the log, so an empty map has a finite feature.
+AREA_FLOOR = 1e-4
+# target_fprs of a rule that calibration has not fitted.
+_NOT_FITTED = -1.0
+# Probabilities are clamped to [EPS, 1 - EPS] before the logit (float32 sigmoids saturate).
+_EPS = 1e-6
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.double().clamp(_EPS, 1.0 - _EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def verdict_features(output: Dict) -> torch.Tensor:
+    """(len(FEATURES),) float64 features of one image's raw output; NaN where the output lacks
+    the branch a feature needs (no ``fake_prob``: ``head``; no ``mask_prob``: the map's)."""
+    features = torch.full((len(FEATURES),), float("nan"), dtype=torch.float64)
+    if "fake_prob" in output:
+        features[0] = _logit(output["fake_prob"].detach().reshape(()).cpu())
+    if "mask_prob" in output:
+        values = output["mask_prob"].detach().float().flatten()
+        count = max(1, int(math.ceil(TOP_FRACTION * values.numel())))
+        top = torch.topk(values, count, sorted=False).values
+        features[1] = _logit(top.max().cpu())
+        features[2] = _logit(top.double().mean().cpu())
+        area = (values > 0.5).double().mean().cpu()
+        features[3] = torch.log(area + AREA_FLOOR)
+    return features
+
+
+class Verdict(nn.Module):
+    """Turns one raw output dict into the final one: calibrated ``fake_prob``, ``is_fake`` and
+    the mask policy (see the module docstring). Buffers (saved with the weights):
+    ``coefficients`` (rules x features), ``intercepts`` and ``thresholds`` (one per rule),
+    ``target_fprs`` (the rate each threshold was set at; -1 for a rule not fitted)."""
+
+    def __init__(self, rule: str = "head", mask_policy: str = "gate",
+                 has_detection: bool = True, has_localization: bool = True):
+        super().__init__()
+        if rule not in RULES:
+            raise ValueError(f"MODEL.DDL.VERDICT.RULE must be one of {sorted(RULES)}, got {rule!r}")
+        if mask_policy not in MASK_POLICIES:
+            raise ValueError(f"MODEL.DDL.VERDICT.MASK_POLICY must be one of {MASK_POLICIES}, got "
+                             f"{mask_policy!r}")
+        missing = [f for f in RULES[rule] if not _available(f, has_detection, has_localization)]
+        # The head rule without a detection branch is "no verdict", as before the rules existed;
+        # a rule that reads the map cannot run without it.
+        if missing and rule != "head":
+            raise ValueError(f"MODEL.DDL.VERDICT.RULE {rule!r} reads {list(RULES[rule])}, but "
+                             f"MODEL.DDL.TASKS lacks the branch for {missing}")
+        self.rule = rule
+        self.mask_policy = mask_policy
+        self.enabled = not missing
+        self.has_localization = has_localization
+        # False: outputs pass through unchanged (calibration reads the raw outputs).
+        self.active = True
+        # Uncalibrated: the rule's first feature as it is; fusion: the mean of the head's and
+        # the map maximum's log odds.
+        coefficients = torch.zeros(len(RULES), len(FEATURES), dtype=torch.float64)
+        for index, features in enumerate(RULES.values()):
+            defaults = features[:1] if len(features) == 1 else ("head", "map_max")
+            for feature in defaults:
+                coefficients[index, FEATURES.index(feature)] = 1.0 / len(defaults)
+        self.register_buffer("coefficients", coefficients)
+        self.register_buffer("intercepts", torch.zeros(len(RULES), dtype=torch.float64))
+        self.register_buffer("thresholds", torch.full((len(RULES),), 0.5, dtype=torch.float64))
+        self.register_buffer("target_fprs", torch.full((len(RULES),), _NOT_FITTED, dtype=torch.float64))
+
+    @classmethod
+    def from_config(cls, cfg) -> "Verdict":
+        tasks = cfg.MODEL.DDL.TASKS
+        return cls(cfg.MODEL.DDL.VERDICT.RULE, cfg.MODEL.DDL.VERDICT.MASK_POLICY,
+                   "detection" in tasks, "localization" in tasks)
+
+    @property
+    def rule_index(self) -> int:
+        return list(RULES).index(self.rule)
+
+    @property
+    def threshold(self) -> float:
+        """fake_prob above which the verdict is FAKE."""
+        return float(self.thresholds[self.rule_index])
+
+    def set_calibration(self, rule: str, coefficients: Dict[str, float], intercept: float,
+                        threshold: float, target_fpr: float) -> None:
+        """Store one rule's fitted parameters (``coefficients``: feature -> weight)."""
+        index = list(RULES).index(rule)
+        unknown = set(coefficients) - set(RULES[rule])
+        if unknown:
+            raise ValueError(f"rule {rule!r} reads {list(RULES[rule])}, not {sorted(unknown)}")
+        row = torch.zeros(len(FEATURES), dtype=torch.float64)
+        for feature, weight in coefficients.items():
+            row[FEATURES.index(feature)] = float(weight)
+        self.coefficients[index] = row
+        self.intercepts[index] = float(intercept)
+        self.thresholds[index] = float(threshold)
+        self.target_fprs[index] = float(target_fpr)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the rule in use has been fitted by calibration."""
+        return float(self.target_fprs[self.rule_index]) != _NOT_FITTED
+
+    def describe(self) -> Dict:
+        """The rule in use and its parameters, as plain numbers (exports write it as JSON)."""
+        index = self.rule_index
+        return {
+            "rule": self.rule,
+            "features": {f: float(self.coefficients[index, FEATURES.index(f)]) for f in RULES[self.rule]},
+            "intercept": float(self.intercepts[index]),
+            "threshold": self.threshold,
+            "target_fpr": None if float(self.target_fprs[index]) == _NOT_FITTED else float(self.target_fprs[index]),
+            "calibrated": self.calibrated,
+            "mask_policy": self.mask_policy,
+        }
+
+    def probability(self, features: torch.Tensor, rule: Optional[str] = None) -> torch.Tensor:
+        """fake_prob of (..., len(FEATURES)) features under ``rule`` (default: the rule in use);
+        features the rule does not read may be NaN."""
+        index = list(RULES).index(rule or self.rule)
+        used = [FEATURES.index(f) for f in RULES[rule or self.rule]]
+        x = features.double()[..., used]
+        z = x @ self.coefficients[index, used].to(x.device) + self.intercepts[index].to(x.device)
+        return torch.sigmoid(z)
+
+    def forward(self, output: Dict) -> Dict:
+        if not (self.active and self.enabled):
+            return output
+        fake_prob = self.probability(verdict_features(output))
+        device = output["fake_prob"].device if "fake_prob" in output else output["mask_prob"].device
+        result = dict(output, fake_prob=fake_prob.float().to(device))
+        is_fake = bool(fake_prob > self.threshold)
+        result["is_fake"] = torch.tensor(is_fake, device=device)
+        if self.mask_policy == "gate" and not is_fake and "mask_prob" in output:
+            result["mask_prob"] = torch.zeros_like(output["mask_prob"])
+            result["mask"] = torch.zeros_like(output["mask"])
+        return result
+
+
+def _available(feature: str, has_detection: bool, has_localization: bool) -> bool:
+    return has_detection if feature == "head" else has_localization
+

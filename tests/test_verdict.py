@@ -1,0 +1,232 @@
+"""The verdict: features, rules, calibration, the mask policy and the calibration split."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+
+from ddl_mask2former.data.ddl_dataset import in_calibration_part, register_calibration_holdout
+from ddl_mask2former.evaluation.calibration import (
+    VerdictRecord, calibrate_model, fit_logistic, fit_rule, probabilities, rule_metrics,
+    threshold_at_fpr)
+from ddl_mask2former.evaluation.metrics import compute_ddl_metrics_from_arrays
+from ddl_mask2former.modeling.meta_arch import DDLMask2Former
+from ddl_mask2former.modeling.verdict import AREA_FLOOR, FEATURES, RULES, Verdict, verdict_features
+
+from model_helpers import build, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _logit(p):
+    return math.log(p) - math.log1p(-p)
+
+
+def _output(head_prob, mask_prob):
+    mask_prob = torch.as_tensor(mask_prob, dtype=torch.float32)
+    return {"fake_prob": torch.tensor(head_prob), "mask_prob": mask_prob, "mask": mask_prob > 0.5}
+
+
+# --- features and rules --------------------------------------------------------------------
+
+def test_features_of_head_and_map():
+    mask_prob = torch.full((20, 20), 0.1)
+    mask_prob[0, :2] = torch.tensor([0.9, 0.7])  # 2 of 400 pixels: the top 0.5 %
+    features = verdict_features(_output(0.25, mask_prob))
+    assert features[FEATURES.index("head")] == pytest.approx(_logit(0.25))
+    assert features[FEATURES.index("map_max")] == pytest.approx(_logit(0.9), rel=1e-6)
+    assert features[FEATURES.index("map_top")] == pytest.approx(_logit(0.8), rel=1e-6)
+    assert features[FEATURES.index("map_area")] == pytest.approx(math.log(2 / 400 + AREA_FLOOR))
+
+
+def test_features_of_a_missing_branch_are_nan():
+    features = verdict_features({"fake_prob": torch.tensor(0.5)})
+    assert features[0] == 0.0 and torch.isnan(features[1:]).all()
+
+
+@pytest.mark.parametrize("rule, expected", [("head", 0.3), ("map_max", 0.8),
+                                            ("fusion", 1 / (1 + math.sqrt(0.7 / 0.3 * 0.2 / 0.8)))])
+def test_uncalibrated_rules(rule, expected):
+    """head: the head's probability; map_max: the map's maximum; fusion: mean of both log odds."""
+    verdict = Verdict(rule)
+    output = verdict(_output(0.3, [[0.8, 0.1]]))
+    assert float(output["fake_prob"]) == pytest.approx(expected, rel=1e-6)
+    assert bool(output["is_fake"]) == (expected > 0.5)
+
+
+def test_gate_policy_empties_the_map_of_an_image_called_real_only():
+    verdict = Verdict("head", "gate")
+    real = verdict(_output(0.2, [[0.9, 0.1]]))  # called real, with a confident pixel
+    assert not bool(real["is_fake"])
+    assert not real["mask"].any() and float(real["mask_prob"].max()) == 0.0
+    fake = verdict(_output(0.7, [[0.9, 0.1]]))
+    assert bool(fake["is_fake"]) and fake["mask"].tolist() == [[True, False]]
+    independent = Verdict("head", "independent")(_output(0.2, [[0.9, 0.1]]))
+    assert not bool(independent["is_fake"]) and independent["mask"].tolist() == [[True, False]]
+
+
+def test_calibration_is_used_and_survives_a_state_dict_round_trip():
+    verdict = Verdict("fusion")
+    verdict.set_calibration("fusion", {"head": 0.5, "map_max": 2.0, "map_top": -1.0, "map_area": 0.25},
+                            intercept=-0.75, threshold=0.6, target_fpr=0.05)
+    restored = Verdict("fusion")
+    restored.load_state_dict(verdict.state_dict())
+    output = _output(0.3, [[0.8, 0.1]])
+    x = verdict_features(output)
+    expected = 1 / (1 + math.exp(-(0.5 * x[0] + 2.0 * x[1] - 1.0 * x[2] + 0.25 * x[3] - 0.75)))
+    result = restored(output)
+    assert float(result["fake_prob"]) == pytest.approx(float(expected), rel=1e-6)
+    assert bool(result["is_fake"]) == (float(expected) > 0.6)
+    assert restored.describe()["threshold"] == 0.6 and restored.describe()["calibrated"]
+    # Other rules keep their own (here uncalibrated) parameters.
+    restored.rule = "head"
+    assert float(restored(output)["fake_prob"]) == pytest.approx(0.3)
+
+
+def test_rules_that_need_a_missing_branch_are_refused():
+    with pytest.raises(ValueError, match="lacks the branch"):
+        Verdict("map_max", has_localization=False)
+    with pytest.raises(ValueError, match="lacks the branch"):
+        Verdict("fusion", has_detection=False)
+    with pytest.raises(ValueError, match="RULE must be one of"):
+        Verdict("vote")
+    assert not Verdict("head", has_detection=False).enabled
+
+
+# --- the model's outputs agree --------------------------------------------------------------
+
+@pytest.mark.parametrize("rule", ["head", "map_max", "fusion"])
+def test_model_outputs_agree_with_the_verdict(rule):
+    cfg = tiny_cfg()
+    cfg.MODEL.DDL.VERDICT.RULE = rule
+    cfg.MODEL.DDL.VERDICT.MASK_POLICY = "gate"
+    model = build(cfg).eval()
+    model.verdict.set_calibration(rule, {f: 1.0 for f in RULES[rule]}, 0.0, threshold=0.5, target_fpr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=generator),
+               "height": 64, "width": 64} for _ in range(4)]
+    with torch.no_grad():
+        outputs = model(inputs)
+    for output in outputs:
+        assert bool(output["is_fake"]) == (float(output["fake_prob"]) > model.verdict.threshold)
+        if not bool(output["is_fake"]):
+            assert not output["mask"].any()
+
+
+def test_two_class_map_keeps_forged_beats_authentic_for_tiny_scores():
+    """forged 4e-7 vs authentic 1e-7 is forged 0.8 (a 1e-6 floor on the sum made it 0.4)."""
+    query_logits = torch.tensor([[_logit(2e-7), _logit(8e-7)]])  # one query: (authentic, forged)
+    mask_logits = torch.zeros(1, 2, 2)  # sigmoid 0.5
+    prob = DDLMask2Former.combine_query_masks(query_logits, mask_logits, ("authentic", "forged"))
+    assert torch.allclose(prob, torch.full((2, 2), 0.8), atol=1e-4)
+    single = DDLMask2Former.combine_query_masks(query_logits[:, 1:], mask_logits, ("forged",))
+    assert torch.allclose(single, torch.full((2, 2), 4e-7), rtol=1e-4)
+
+
+# --- fitting --------------------------------------------------------------------------------
+
+def test_fit_logistic_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20000, 2)) * [1.0, 3.0] + [0.5, -1.0]
+    y = rng.random(20000) < 1 / (1 + np.exp(-(1.5 * x[:, 0] - 0.5 * x[:, 1] + 0.25)))
+    weights, intercept = fit_logistic(x, y.astype(float))
+    assert weights == pytest.approx([1.5, -0.5], abs=0.06)
+    assert intercept == pytest.approx(0.25, abs=0.06)
+
+
+def test_fit_logistic_stays_finite_on_separable_data():
+    weights, intercept = fit_logistic(np.array([[0.0], [1.0], [2.0], [3.0]]), np.array([0, 0, 1, 1.0]))
+    assert np.isfinite(weights).all() and math.isfinite(intercept) and weights[0] > 0
+    with pytest.raises(ValueError, match="both real"):
+        fit_logistic(np.zeros((3, 1)), np.ones(3))
+
+
+@pytest.mark.parametrize("fpr, expected", [(0.0, 1.0), (0.1, 0.9), (0.15, 0.9), (0.2, 0.8), (0.5, 0.5)])
+def test_threshold_at_fpr(fpr, expected):
+    reals = [0.1 * i for i in range(1, 11)]
+    threshold = threshold_at_fpr(reals, fpr)
+    assert threshold == pytest.approx(expected)
+    assert np.mean(np.asarray(reals) > threshold) <= fpr
+
+
+def _records(head, maps, labels, counts):
+    records = []
+    for index, (h, m, label, (tp, fp, fn)) in enumerate(zip(head, maps, labels, counts)):
+        features = tuple(verdict_features(_output(h, m)).tolist())
+        records.append(VerdictRecord(f"{index}.png", label, features, tp, fp, fn, 100))
+    return records
+
+
+def test_fit_rule_keeps_the_calibration_false_positive_rate():
+    rng = np.random.default_rng(1)
+    labels = [0] * 40 + [1] * 40
+    maps = [[[float(p)]] for p in np.concatenate([rng.uniform(0.0, 0.7, 40), rng.uniform(0.4, 1.0, 40)])]
+    records = _records([0.5] * 80, maps, labels, [(0, 0, 0)] * 80)
+    fit = fit_rule(records, "map_max", target_fpr=0.05)
+    probs = probabilities(records, fit)
+    assert fit.coefficients["map_max"] > 0
+    assert fit.fpr <= 0.05 and fit.fpr == pytest.approx(np.mean(probs[:40] > fit.threshold))
+    assert fit.tpr == pytest.approx(np.mean(probs[40:] > fit.threshold))
+
+
+def test_rule_metrics_gate_hand_computed():
+    """Two fakes (one called fake, one called real) and two reals (one called fake with 5 %
+    marked, one called real with 3 % marked): the gate drops the called-real image's pixels."""
+    labels = [1, 1, 0, 0]
+    head = [0.9, 0.2, 0.8, 0.1]
+    counts = [(30, 10, 0), (20, 0, 20), (0, 5, 0), (0, 3, 0)]
+    records = _records(head, [[[0.5]]] * 4, labels, counts)
+    fit = fit_rule(records, "head", target_fpr=0.5)._replace(
+        coefficients={"head": 1.0}, intercept=0.0, threshold=0.5)
+    gated = rule_metrics(records, fit, "gate")
+    assert gated["f1"] == pytest.approx((60 / 70 + 0.0) / 2)
+    assert gated["iou"] == pytest.approx((30 / 40 + 0.0) / 2)
+    assert gated["real_false_alarm"] == pytest.approx(0.5)  # the called-fake real: 5 % > 1 %
+    assert gated["real_called_fake"] == 0.5 and gated["fake_called_real"] == 0.5
+    assert gated["good_fake_called_real"] == 1  # the second fake: raw IoU 0.5, called real
+    independent = rule_metrics(records, fit, "independent")
+    assert independent["iou"] == pytest.approx((30 / 40 + 20 / 40) / 2)
+    assert independent["real_false_alarm"] == 1.0
+
+
+def test_calibrate_model_stores_every_rule():
+    cfg = tiny_cfg()
+    model = build(cfg)
+    rng = np.random.default_rng(2)
+    labels = [0] * 10 + [1] * 10
+    maps = [[[float(p)]] for p in rng.uniform(0, 1, 20)]
+    records = _records(rng.uniform(0.05, 0.95, 20).tolist(), maps, labels, [(0, 0, 0)] * 20)
+    fits = calibrate_model(model, records, target_fpr=0.1)
+    assert [fit.rule for fit in fits] == list(RULES)
+    assert model.verdict.calibrated
+    index = list(RULES).index(model.verdict.rule)
+    assert float(model.verdict.thresholds[index]) == pytest.approx(fits[index].threshold)
+    with pytest.raises(ValueError, match="real and fake"):
+        calibrate_model(model, records[:10], target_fpr=0.1)
+
+
+def test_real_false_alarm_metric():
+    metrics = compute_ddl_metrics_from_arrays(
+        labels=[0, 0, 0, 1], fake_prob=[0.1, 0.2, 0.3, 0.9], tp=[0, 0, 0, 5], fp=[2, 1, 0, 0],
+        fn=[0, 0, 0, 0], num_pixels=[100, 100, 100, 100])
+    assert metrics["real_false_alarm"] == pytest.approx(1 / 3)  # only 2 % > 1 %; 1 % is not above
+
+
+# --- the calibration split ------------------------------------------------------------------
+
+def test_calibration_holdout_is_a_fixed_disjoint_tenth():
+    dicts = [{"image_id": f"{folder}/{i:04d}.png", "label": int(folder == "fake")}
+             for folder in ("real", "fake") for i in range(1000)]
+    DatasetCatalog.register("test_holdout_base", lambda: dicts)
+    try:
+        fit_name, calib_name = register_calibration_holdout("test_holdout_base")
+        fit, calib = DatasetCatalog.get(fit_name), DatasetCatalog.get(calib_name)
+        assert len(fit) + len(calib) == 2000
+        assert {d["image_id"] for d in fit}.isdisjoint(d["image_id"] for d in calib)
+        assert 150 <= len(calib) <= 250
+        assert all(in_calibration_part(d["image_id"]) for d in calib)
+    finally:
+        for name in ("test_holdout_base", "test_holdout_base_fit", "test_holdout_base_calib"):
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
