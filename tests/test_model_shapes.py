@@ -120,3 +120,34 @@ def test_large_original_size_is_one_upsampled_map():
         (output,) = model([{"image": image, "height": 1024, "width": 4096}])
     assert output["mask_prob"].shape == (1024, 4096) and output["mask"].shape == (1024, 4096)
     assert 0 <= output["mask_prob"].min() and output["mask_prob"].max() <= 1
+
+
+def test_max_pooled_head_skips_cells_that_hold_only_padding():
+    """In a batch padded to its largest image, a cell of padding alone cannot set a smaller
+    image's score; a cell partly inside the image still counts."""
+    from ddl_mask2former.modeling.detection_head import DetectionHead
+
+    head = DetectionHead({"res5": 2}, ("res5",), pooling="max")
+    with torch.no_grad():
+        head.classifier.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        head.classifier.bias.zero_()
+    features = torch.zeros(2, 2, 4, 4)  # stride 32 over a 128x128 padded batch
+    features[0, 0, 3, :] = 100.0  # image 0 is 90 px high: row 3 (input rows 96-127) is padding
+    features[0, 0, 2, 1] = 7.0  # row 2 (rows 64-95) is partly inside the image
+    features[1, 0, 1, 1] = 3.0
+    logits = head({"res5": features}, image_sizes=[(90, 128), (128, 128)], padded_size=(128, 128))
+    assert logits.tolist() == [7.0, 3.0]
+    assert head({"res5": features}).tolist() == [100.0, 3.0]  # without sizes: every cell
+
+
+def test_mixed_size_batch_runs_with_the_max_pooled_head():
+    cfg = tiny_cfg()
+    cfg.MODEL.DDL.DET_HEAD.POOLING = "max"
+    model = build(cfg).eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator),
+               "height": h, "width": w} for h, w in ((64, 64), (40, 100))]
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert [tuple(o["mask_prob"].shape) for o in outputs] == [(64, 64), (40, 100)]
+    assert all(0.0 <= float(o["fake_prob"]) <= 1.0 for o in outputs)

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
 TRAIN_NET = REPO / "tools" / "train_net.py"
 DEMO = REPO / "tools" / "demo.py"
+CALIBRATE = REPO / "tools" / "calibrate.py"
 # Values from tests/configs/tiny.yaml, used to recompute the learning-rate schedule.
 BASE_LR, WARMUP_ITERS, WARMUP_FACTOR, POLY_POWER = 0.0005, 2, 0.1, 0.9
 RESUME_MAX_ITER, KILL_AFTER_CHECKPOINT = 20, "model_0000005.pth"
@@ -152,6 +153,25 @@ def test_eval_only_writes_metrics_and_export(killed_then_resumed, ddl_root, tmp_
         mask = cv2.imread(str(tmp_path / "export" / "mask" / image_path.name), cv2.IMREAD_UNCHANGED)
         assert mask is not None and mask.shape == cv2.imread(str(image_path)).shape[:2]
         assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_calibrate_writes_a_calibrated_checkpoint_that_eval_uses(killed_then_resumed, ddl_root, tmp_path):
+    weights = killed_then_resumed["output_dir"] / "model_final.pth"
+    calibrated = tmp_path / "calibrated" / "model.pth"
+    result = _check(_run(
+        [CALIBRATE, "--config-file", TINY_CONFIG, "--output", calibrated, "MODEL.WEIGHTS", weights,
+         "DATASETS.CALIBRATION", "('ddl_i_train',)", "MODEL.DDL.VERDICT.TARGET_FPR", "0.25"], ddl_root, tmp_path))
+    assert f"wrote {calibrated}" in result.stdout
+    state = torch.load(calibrated, map_location="cpu", weights_only=False)["model"]
+    assert torch.equal(state["verdict.target_fprs"], torch.full((4,), 0.25, dtype=torch.float64))
+    _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", calibrated,
+                 "OUTPUT_DIR", "eval", "TEST.EXPORT_DIR", "export"], ddl_root, tmp_path))
+    verdict = json.loads((tmp_path / "export" / "verdict.json").read_text())
+    assert verdict["target_fpr"] == 0.25 and verdict["threshold"] == float(state["verdict.thresholds"][1])
+    missing = _run([CALIBRATE, "--config-file", TINY_CONFIG, "--output", tmp_path / "x.pth",
+                    "MODEL.WEIGHTS", weights], ddl_root, tmp_path)
+    assert missing.returncode != 0 and "DATASETS.CALIBRATION is empty" in missing.stderr
+    assert not (tmp_path / "x.pth").exists()
 
 
 @pytest.mark.slow

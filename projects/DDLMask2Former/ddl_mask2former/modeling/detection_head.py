@@ -8,7 +8,10 @@ Pooling (``MODEL.DDL.DET_HEAD.POOLING``):
   logit is the highest position score. A small forged region then decides the verdict at any
   image size, instead of being diluted by the authentic area around it, and a training crop and
   a whole test image are scored alike.
-Both have the same parameters, so a checkpoint loads into either.
+Both have the same parameters, so a checkpoint loads into either. With ``image_sizes`` (a
+batch of images of several sizes, padded to the largest), max pooling skips the grid cells that
+hold no pixel of their image, only the padding around it; a cell partly inside the image keeps
+its score (the padding of a single image never fills a whole cell: it is less than a stride).
 """
 import torch
 import torch.nn.functional as F
@@ -41,11 +44,17 @@ class DetectionHead(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 
-    def forward(self, features):
+    def forward(self, features, image_sizes=None, padded_size=None):
+        """(B,) logits; ``image_sizes`` [(h, w), ...] and ``padded_size`` (H, W) of the batch's
+        input tensor let max pooling skip cells of padding only (see the module docstring)."""
         if self.pooling == "avg":
             pooled = torch.cat([features[f].mean(dim=(2, 3)) for f in self.in_features], dim=1)
             return self.classifier(self.dropout(pooled)).squeeze(1)
-        return self.position_logits(features).flatten(1).amax(dim=1)
+        logits = self.position_logits(features)
+        if image_sizes is not None:
+            logits = logits.masked_fill(~_cells_with_pixels(logits.shape[-2:], image_sizes, padded_size,
+                                                            logits.device), float("-inf"))
+        return logits.flatten(1).amax(dim=1)
 
     def position_logits(self, features):
         """(B, h, w) score of every position of the coarsest ``in_features`` map."""
@@ -59,3 +68,18 @@ class DetectionHead(nn.Module):
                 scores = F.adaptive_avg_pool2d(scores, grid)
             logits = logits + scores
         return (logits + self.classifier.bias.view(1, -1, 1, 1))[:, 0]
+
+
+def _cells_with_pixels(grid, image_sizes, padded_size, device):
+    """(B, gh, gw) bool: whether each cell of a ``grid`` laid over the ``padded_size`` input
+    holds at least one pixel of its image (row i covers input rows [i H / gh, (i + 1) H / gh))."""
+    grid_h, grid_w = int(grid[0]), int(grid[1])
+    rows = torch.arange(grid_h, device=device)
+    cols = torch.arange(grid_w, device=device)
+    masks = []
+    for height, width in image_sizes:
+        # first input row of cell i is i * H / gh; it holds image pixels when that is < height
+        row_ok = rows * padded_size[0] < height * grid_h
+        col_ok = cols * padded_size[1] < width * grid_w
+        masks.append(row_ok[:, None] & col_ok[None, :])
+    return torch.stack(masks)

@@ -259,14 +259,22 @@ class DDLMask2Former(nn.Module):
 
     def _run_network(self, batched_inputs):
         images = self._preprocess(batched_inputs)
-        network = self._network if self.cuda_graph is None else self.cuda_graph
-        det_logits, decoded = network(images.tensor)
+        if self.cuda_graph is not None:
+            det_logits, decoded = self.cuda_graph(images.tensor)
+        elif len(set(images.image_sizes)) > 1:
+            # Images of several sizes, padded to the largest: the head skips padding-only cells.
+            det_logits, decoded = self._network(images.tensor, images.image_sizes)
+        else:
+            det_logits, decoded = self._network(images.tensor)
         return images, det_logits, decoded
 
-    def _network(self, tensor):
-        """Normalized, padded batch -> (detection logits or None, decoder outputs or None)."""
+    def _network(self, tensor, image_sizes=None):
+        """Normalized, padded batch -> (detection logits or None, decoder outputs or None);
+        ``image_sizes`` when the batch mixes sizes (see ``DetectionHead``)."""
         features = self.backbone(tensor)
-        det_logits = self.detection_head(features) if self.detection else None
+        det_logits = None
+        if self.detection:
+            det_logits = self.detection_head(features, image_sizes, tuple(tensor.shape[-2:]))
         decoded = None
         if self.localization:
             mask_features, multi_scale = self.pixel_decoder(features)
