@@ -168,6 +168,12 @@ def test_calibrate_writes_a_calibrated_checkpoint_that_eval_uses(killed_then_res
                  "OUTPUT_DIR", "eval", "TEST.EXPORT_DIR", "export"], ddl_root, tmp_path))
     verdict = json.loads((tmp_path / "export" / "verdict.json").read_text())
     assert verdict["target_fpr"] == 0.25 and verdict["threshold"] == float(state["verdict.thresholds"][1])
+    # An uncalibrated checkpoint evaluated with DATASETS.CALIBRATION is calibrated first.
+    result = _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights,
+                          "OUTPUT_DIR", "eval2", "TEST.EXPORT_DIR", "export2",
+                          "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
+    assert "holds no verdict calibration: calibrating on ddl_i_train first" in result.stdout + result.stderr
+    assert json.loads((tmp_path / "export2" / "verdict.json").read_text())["calibrated"]
     missing = _run([CALIBRATE, "--config-file", TINY_CONFIG, "--output", tmp_path / "x.pth",
                     "MODEL.WEIGHTS", weights], ddl_root, tmp_path)
     assert missing.returncode != 0 and "DATASETS.CALIBRATION is empty" in missing.stderr

@@ -72,6 +72,12 @@ def main(args):
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        if cfg.DATASETS.CALIBRATION and model.verdict.enabled and not model.verdict.calibrated:
+            # A checkpoint without a calibration (trained before DATASETS.CALIBRATION existed):
+            # calibrate in memory as training would have; tools/calibrate.py saves one.
+            logger.info("%s holds no verdict calibration: calibrating on %s first", cfg.MODEL.WEIGHTS,
+                        ", ".join(cfg.DATASETS.CALIBRATION))
+            Trainer.calibrate(cfg, model)
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)

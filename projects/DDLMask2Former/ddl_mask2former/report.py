@@ -23,7 +23,8 @@ from .visualization import format_caption, render_forgery_overlay
 __all__ = ["read_metrics", "plot_learning_curve", "write_contact_sheet"]
 
 # Result keys of the DDLEvaluator as detectron2's EvalHook stores them (percent).
-CURVE_METRICS = (("ddl/AUC", "AUC"), ("ddl/F1", "F1 (per image)"), ("ddl/IoU", "IoU (per image)"))
+CURVE_METRICS = (("ddl/AUC", "AUC"), ("ddl/F1", "F1 (per image)"), ("ddl/IoU", "IoU (per image)"),
+                 ("ddl/real_false_alarm", "real images > 1 % marked"))
 _GT_RGB = (0, 255, 0)
 
 
@@ -85,7 +86,7 @@ def plot_learning_curve(metrics_json, out_png, title=None):
     metric_axis.set_ylabel("percent")
     metric_axis.set_title("validation")
     metric_axis.grid(alpha=0.3)
-    metric_axis.legend(loc="lower right")
+    metric_axis.legend(loc="center left")
     if train:
         metric_axis.set_xlim(0, max(row["iteration"] + 1 for row in train + evaluation) * 1.05)
     if title:
