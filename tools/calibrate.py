@@ -22,9 +22,7 @@ import ddl_mask2former  # noqa: F401  (registers datasets and the model)
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-
-from ddl_mask2former import add_ddl_mask2former_config
+from ddl_mask2former.config import load_config
 from ddl_mask2former.engine import Trainer
 
 
@@ -40,13 +38,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"calibrate.py: config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    try:
+        cfg = load_config(args.config_file, args.opts)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"calibrate.py: {exc}") from None
     if not cfg.MODEL.WEIGHTS or not os.path.isfile(cfg.MODEL.WEIGHTS):
         raise SystemExit(f"calibrate.py: MODEL.WEIGHTS must name a checkpoint file, got {cfg.MODEL.WEIGHTS!r}")
     if not cfg.DATASETS.CALIBRATION:

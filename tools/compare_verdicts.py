@@ -25,10 +25,9 @@ import ddl_mask2former  # noqa: F401  (registers datasets and the model)
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from tabulate import tabulate
 
-from ddl_mask2former import add_ddl_mask2former_config
+from ddl_mask2former.config import load_config
 from ddl_mask2former.engine import Trainer
 from ddl_mask2former.evaluation.calibration import collect_records, fit_rule, rule_metrics
 from ddl_mask2former.modeling.verdict import MASK_POLICIES, RULES
@@ -58,16 +57,13 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"compare_verdicts.py: config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    weights = cfg.MODEL.WEIGHTS
-    if not weights or not os.path.isfile(weights):
-        raise SystemExit(f"compare_verdicts.py: MODEL.WEIGHTS must name a checkpoint file, got {weights!r}")
-    cfg.freeze()
+    try:
+        cfg = load_config(args.config_file, args.opts)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"compare_verdicts.py: {exc}") from None
+    if not cfg.MODEL.WEIGHTS or not os.path.isfile(cfg.MODEL.WEIGHTS):
+        raise SystemExit(f"compare_verdicts.py: MODEL.WEIGHTS must name a checkpoint file, got "
+                         f"{cfg.MODEL.WEIGHTS!r}")
     return cfg
 
 

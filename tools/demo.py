@@ -29,13 +29,13 @@ from pathlib import Path
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 # The package first: it hides detectron2's import-time torch.jit deprecation warning.
-from ddl_mask2former import ForgeryPredictor, add_ddl_mask2former_config
+from ddl_mask2former import ForgeryPredictor
 
 import cv2
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 
+from ddl_mask2former.config import load_config
 from ddl_mask2former.data import DDLDataError
 from ddl_mask2former.predictor import load_image
 from ddl_mask2former.visualization import forged_area_fraction, render_forgery_overlay
@@ -98,12 +98,7 @@ def collect_inputs(specs):
 
 
 def setup_cfg(args):
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"config file not found: {args.config_file}")
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, freeze=False)
     if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
         logger.warning("MODEL.DEVICE=%s but no CUDA device is visible: running on the CPU",
                        cfg.MODEL.DEVICE)

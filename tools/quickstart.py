@@ -160,13 +160,9 @@ def generate_data(steps, args):
 
 def config_value(config, key):
     """A SOLVER/TEST value of a quickstart config, read the way train_net.py reads it."""
-    from detectron2.config import get_cfg
-    from ddl_mask2former import add_ddl_mask2former_config
+    from ddl_mask2former.config import load_config
 
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    cfg.merge_from_file(str(config))
-    node = cfg
+    node = load_config(str(config))
     for part in key.split("."):
         node = node[part]
     return node

@@ -2,7 +2,10 @@
 
 ``add_ddl_mask2former_config(cfg)`` must run before ``cfg.merge_from_file``.
 """
+import os
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 
 def add_ddl_mask2former_config(cfg):
@@ -11,6 +14,21 @@ def add_ddl_mask2former_config(cfg):
     _add_data_config(cfg)
     _add_evaluation_config(cfg)
     _add_solver_config(cfg)
+
+
+def load_config(config_file, opts=(), freeze=True):
+    """detectron2's defaults + this project's keys + ``config_file`` + ``KEY VALUE`` ``opts``.
+
+    Raises FileNotFoundError naming ``config_file`` when it does not exist."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if freeze:
+        cfg.freeze()
+    return cfg
 
 
 def _add_model_config(cfg):
@@ -208,6 +226,30 @@ def _add_data_config(cfg):
     cfg.INPUT.PHOTOMETRIC.SATURATION_RANGE = (0.5, 1.5)
     # Hue: shift by an integer in [-delta, delta] in OpenCV 8-bit hue units (180 = full circle).
     cfg.INPUT.PHOTOMETRIC.HUE_DELTA = 18
+    # Degradation of training samples (rescaling, blur, noise, JPEG; data/augmentations.py
+    # RandomDegradation): rescaling acts on the decoded image before the resize and crop, the
+    # others on the final crop; the mask is resampled by nearest neighbour or left unchanged.
+    cfg.INPUT.DEGRADATION = CN()
+    # Apply it at all (training only; never at test time).
+    cfg.INPUT.DEGRADATION.ENABLED = False
+    # Probability that a training sample is degraded; each operation then has its own probability.
+    cfg.INPUT.DEGRADATION.PROB = 0.5
+    # Rescaling of a degraded sample: probability, and factor range (the sample keeps the new size).
+    cfg.INPUT.DEGRADATION.RESCALE_PROB = 0.5
+    # Factor drawn uniformly from this range (TruFor: +-50 %); < 1 shrinks (INTER_AREA), > 1 enlarges.
+    cfg.INPUT.DEGRADATION.RESCALE_RANGE = (0.5, 1.5)
+    # Gaussian blur of a degraded sample: probability.
+    cfg.INPUT.DEGRADATION.BLUR_PROB = 0.5
+    # Odd kernel sizes (low, high), one drawn uniformly among the odd sizes; sigma from the size.
+    cfg.INPUT.DEGRADATION.BLUR_KERNEL_RANGE = (3, 7)
+    # Additive Gaussian noise of a degraded sample: probability.
+    cfg.INPUT.DEGRADATION.NOISE_PROB = 0.5
+    # Noise variance drawn uniformly from this range, in 8-bit units (std = sqrt(variance)).
+    cfg.INPUT.DEGRADATION.NOISE_VAR_RANGE = (3.0, 23.0)
+    # JPEG recompression of a degraded sample (last, after blur and noise): probability.
+    cfg.INPUT.DEGRADATION.JPEG_PROB = 0.5
+    # JPEG quality drawn uniformly from these integers, both included (TruFor / DDL 3rd place: 50-100).
+    cfg.INPUT.DEGRADATION.JPEG_QUALITY_RANGE = (50, 100)
     # Datasets the verdict is calibrated on before every evaluation during training (Platt
     # scaling and the TARGET_FPR threshold, stored in the checkpoint); kept apart from training
     # and evaluation data, e.g. ("ddl_i_train_calib",) with DATASETS.TRAIN ("ddl_i_train_fit",).

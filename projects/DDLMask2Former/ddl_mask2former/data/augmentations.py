@@ -13,6 +13,14 @@ exactly (nearest-neighbour for the mask); photometric steps touch only the image
 In training the resize and the crop run as one step (``BaseScaleResizeCrop``): the crop window is
 drawn on the resized mask as before, and only the window's pixels of the image are resampled. A
 2.0x resize of a 1920x1080 image makes 1.9 M pixels of which the 512x512 crop keeps 0.26 M.
+
+Degradation (INPUT.DEGRADATION, beyond the paper, off by default): ``RandomDegradation`` imitates
+what an image goes through when shared -- rescaling, Gaussian blur, Gaussian noise, JPEG
+recompression -- so that a model survives them. Its geometric half (``DegradationBeforeCrop``,
+``RescaleTransform``: OpenCV INTER_AREA shrinking / INTER_LINEAR enlarging, the mask by nearest
+neighbour) runs on the decoded image before the resize and crop, so the crop size is unchanged;
+its photometric half (``DegradationAfterCrop``: ``GaussianBlurTransform``,
+``GaussianNoiseTransform``, ``JpegTransform``) runs on the final crop and leaves the mask as it is.
 """
 import cv2
 import numpy as np
@@ -21,7 +29,9 @@ from fvcore.transforms.transform import PadTransform
 from PIL import Image
 
 __all__ = ["BaseScaleResize", "BaseScaleResizeCrop", "CategoryAreaCrop", "ResizedCropTransform",
-           "PhotometricDistortion", "PadToSize", "base_scale_size"]
+           "PhotometricDistortion", "PadToSize", "base_scale_size", "RandomDegradation",
+           "DegradationBeforeCrop", "DegradationAfterCrop", "RescaleTransform",
+           "GaussianBlurTransform", "GaussianNoiseTransform", "JpegTransform"]
 
 
 def base_scale_size(height, width, base_scale, ratio=1.0, enlarge=True):
@@ -233,3 +243,270 @@ class PadToSize(T.Augmentation):
         if pad_h == 0 and pad_w == 0:
             return T.NoOpTransform()
         return PadTransform(0, 0, pad_w, pad_h, width, height, self.pad_value, self.seg_pad_value)
+
+
+# --- Degradation (INPUT.DEGRADATION): what images go through when they are shared, so that a
+# trained model survives recompression, resizing, blur and noise. ---------------------------
+
+
+def _check_prob(name, value):
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def _check_range(name, value_range, minimum, integer=False):
+    if len(value_range) != 2 or not minimum <= value_range[0] <= value_range[1]:
+        raise ValueError(f"{name} must be (low, high) with {minimum} <= low <= high, got {value_range}")
+    if integer and any(int(v) != v for v in value_range):
+        raise ValueError(f"{name} must hold integers, got {value_range}")
+
+
+class _ImageOnlyTransform(T.Transform):
+    """A change of pixel values only: segmentation and coordinates pass through unchanged."""
+
+    def apply_segmentation(self, segmentation):
+        return segmentation
+
+    def apply_coords(self, coords):
+        return coords
+
+    def inverse(self):
+        return T.NoOpTransform()
+
+
+class RescaleTransform(T.Transform):
+    """Resample (h, w) to (new_h, new_w) with OpenCV and keep that size.
+
+    The image uses INTER_AREA when no side grows (the usual anti-aliased shrink) and
+    INTER_LINEAR otherwise; the segmentation uses nearest neighbour with pixel-centre
+    alignment (INTER_NEAREST_EXACT, the same sampling positions as the image), so a
+    0/1 mask stays exactly 0/1.
+    """
+
+    def __init__(self, h, w, new_h, new_w):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def _check(self, array):
+        if array.shape[:2] != (self.h, self.w):
+            raise ValueError(f"RescaleTransform expects a {self.w}x{self.h} (WxH) input, got "
+                             f"{array.shape[1]}x{array.shape[0]}")
+
+    def apply_image(self, img):
+        self._check(img)
+        shrink = self.new_h <= self.h and self.new_w <= self.w
+        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        return cv2.resize(img, (self.new_w, self.new_h), interpolation=interp)
+
+    def apply_segmentation(self, segmentation):
+        self._check(segmentation)
+        return cv2.resize(segmentation, (self.new_w, self.new_h), interpolation=cv2.INTER_NEAREST_EXACT)
+
+    def apply_coords(self, coords):
+        coords[:, 0] = coords[:, 0] * (self.new_w * 1.0 / self.w)
+        coords[:, 1] = coords[:, 1] * (self.new_h * 1.0 / self.h)
+        return coords
+
+    def inverse(self):
+        return RescaleTransform(self.new_h, self.new_w, self.h, self.w)
+
+
+class GaussianBlurTransform(_ImageOnlyTransform):
+    """cv2.GaussianBlur with a ``ksize`` x ``ksize`` kernel; sigma follows from the size
+    (OpenCV: 0.3 * ((ksize - 1) / 2 - 1) + 0.8, i.e. 0.8 / 1.1 / 1.4 for 3 / 5 / 7)."""
+
+    def __init__(self, ksize):
+        super().__init__()
+        if ksize < 1 or ksize % 2 == 0:
+            raise ValueError(f"Gaussian blur kernel size must be odd and positive, got {ksize}")
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        return cv2.GaussianBlur(img, (self.ksize, self.ksize), 0, borderType=cv2.BORDER_REFLECT_101)
+
+
+class GaussianNoiseTransform(_ImageOnlyTransform):
+    """Add zero-mean Gaussian noise of standard deviation ``std`` (8-bit units), round, clip.
+
+    The noise comes from its own generator seeded with ``seed`` (drawn by the augmentation
+    from numpy's global RNG), so applying the transform twice gives the same pixels.
+    """
+
+    def __init__(self, std, seed):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        noise = np.random.default_rng(self.seed).standard_normal(img.shape, dtype=np.float32)
+        noisy = img.astype(np.float32) + noise * np.float32(self.std)
+        return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+class JpegTransform(_ImageOnlyTransform):
+    """JPEG-encode at ``quality`` (cv2.imencode, 4:2:0) and decode again.
+
+    The JPEG block grid starts ``offset_y``/``offset_x`` pixels (0-15) above/left of the
+    image: it is edge-padded by the offset before encoding and cropped back after decoding,
+    so the 8x8 (16x16 chroma) grid is not always aligned with the crop's corner, as when
+    a recompressed image is cropped at an arbitrary position. Input: uint8 RGB (or gray).
+    """
+
+    def __init__(self, quality, offset_y=0, offset_x=0):
+        super().__init__()
+        self._set_attributes(locals())
+
+    def apply_image(self, img):
+        if img.dtype != np.uint8:
+            raise ValueError(f"JpegTransform needs a uint8 image, got {img.dtype}")
+        color = img.ndim == 3
+        padded = cv2.copyMakeBorder(img, self.offset_y, 0, self.offset_x, 0, cv2.BORDER_REPLICATE)
+        if color:
+            padded = cv2.cvtColor(padded, cv2.COLOR_RGB2BGR)
+        ok, encoded = cv2.imencode(".jpg", padded, [cv2.IMWRITE_JPEG_QUALITY, int(self.quality)])
+        if not ok:
+            raise RuntimeError(f"cv2.imencode failed to write JPEG quality {self.quality}")
+        decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
+        if color:
+            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+        return decoded[self.offset_y:, self.offset_x:]
+
+
+class RandomDegradation:
+    """The degradation policy of INPUT.DEGRADATION; its two halves are the Augmentations.
+
+    With probability ``prob`` a training sample is degraded; a degraded sample then gets each
+    operation independently with its own probability:
+
+    * rescaling by a factor from ``rescale_range`` (``RescaleTransform``: the sample keeps the
+      new size) -- geometric, applied by ``before_crop``;
+    * Gaussian blur with an odd kernel size from ``blur_kernel_range``, Gaussian noise with a
+      variance from ``noise_var_range`` (8-bit units: std = sqrt(variance)), JPEG
+      recompression at a quality from ``jpeg_quality_range`` (integers, both ends included),
+      in that order (compression last, as when an image is shared) -- photometric, applied
+      by ``after_crop`` to the final crop; the mask is unchanged.
+
+    ``before_crop`` draws every random number of the sample (the gate, then each operation's
+    decision and parameters) from numpy's global RNG, which detectron2 seeds per data-loader
+    worker, and keeps the photometric part for ``after_crop`` of the same sample: one chain,
+    one gate, and a fixed seed gives the same sample. Used alone, ``after_crop`` draws its own
+    gate and photometric part. Nothing is drawn when ``prob`` is 0.
+    """
+
+    def __init__(self, prob=0.5, rescale_prob=0.5, rescale_range=(0.5, 1.5), blur_prob=0.5,
+                 blur_kernel_range=(3, 7), noise_prob=0.5, noise_var_range=(3.0, 23.0),
+                 jpeg_prob=0.5, jpeg_quality_range=(50, 100)):
+        for name, value in [("prob", prob), ("rescale_prob", rescale_prob), ("blur_prob", blur_prob),
+                            ("noise_prob", noise_prob), ("jpeg_prob", jpeg_prob)]:
+            _check_prob(name, value)
+        _check_range("rescale_range", rescale_range, 1e-3)
+        _check_range("blur_kernel_range", blur_kernel_range, 1, integer=True)
+        if any(int(k) % 2 == 0 for k in blur_kernel_range):
+            raise ValueError(f"blur_kernel_range must hold odd kernel sizes, got {blur_kernel_range}")
+        _check_range("noise_var_range", noise_var_range, 0.0)
+        _check_range("jpeg_quality_range", jpeg_quality_range, 1, integer=True)
+        if jpeg_quality_range[1] > 100:
+            raise ValueError(f"jpeg_quality_range must lie in [1, 100], got {jpeg_quality_range}")
+        self.prob = float(prob)
+        self.rescale_prob, self.rescale_range = float(rescale_prob), tuple(float(v) for v in rescale_range)
+        self.blur_prob, self.blur_kernel_range = float(blur_prob), tuple(int(k) for k in blur_kernel_range)
+        self.noise_prob, self.noise_var_range = float(noise_prob), tuple(float(v) for v in noise_var_range)
+        self.jpeg_prob, self.jpeg_quality_range = float(jpeg_prob), tuple(int(q) for q in jpeg_quality_range)
+        self.before_crop = DegradationBeforeCrop(self)
+        self.after_crop = DegradationAfterCrop(self)
+        self._pending = None
+
+    def __repr__(self):
+        return (f"RandomDegradation(prob={self.prob}, rescale_prob={self.rescale_prob}, "
+                f"rescale_range={self.rescale_range}, blur_prob={self.blur_prob}, "
+                f"blur_kernel_range={self.blur_kernel_range}, noise_prob={self.noise_prob}, "
+                f"noise_var_range={self.noise_var_range}, jpeg_prob={self.jpeg_prob}, "
+                f"jpeg_quality_range={self.jpeg_quality_range})")
+
+    @staticmethod
+    def _happens(prob):
+        """One draw for a probability strictly between 0 and 1; none for 0 or 1."""
+        if prob <= 0.0 or prob >= 1.0:
+            return prob >= 1.0
+        return bool(np.random.rand() < prob)
+
+    @staticmethod
+    def _uniform(low, high):
+        return float(np.random.uniform(low, high)) if high > low else float(low)
+
+    def _draw_rescale(self):
+        if not self._happens(self.rescale_prob):
+            return None
+        return self._uniform(*self.rescale_range)
+
+    def _draw_photometric(self):
+        """[Transform] of blur, noise, JPEG (each present or not), in the order they apply."""
+        transforms = []
+        if self._happens(self.blur_prob):
+            low, high = self.blur_kernel_range
+            transforms.append(GaussianBlurTransform(low + 2 * int(np.random.randint((high - low) // 2 + 1))))
+        if self._happens(self.noise_prob):
+            std = float(np.sqrt(self._uniform(*self.noise_var_range)))
+            transforms.append(GaussianNoiseTransform(std, int(np.random.randint(2**31 - 1))))
+        if self._happens(self.jpeg_prob):
+            low, high = self.jpeg_quality_range
+            quality = int(np.random.randint(low, high + 1))
+            offset_y, offset_x = (int(v) for v in np.random.randint(16, size=2))
+            transforms.append(JpegTransform(quality, offset_y, offset_x))
+        return transforms
+
+    def draw_before_crop(self):
+        """Draw the sample's chain; return its rescale factor (None: no rescaling)."""
+        self._pending = None
+        if not self._happens(self.prob):
+            self._pending = []
+            return None
+        factor = self._draw_rescale()
+        self._pending = self._draw_photometric()
+        return factor
+
+    def take_after_crop(self):
+        """The photometric transforms drawn by ``before_crop`` for this sample (drawn now if none)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            pending = self._draw_photometric() if self._happens(self.prob) else []
+        return pending
+
+
+class DegradationBeforeCrop(T.Augmentation):
+    """First half of a ``RandomDegradation``: draws the sample's chain, rescales (geometric)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def __repr__(self):
+        return f"DegradationBeforeCrop({self.policy!r})"
+
+    def get_transform(self, image):
+        factor = self.policy.draw_before_crop()
+        if factor is None:
+            return T.NoOpTransform()
+        height, width = image.shape[:2]
+        new_h, new_w = max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+        if (new_h, new_w) == (height, width):
+            return T.NoOpTransform()
+        return RescaleTransform(height, width, new_h, new_w)
+
+
+class DegradationAfterCrop(T.Augmentation):
+    """Second half of a ``RandomDegradation``: blur, noise, JPEG on the final crop (image only)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def __repr__(self):
+        return f"DegradationAfterCrop({self.policy!r})"
+
+    def get_transform(self, image):
+        transforms = self.policy.take_after_crop()
+        if not transforms:
+            return T.NoOpTransform()
+        if image.dtype != np.uint8:
+            raise ValueError(f"degradation needs a uint8 image, got {image.dtype}")
+        return T.TransformList(transforms)

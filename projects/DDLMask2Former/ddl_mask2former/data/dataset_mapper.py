@@ -9,6 +9,16 @@ INPUT.CROP.SINGLE_CATEGORY_MAX_AREA < 1) as one step that resamples only the cro
 0 real / 1 forged / 255 ignore (padding), plus "file_name", "image_id", "height", "width"
 (original size, as everywhere in detectron2).
 
+Degradation (INPUT.DEGRADATION.ENABLED, training only, off by default): a RandomDegradation
+draws, per sample, whether it is degraded (PROB) and which operations it gets. Rescaling acts
+first, on the decoded image and mask, and the sample keeps the new size: the base-scale resize
+and the crop then follow as usual, so the crop size the network sees does not change, and the
+rescaling's loss of detail reaches the crop as a resize in the wild reaches the test mapper.
+Blur, noise and JPEG (in that order) act on the final crop, after PhotometricDistortion and
+before PadToSize: the cheapest place (only the crop's pixels), padding stays exactly 0, and
+the JPEG grid starts at a random offset (0-15 px) from the crop's corner, as for an image
+recompressed before it was cropped. They leave the mask unchanged.
+
 Test / evaluation: resize to the base scale only (nothing with TEST.TILE.ENABLED: the model
 tiles the native pixels); "height"/"width" stay the ORIGINAL size so
 predictions can be resized back; "label" and "mask_file" pass through when present.
@@ -31,7 +41,7 @@ from detectron2.config import configurable
 from detectron2.data import transforms as T
 
 from .augmentations import (BaseScaleResize, BaseScaleResizeCrop, CategoryAreaCrop, PadToSize,
-                            PhotometricDistortion)
+                            PhotometricDistortion, RandomDegradation)
 from .image_io import DDLDataError, read_forgery_mask, read_image
 
 __all__ = ["DDLDatasetMapper", "IGNORE_VALUE"]
@@ -89,6 +99,7 @@ class DDLDatasetMapper:
         base_scale = tuple(cfg.INPUT.BASE_SCALE)
         enlarge = cfg.INPUT.BASE_SCALE_ENLARGE
         if is_train:
+            degradation = _degradation_from_config(cfg)
             resize = BaseScaleResize(base_scale, tuple(cfg.INPUT.RATIO_RANGE), enlarge=enlarge)
             if cfg.INPUT.CROP.ENABLED:
                 if cfg.INPUT.CROP.TYPE != "absolute":
@@ -101,6 +112,9 @@ class DDLDatasetMapper:
                 augmentations = [BaseScaleResizeCrop(resize, crop)]
             else:
                 augmentations = [resize]
+            if degradation is not None:
+                # Rescaling before the resize and crop: the crop size stays fixed.
+                augmentations.insert(0, degradation.before_crop)
             if cfg.INPUT.RANDOM_FLIP != "none":
                 augmentations.append(T.RandomFlip(
                     horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
@@ -113,6 +127,9 @@ class DDLDatasetMapper:
                     saturation_range=tuple(photometric.SATURATION_RANGE),
                     hue_delta=photometric.HUE_DELTA,
                     prob=photometric.PROB))
+            if degradation is not None:
+                # Blur, noise, JPEG on the final crop, before padding.
+                augmentations.append(degradation.after_crop)
             if cfg.INPUT.CROP.ENABLED:
                 augmentations.append(PadToSize(crop_size, pad_value=0, seg_pad_value=IGNORE_VALUE))
         elif cfg.TEST.TILE.ENABLED:
@@ -193,6 +210,19 @@ class DDLDatasetMapper:
             raise DDLDataError(mask_file, f"mask is {forged.shape[1]}x{forged.shape[0]} (WxH) but "
                                           f"its image {dataset_dict['file_name']} is {width}x{height}")
         return forged.astype(np.uint8)
+
+
+def _degradation_from_config(cfg):
+    """The RandomDegradation of INPUT.DEGRADATION, or None when it is disabled."""
+    degradation = cfg.INPUT.DEGRADATION
+    if not degradation.ENABLED:
+        return None
+    return RandomDegradation(
+        prob=degradation.PROB,
+        rescale_prob=degradation.RESCALE_PROB, rescale_range=tuple(degradation.RESCALE_RANGE),
+        blur_prob=degradation.BLUR_PROB, blur_kernel_range=tuple(degradation.BLUR_KERNEL_RANGE),
+        noise_prob=degradation.NOISE_PROB, noise_var_range=tuple(degradation.NOISE_VAR_RANGE),
+        jpeg_prob=degradation.JPEG_PROB, jpeg_quality_range=tuple(degradation.JPEG_QUALITY_RANGE))
 
 
 class DecodedCache:
