@@ -226,7 +226,7 @@ def test_demo_writes_overlays_and_json_and_reports_bad_files(killed_then_resumed
     sources = sorted(str(p) for p in val.glob("*/*.png") if p.parent.name in ("real", "fake"))
     assert sorted(r["file"] for r in records) == sorted(sources + ["big.jpg"])
     for record in records:
-        assert set(record) == {"file", "fake_prob", "forged_area_fraction", "output"}
+        assert set(record) == {"file", "fake_prob", "is_fake", "forged_area_fraction", "output"}
         assert 0.0 <= record["fake_prob"] <= 1.0
         assert 0.0 <= record["forged_area_fraction"] <= 1.0
         overlay = cv2.imread(str(tmp_path / record["output"]))
@@ -282,7 +282,7 @@ def test_trainer_stops_on_non_finite_loss_naming_iteration_and_terms(ddl_root, t
     # (detection only: the localization matcher would reject NaN costs before any loss).
     cfg.merge_from_list([
         "DATASETS.TRAIN", ("train_test_non_finite",), "MODEL.PIXEL_STD", [0.0, 0.0, 0.0],
-        "MODEL.DDL.TASKS", ["detection"], "OUTPUT_DIR", str(tmp_path / "run"),
+        "MODEL.DDL.TASKS", ["detection"], "MODEL.DDL.VERDICT.RULE", "head", "OUTPUT_DIR", str(tmp_path / "run"),
     ])
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

@@ -105,7 +105,8 @@ def _add_model_config(cfg):
     # How fake_prob is made: "head" (the paper's detection head alone), "map_max" (the forgery
     # map's maximum: the best query's confidence x its mask), "map_top" (mean of the map's top
     # 0.5 % of pixels) or "fusion" (logistic regression on the head's and the map's features).
-    # Measured against each other in docs/PERFORMANCE.md#quickstart.
+    # Measured against each other in docs/PERFORMANCE.md#quickstart. A detection-only model
+    # (MODEL.DDL.TASKS ["detection"]) needs "head"; the others refuse to build without the map.
     cfg.MODEL.DDL.VERDICT.RULE = "map_max"
     # "gate": an image called real (fake_prob <= threshold) gets an empty mask_prob and mask;
     # "independent": the map as the localization branch made it (the paper).
