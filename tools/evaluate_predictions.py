@@ -8,7 +8,9 @@ original size), as DDLEvaluator (TEST.EXPORT_DIR) or tools/ensemble.py write the
 holds real/, fake/ and masks/ (or mask/). Prints the metric table in percent; --json writes
 auc, f1, iou, score, f1_pixel, iou_pixel (fractions in [0, 1]; f1/iou are per-image means,
 *_pixel from summed pixel counts; null when the task was not scored), num_real, num_fake and
-the other computed entries. A missing, extra, wrong-size or malformed prediction is an error
+the other computed entries. --conventions adds other papers' figures on the same predictions
+(pooled-pixel F1 and two-class mIoU, best-threshold F1 from prob/, TruFor's max(F1, inverted
+F1), detection TPR at 1 % and 5 % FPR; docs/EVALUATION.md "Other conventions"). A missing, extra, wrong-size or malformed prediction is an error
 naming the image; --allow-missing scores missing ones as 0 / empty and reports how many.
 """
 import argparse
@@ -23,6 +25,7 @@ import time
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
+from ddl_mask2former.evaluation.conventions import format_conventions
 from ddl_mask2former.evaluation.metrics import format_metrics_table
 from ddl_mask2former.evaluation.scoring import JSON_KEYS, default_num_workers, score_export
 
@@ -39,8 +42,19 @@ def parse_args(argv=None):
                         help="ground-truth mask pixels above this 8-bit value are forged")
     parser.add_argument("--workers", type=int, default=default_num_workers(),
                         help="decoding threads (default: number of CPUs, at most 8)")
+    parser.add_argument("--conventions", action="store_true",
+                        help="also report other papers' metric conventions (pooled-pixel F1 and "
+                             "two-class mIoU, best-threshold and inverted-max F1, TPR at 1 %% "
+                             "and 5 %% FPR); the best-threshold F1 reads prob/")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
+
+
+def _json_safe(value):
+    """NaN -> null, recursively (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def main(argv=None):
@@ -51,12 +65,15 @@ def main(argv=None):
     try:
         metrics = score_export(args.pred, args.gt, allow_missing=args.allow_missing,
                                gt_mask_threshold=args.mask_threshold, num_workers=args.workers,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, conventions=args.conventions)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - start
+    conventions = metrics.pop("conventions", None)
     print(format_metrics_table(metrics))
+    if conventions is not None:
+        print("other conventions (percent; docs/EVALUATION.md):\n" + format_conventions(conventions))
     print(f"scored {metrics['num_real'] + metrics['num_fake']} images of {args.gt} in "
           f"{elapsed:.1f} s")
     for what in ("scores", "masks"):
@@ -66,8 +83,9 @@ def main(argv=None):
                   f"{'0' if what == 'scores' else 'empty'}")
     if args.json:
         payload = {key: None for key in JSON_KEYS}
-        payload.update({key: (None if isinstance(value, float) and math.isnan(value) else value)
-                        for key, value in metrics.items()})
+        payload.update(_json_safe(metrics))
+        if conventions is not None:
+            payload["conventions"] = _json_safe(conventions)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

@@ -21,6 +21,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from ..modeling.verdict import FEATURES, RULES, verdict_features
+from .conventions import threshold_at_fpr
 from .ground_truth import count_against_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, iou_from_counts
 
@@ -122,18 +123,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = L2_PENALTY, iteration
     weights = theta[:-1] / scale
     intercept = theta[-1] - float(weights @ mean)
     return weights, float(intercept)
-
-
-def threshold_at_fpr(real_probs: Sequence[float], target_fpr: float) -> float:
-    """The smallest threshold t among the real images' scores such that at most
-    ``target_fpr`` of them score above t (the verdict is fake when fake_prob > t)."""
-    if not 0.0 <= target_fpr < 1.0:
-        raise ValueError(f"MODEL.DDL.VERDICT.TARGET_FPR must be in [0, 1), got {target_fpr}")
-    scores = np.sort(np.asarray(real_probs, dtype=np.float64))[::-1]
-    if scores.size == 0:
-        raise ValueError("threshold_at_fpr needs at least one real image")
-    allowed = int(math.floor(target_fpr * scores.size + 1e-9))
-    return float(scores[allowed])
 
 
 def _features_of(records: Sequence[VerdictRecord], rule: str) -> np.ndarray:

@@ -16,9 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.ddl_dataset import load_ddl_split
-from .export import MASK_DIR, PREDICTION_FILE, mask_file_name, read_gray_png, read_predictions
-from .ground_truth import count_against_ground_truth
-from .metrics import compute_ddl_metrics_from_arrays
+from .conventions import best_threshold_f1, code_histograms, compute_conventions
+from .export import (MASK_DIR, PREDICTION_FILE, PROB_DIR, mask_file_name, read_gray_png,
+                     read_predictions)
+from .ground_truth import read_ground_truth
+from .metrics import compute_ddl_metrics_from_arrays, mask_counts
 
 __all__ = [
     "SplitImage",
@@ -154,11 +156,13 @@ def _compare(expected: Iterable[str], found: Iterable[str], what: str, where: st
 
 def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
                  gt_mask_threshold: int = 127, num_workers: Optional[int] = None,
-                 progress: bool = False) -> Dict[str, float]:
+                 progress: bool = False, conventions: bool = False) -> Dict[str, float]:
     """Score an export directory against a DDL split folder.
 
     Returns ``compute_ddl_metrics``'s dict (fractions) plus ``num_missing_scores`` and
-    ``num_missing_masks``. Detection is scored when ``prediction.txt`` exists, localization
+    ``num_missing_masks``. With ``conventions``, also ``"conventions"``: other papers' figures
+    (``conventions.compute_conventions``); the best-threshold F1 reads ``prob/`` when the
+    export has it (a fake image without its map is then an error naming it). Detection is scored when ``prediction.txt`` exists, localization
     when ``mask/`` exists. Missing predictions raise unless ``allow_missing`` (then a missing
     score is 0 and a missing mask is empty); extra predictions, masks of the wrong size and
     malformed lines always raise, naming the image.
@@ -189,30 +193,51 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
                                      "masks", mask_dir, allow_missing))
         del found_masks
 
-    def score_image(i: int) -> Tuple[int, int, int]:
+    prob_dir = os.path.join(pred_dir, PROB_DIR)
+    read_prob = conventions and has_loc and os.path.isdir(prob_dir)
+
+    def read_map(path: str, image: SplitImage, what: str) -> np.ndarray:
+        values = read_gray_png(path)
+        if values.shape != (image.height, image.width):
+            raise ValueError(f"{path}: {what} is {values.shape[0]}x{values.shape[1]} but image "
+                             f"{image.name} is {image.height}x{image.width} (height x width)")
+        return values
+
+    def score_image(i: int) -> Tuple[int, int, int, float]:
         image = images[i]
         size = (image.height, image.width)
         mask_name = mask_file_name(image.name)
         if mask_name in missing_masks:
             pred = np.zeros(size, dtype=bool)
         else:
-            pred_path = os.path.join(mask_dir, mask_name)
-            pred = read_gray_png(pred_path) > PRED_MASK_THRESHOLD
-            if pred.shape != size:
-                raise ValueError(f"{pred_path}: mask is {pred.shape[0]}x{pred.shape[1]} but "
-                                 f"image {image.name} is {size[0]}x{size[1]} (height x width)")
-        return count_against_ground_truth(pred, image.mask_path, gt_mask_threshold, image.name)
+            pred = read_map(os.path.join(mask_dir, mask_name), image, "mask") > PRED_MASK_THRESHOLD
+        if image.mask_path is None:  # a real image: every marked pixel is a false positive
+            return 0, int(np.count_nonzero(pred)), 0, float("nan")
+        forged = read_ground_truth(image.mask_path, size, gt_mask_threshold, image.name)
+        best_f1 = float("nan")
+        if read_prob:
+            codes = (np.zeros(size, dtype=np.uint8) if mask_name in missing_masks
+                     else read_map(os.path.join(prob_dir, mask_name), image, "probability map"))
+            best_f1 = best_threshold_f1(*code_histograms(codes, forged))[0]
+        return (*mask_counts(pred, forged), best_f1)
 
-    # per image three counts in preallocated arrays: memory does not grow while scoring
+    # per image three counts (and a best F1) in preallocated arrays: memory stays flat
     counts = np.full((count, 3), -1, dtype=np.int64)
+    best_f1 = np.full(count, np.nan)
     if has_loc:
         workers = num_workers or default_num_workers()
-        for i, image_counts in enumerate(progress_bar(
+        for i, image_result in enumerate(progress_bar(
                 iter_bounded(score_image, range(count), workers), count, progress, "scoring")):
-            counts[i] = image_counts
+            counts[i] = image_result[:3]
+            best_f1[i] = image_result[3]
+    num_pixels = images.sizes[:, 0].astype(np.int64) * images.sizes[:, 1]
     results = compute_ddl_metrics_from_arrays(
-        images.labels, fake_prob, counts[:, 0], counts[:, 1], counts[:, 2],
-        images.sizes[:, 0].astype(np.int64) * images.sizes[:, 1], names=images.names)
+        images.labels, fake_prob, counts[:, 0], counts[:, 1], counts[:, 2], num_pixels,
+        names=images.names)
     results["num_missing_scores"] = num_missing_scores
     results["num_missing_masks"] = len(missing_masks)
+    if conventions:
+        results["conventions"] = compute_conventions(
+            images.labels, fake_prob, counts[:, 0], counts[:, 1], counts[:, 2], num_pixels,
+            best_f1=best_f1 if read_prob else None)
     return results
