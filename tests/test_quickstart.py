@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,11 @@ def _run_quickstart(out, *options):
 @pytest.mark.slow
 def test_quickstart_runs_every_step_and_reports(tmp_path):
     out = tmp_path / "qs"
-    result = _run_quickstart(out, "--num-train", "6", "--iters", "2")
+    # trailing KEY VALUE pairs reach training (here the degradation augmentation, which this
+    # run then exercises end to end)
+    result = _run_quickstart(out, "--num-train", "6", "--iters", "2", "INPUT.DEGRADATION.ENABLED", "True")
+    config = yaml.safe_load((out / "model_main" / "config.yaml").read_text())
+    assert config["INPUT"]["DEGRADATION"]["ENABLED"] is True
     data = out / "data" / "DDL-I"
     assert len(list((data / "train" / "fake").glob("*.png"))) == 3
     assert (out / "model_main" / "model_final.pth").is_file()
@@ -49,6 +54,9 @@ def test_quickstart_rejects_bad_arguments():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "quickstart.py"), "--num-val", "x"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--num-val" in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "quickstart.py"), "SEED"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "KEY VALUE pairs" in result.stderr
 
 
 @pytest.mark.slow

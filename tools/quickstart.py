@@ -60,7 +60,13 @@ def parse_args(argv=None):
     parser.add_argument("--ensemble", action="store_true",
                         help="also train a second model and fuse both with tools/ensemble.py")
     parser.add_argument("--demo-images", type=int, default=6, help="val images for the demo")
-    return parser.parse_args(argv)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides for training and the demo, as in train_net.py "
+                             "(e.g. INPUT.DEGRADATION.ENABLED True)")
+    args = parser.parse_args(argv)
+    if len(args.opts) % 2:
+        parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
+    return args
 
 
 class Steps:
@@ -173,6 +179,7 @@ def train_and_export(steps, args, config, model_dir):
     opts = ["OUTPUT_DIR", model_dir, "TEST.EXPORT_DIR", export_dir, "DATASETS.TEST", f"('{VAL_DATASET}',)"]
     if args.model_seed is not None:
         opts += ["SEED", args.model_seed]
+    opts += args.opts
     if args.iters is not None:
         # A few evaluation points along the way, whatever the length.
         max_iter, eval_period = args.iters, max(1, args.iters // 3)
@@ -245,7 +252,7 @@ def main(argv=None):
     steps.run("demo", [
         sys.executable, ROOT / "tools" / "demo.py", "--config-file", QUICKSTART_CONFIGS["main"],
         "--input", *pick_demo_images(val_dir, args.demo_images), "--output", demo_dir,
-        "--opts", "MODEL.WEIGHTS", main_dir / "model_final.pth"])
+        "--opts", *args.opts, "MODEL.WEIGHTS", main_dir / "model_final.pth"])
 
     steps.banner("5/5 ensemble (paper eq. 6)")
     second_dir = out_dir / "model_second"
