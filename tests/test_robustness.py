@@ -283,3 +283,6 @@ def test_end_to_end_on_a_tiny_model(tiny_split, random_weights, tmp_path):
     assert not (out / "images").exists()  # scratch copies deleted once scored
     assert (out / "inference" / "robustness_resize_0.5" / "ddl_metrics.json").exists()
     assert not list(out.glob("*.tmp*"))
+    # the terminal shows progress, not detectron2's log, which goes to the file in full
+    assert "Environment info" not in result.stdout and len(result.stdout.splitlines()) < 20
+    assert "Environment info" in (out / "log.txt").read_text()

@@ -254,9 +254,24 @@ def _format_metrics(metrics):
 
 def setup(args):
     cfg = load_checked_config(args)
+    rank = comm.get_rank()
+    # The loggers default_setup configures, set up first with the same arguments (setup_logger
+    # caches them), so that their console handlers are quiet before it logs the environment.
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank, name="fvcore")
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=rank)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=rank, name="ddl_mask2former")
+    _quiet_console()
     default_setup(cfg, argparse.Namespace(**vars(args), eval_only=True))
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ddl_mask2former")
     return cfg
+
+
+def _quiet_console():
+    """The terminal gets the progress lines and warnings; the full log goes to OUT/log.txt only."""
+    for name in ("detectron2", "ddl_mask2former", "fvcore"):
+        for handler in logging.getLogger(name).handlers:
+            # detectron2 writes its log file through a StreamHandler too: tell them by stream
+            if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
+                handler.setLevel(logging.WARNING)
 
 
 def load_model(cfg):
@@ -334,7 +349,11 @@ def run(args, plan):
                  f"({results[CLEAN]['num_real']} real, {results[CLEAN]['num_fake']} fake images)")
         png = plot_robustness(results, os.path.join(output, "robustness.png"), title)
         path = _write_json(results, os.path.join(output, "robustness.json"))
-        print(f"wrote {path} and {png} (total {_format_duration(sum(durations))})", flush=True)
+        for name in ("detectron2", "ddl_mask2former", "fvcore"):
+            for handler in logging.getLogger(name).handlers:
+                handler.flush()  # detectron2's log file is block-buffered
+        print(f"wrote {path} and {png} (total {_format_duration(sum(durations))}; "
+              f"full log: {os.path.join(output, 'log.txt')})", flush=True)
     return results
 
 
