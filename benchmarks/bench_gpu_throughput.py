@@ -366,8 +366,8 @@ def saved_tensor_mib(model, records, device, amp_dtype, depth=1):
     in all and by the innermost submodule, down to ``depth`` name parts, whose forward saved it
     first (list indices merged: "pixel_decoder.encoder.*"; "rest": inputs, targets and the
     criterion outside a submodule). On the CPU the deformable attention runs its PyTorch path,
-    which keeps more than the compiled op does on a GPU (``ops.registered_op_on_cpu`` keeps what
-    it keeps)."""
+    which keeps more than the compiled op does on a GPU (``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP``
+    keeps what it keeps)."""
     sizes, owner, current = {}, {}, ["rest"]
 
     def pack(tensor):
@@ -580,7 +580,7 @@ def run_hf(args, device, shape, amp_dtype, results):
 
 def run_quickstart(args, device, results):
     for label, amp_dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        model, cfg = build_ours(QUICKSTART_CONFIG, device, "full")
+        model, cfg = build_ours(QUICKSTART_CONFIG, device, "full", args.opts)
         if args.compile:
             from ddl_mask2former.engine.train_loop import compile_submodules
 
@@ -703,7 +703,8 @@ def main():
                         help="MiB that autograd saves for the backward of our training step")
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary of one training step")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
-                        help="config overrides for our paper-size model (e.g. MODEL.SWIN.FUSED_ATTENTION True)")
+                        help="config overrides for our models, paper-size and quickstart (e.g. "
+                             "MODEL.SWIN.FUSED_ATTENTION True)")
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args()
     args.shape = "small" if args.small else "full"

@@ -11,11 +11,11 @@ autograd keeps for the backward, in all and by submodule (``saved_tensor_mib`` o
 ``bench_gpu_throughput.py``, a second step). A CPU measurement: on a GPU
 ``bench_gpu_throughput.py`` reports ``torch.cuda.max_memory_allocated``. On the CPU the
 deformable attention runs its PyTorch path, which keeps its sampled values for the backward;
-``--registered-msda`` routes it through the registered operator instead (``registered_op_on_cpu``),
+``--registered-msda`` routes it through the registered operator instead
+(``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP True``),
 which keeps only its inputs, as the CUDA op does, so the pixel decoder's figure is a GPU's.
 """
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
@@ -27,13 +27,8 @@ import bench_gpu_throughput as bench
 
 
 def measure(args, overrides):
-    from ddl_mask2former.ops import registered_op_on_cpu
-
-    with registered_op_on_cpu() if args.registered_msda else contextlib.nullcontext():
-        return _measure(args, overrides)
-
-
-def _measure(args, overrides):
+    if args.registered_msda:
+        overrides = [*overrides, "MODEL.DDL.PIXEL_DECODER.REGISTERED_OP", "True"]
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     amp_dtype = {"bfloat16": torch.bfloat16, "none": None}[args.amp]

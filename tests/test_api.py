@@ -64,6 +64,15 @@ def test_register_all_is_an_idempotent_alias():
     ddl_mask2former.register_all()
 
 
+def test_options_not_yet_run_on_a_gpu_are_off_by_default():
+    """What runs by default on a GPU has run there (modeling/README.md "Defaults and the GPU")."""
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    assert not any([cfg.MODEL.SWIN.RECOMPUTE_GELU, cfg.MODEL.SWIN.RECOMPUTE_ATTENTION,
+                    cfg.MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN, cfg.MODEL.DDL.PIXEL_DECODER.REGISTERED_OP,
+                    cfg.SOLVER.EARLY_LOSS_COPY, cfg.SOLVER.COMPILE.MODULES, cfg.TEST.CUDA_GRAPH])
+
+
 def _tiny_config(weights=""):
     cfg = get_cfg()
     add_ddl_mask2former_config(cfg)

@@ -91,12 +91,15 @@ def test_pending_host_losses_on_a_gpu_equal_the_values_and_wait_only_for_them():
     assert all(v.device.type == "cpu" for v in host.values())
 
 
+@pytest.mark.parametrize("early_loss_copy", [False, True])
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
-def test_train_loop_logs_every_term_from_one_copy(amp_dtype, monkeypatch):
+def test_train_loop_logs_every_term_from_one_copy(amp_dtype, early_loss_copy, monkeypatch):
+    """After the backward (default) or queued before it (SOLVER.EARLY_LOSS_COPY): one copy."""
     torch.manual_seed(0)
     model = _TermsModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=amp_dtype, device_type="cpu")
+    loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=amp_dtype, device_type="cpu",
+                        early_loss_copy=early_loss_copy)
     assert loop.grad_scaler is None  # bfloat16 needs no loss scaling
     syncs = []
     real_item = torch.Tensor.item
@@ -112,6 +115,22 @@ def test_train_loop_logs_every_term_from_one_copy(amp_dtype, monkeypatch):
     assert history["total_loss"].latest() == pytest.approx(sum(float(v) for v in loop.host_losses.values()))
     # detectron2's write_metrics still calls .item() per term, but on host tensors only.
     assert syncs and all(device.type == "cpu" for device in syncs)
+
+
+@pytest.mark.parametrize("mark", [False, True])
+def test_train_loop_marks_cuda_graph_steps_only_when_asked(mark, monkeypatch):
+    """torch.compiler.cudagraph_mark_step_begin runs once per step only with
+    mark_cudagraph_steps (set by the Trainer for SOLVER.COMPILE.MODE reduce-overhead)."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    model = _TermsModel()
+    loop = DDLTrainLoop(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.01), device_type="cpu",
+                        mark_cudagraph_steps=mark)
+    with EventStorage(0) as storage:
+        loop.storage = storage
+        for loop.iter in range(2):
+            loop.run_step()
+    assert len(calls) == (2 if mark else 0)
 
 
 def test_train_loop_bfloat16_gradients_match_full_precision():
@@ -240,7 +259,6 @@ def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_
     import torch._inductor.config as inductor_config
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from ddl_mask2former.ops import registered_op_on_cpu
     from model_helpers import build, tiny_cfg, training_batch
 
     real, fake = training_batch()
@@ -254,19 +272,20 @@ def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_
         model.zero_grad(set_to_none=True)
         return {k: v.detach() for k, v in losses.items()}, grads
 
-    with registered_op_on_cpu():
-        eager_model = build(tiny_cfg()).train()
-        expected = [step(eager_model, batch) for batch in batches]
-        model = build(tiny_cfg()).train()
-        dynamo.reset()
-        counter = CompileCounterWithBackend(backend)
-        assert compile_submodules(model, ["network", "criterion"], backend=counter) == ["network", "criterion"]
-        with inductor_config.patch(fallback_random=True):
-            got = [step(model, batch) for batch in batches]
-        model.eval()
-        with torch.no_grad():  # evaluation runs eagerly: nothing compiled for a new image size
-            model([dict(real, image=real["image"][:, :-32])])
-        dynamo.reset()
+    cfg = tiny_cfg()
+    cfg.MODEL.DDL.PIXEL_DECODER.REGISTERED_OP = True  # traced through the op's CPU kernel
+    eager_model = build(cfg).train()
+    expected = [step(eager_model, batch) for batch in batches]
+    model = build(cfg).train()
+    dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    assert compile_submodules(model, ["network", "criterion"], backend=counter) == ["network", "criterion"]
+    with inductor_config.patch(fallback_random=True):
+        got = [step(model, batch) for batch in batches]
+    model.eval()
+    with torch.no_grad():  # evaluation runs eagerly: nothing compiled for a new image size
+        model([dict(real, image=real["image"][:, :-32])])
+    dynamo.reset()
     assert counter.frame_count == 2  # no graph break, no recompilation for the second batch
     assert list(model.state_dict()) == list(eager_model.state_dict())
     for (losses, grads), (eager_losses, eager_grads) in zip(got, expected):

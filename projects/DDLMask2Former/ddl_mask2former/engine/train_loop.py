@@ -3,10 +3,11 @@ and one host synchronization per step for the whole loss dict.
 
 detectron2's ``SimpleTrainer`` / ``AMPTrainer`` log the losses with ``v.detach().cpu().item()``
 per term: with deep supervision that is ~30 device round trips per step, each waiting for the
-device. Here the loss terms are stacked and copied to the host once, queued right after the
-forward and read after the backward has been launched (``PendingHostLosses``), so the host waits
-for the forward only; the copy serves both the metrics and ``NonFiniteLossHook`` (which would
-otherwise read every term again), which still runs before the optimizer step.
+device. Here the loss terms are stacked and copied to the host once, after the backward (the
+path measured on a GPU); the copy serves both the metrics and ``NonFiniteLossHook`` (which
+would otherwise read every term again). Opt-in (``SOLVER.EARLY_LOSS_COPY``, not yet run on a
+GPU): the copy is queued right after the forward and read after the backward has been launched
+(``PendingHostLosses``), so the host waits for the forward only.
 """
 import logging
 import time
@@ -149,13 +150,17 @@ class DDLTrainLoop(SimpleTrainer):
             ``torch.bfloat16`` (same exponent range as float32: no scaler, no skipped steps).
         device_type: autocast device type ("cuda" or "cpu").
         grad_scaler: for float16; built when None.
+        early_loss_copy: queue the losses' host copy before the backward (``PendingHostLosses``)
+            instead of copying them after it.
+        mark_cudagraph_steps: start each step with ``torch.compiler.cudagraph_mark_step_begin``
+            (CUDA-graph trees of ``SOLVER.COMPILE.MODE`` reduce-overhead).
 
     After the backward, ``self.host_losses`` holds the step's loss terms as CPU tensors
     (``NonFiniteLossHook`` reads them from there).
     """
 
     def __init__(self, model, data_loader, optimizer, *, amp_dtype=None, device_type="cuda", grad_scaler=None,
-                 **kwargs):
+                 early_loss_copy=False, mark_cudagraph_steps=False, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype}")
@@ -164,6 +169,8 @@ class DDLTrainLoop(SimpleTrainer):
         self.amp_dtype = amp_dtype
         self.device_type = device_type
         self.grad_scaler = grad_scaler if amp_dtype == torch.float16 else None
+        self.early_loss_copy = early_loss_copy
+        self.mark_cudagraph_steps = mark_cudagraph_steps
         self.host_losses = None
 
     def run_step(self):
@@ -172,9 +179,9 @@ class DDLTrainLoop(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
-        # A new step for CUDA-graph trees (SOLVER.COMPILE.MODE reduce-overhead): the previous
-        # step's graph outputs may be overwritten from here on. A no-op without them.
-        torch.compiler.cudagraph_mark_step_begin()
+        if self.mark_cudagraph_steps:
+            # A new step for CUDA-graph trees: the previous step's graph outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
@@ -183,7 +190,7 @@ class DDLTrainLoop(SimpleTrainer):
             if isinstance(loss_dict, torch.Tensor):
                 loss_dict = {"total_loss": loss_dict}
             losses = sum(loss_dict.values())
-        host_losses = PendingHostLosses(loss_dict)  # queued before the backward: see PendingHostLosses
+        host_losses = PendingHostLosses(loss_dict) if self.early_loss_copy else None
         if not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         if self.grad_scaler is not None:
@@ -191,7 +198,7 @@ class DDLTrainLoop(SimpleTrainer):
         else:
             losses.backward()
 
-        self.host_losses = host_losses.result()
+        self.host_losses = host_losses.result() if host_losses is not None else losses_to_host(loss_dict)
         self.after_backward()
         if self.async_write_metrics:
             self.concurrent_executor.submit(self._write_metrics, self.host_losses, data_time, iter=self.iter)

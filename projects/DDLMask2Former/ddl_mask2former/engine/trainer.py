@@ -113,7 +113,8 @@ class Trainer(DefaultTrainer):
         # SOLVER.AMP.PRECISION picks float16 (GradScaler) or bfloat16 (no scaler, CPU too).
         self._trainer = DDLTrainLoop(
             model, data_loader, optimizer, amp_dtype=amp_dtype_from_cfg(cfg),
-            device_type=torch.device(cfg.MODEL.DEVICE).type,
+            device_type=torch.device(cfg.MODEL.DEVICE).type, early_loss_copy=cfg.SOLVER.EARLY_LOSS_COPY,
+            mark_cudagraph_steps=bool(cfg.SOLVER.COMPILE.MODULES) and cfg.SOLVER.COMPILE.MODE == "reduce-overhead",
         )
         self.non_finite_loss_hook = NonFiniteLossHook(model)
         # after_backward is called by the inner trainer's run_step, so the hook lives there.
