@@ -141,7 +141,7 @@ def _add_model_config(cfg):
     # Under autocast, run each deformable-attention layer wholly in float32 (True, as Mask2Former
     # keeps its pixel decoder in float32). False: only the sampling offsets, attention weights and
     # the sampling in float32, the value and output projections in autocast's dtype, which halves
-    # what they keep for the backward (docs/PERFORMANCE.md, "GPU throughput").
+    # what they keep for the backward (docs/PERFORMANCE.md, "Model").
     cfg.MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS = True
     # Encoder FFNs keep their 256-wide input for the backward and recompute the 1024-wide hidden
     # there (one more matmul per layer; ~1 GiB less at batch 16, 512 px estimated without a GPU;
