@@ -20,8 +20,11 @@ What is made to behave as on a GPU:
 * ``F.scaled_dot_product_attention`` runs the memory-efficient kernel (a boolean mask becomes an
   additive bias first), as CUDA picks it for masked attention; a build without a GPU would take
   the math path, which keeps the whole attention matrix.
-* Our deformable attention goes through the registered operator, whose fake implementation
-  gives the CUDA op's outputs; autograd keeps its inputs, as on a GPU.
+* Our deformable attention goes through the registered operator
+  (``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP True``, whatever the variant), whose fake
+  implementation gives the CUDA op's outputs; autograd keeps its five inputs, as the default
+  ``autograd.Function`` does on a GPU. Needs the built extension (``ops.compiled_op_available()``),
+  without which CUDA tensors take the PyTorch path.
 * HF's Hungarian matching runs on the host (``scipy``); here it gets an assignment of the same
   shape (queries 0..k-1 for the k targets: the memory does not depend on which queries), and
   its host reads (``isfinite(...).all()`` before a clamp) read True. Our step has no host read;
@@ -239,6 +242,7 @@ def main():
     results = {"batch": args.batch, "image": size, "amp": args.amp, "shape": shape_name, "ours": []}
     for name, *overrides in args.variant or [["defaults"]]:
         def build_ours(overrides=overrides):
+            overrides = [*overrides, "MODEL.DDL.PIXEL_DECODER.REGISTERED_OP", "True"]  # see the docstring
             return bench.build_ours(bench.PAPER_CONFIG, torch.device("cpu"), shape_name, overrides)[0]
 
         def forward_ours(model):
