@@ -40,7 +40,6 @@ then, 14.54 GiB (measured 14.64).
 """
 import argparse
 import contextlib
-import json
 import time
 import warnings
 import weakref
@@ -52,7 +51,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import bench_gpu_throughput as bench
+import _common as bench
+
+bench.require_package()
 
 GIB = 2**30
 
@@ -159,7 +160,7 @@ def to_fake_cuda(model, fake_mode):
 
 
 def _plain_copy(values, device, dtype=None):
-    """``transfer.to_device_async`` without pinned memory (a fake CPU tensor cannot be pinned)."""
+    """``host_to_device.to_device_async`` without pinned memory (a fake CPU tensor cannot be pinned)."""
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     return tensor.to(device) if dtype is None else tensor.to(device, dtype)
 
@@ -225,7 +226,7 @@ def main():
     parser.add_argument("--depth", type=int, default=1,
                         help="attribute memory to submodules down to this many name parts")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--json", help="write the results here")
+    bench.add_json_argument(parser)
     args = parser.parse_args()
 
     shape_name = "small" if args.small else "full"
@@ -266,10 +267,7 @@ def main():
             for row in results["ours"]:
                 row["ratio_to_hf"] = row["estimate_gib"] / results["hf"]["estimate_gib"]
                 print(f"  {row['model']} / HF: {row['ratio_to_hf']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+    bench.write_json(args.json, results)
 
 
 if __name__ == "__main__":

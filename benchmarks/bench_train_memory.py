@@ -23,7 +23,9 @@ import sys
 
 import torch
 
-import bench_gpu_throughput as bench
+import _common as bench
+
+bench.require_package()
 
 
 def measure(args, overrides):
@@ -60,7 +62,7 @@ def main():
     parser.add_argument("--depth", type=int, default=1,
                         help="attribute saved tensors to submodules down to this many name parts "
                              "(2: pixel_decoder.encoder; list indices are merged)")
-    parser.add_argument("--json", help="write the results here")
+    bench.add_json_argument(parser)
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -82,10 +84,7 @@ def main():
         print(f"  {name}: the step adds {row['step_adds_mib']:.0f} MiB of peak RSS "
               f"({row['peak_rss_mib']:.0f} in all); saved for backward {row['saved_mib']:.1f} MiB ({by_module})",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
-        print(f"numbers written to {args.json}")
+    bench.write_json(args.json, results)
 
 
 if __name__ == "__main__":
