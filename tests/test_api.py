@@ -43,6 +43,18 @@ def test_import_registers_datasets_model_and_evaluator():
     assert out.strip() == "ok"
 
 
+def test_import_leaves_the_hosts_warning_filters_alone_and_hides_detectron2s_jit_warning():
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c",
+         "import warnings\n"
+         "before = list(warnings.filters)\n"
+         "import ddl_mask2former\n"
+         "assert warnings.filters == before, 'import ddl_mask2former changed the warning filters'\n"],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.jit.script" not in result.stderr
+
+
 def test_ops_and_package_import_without_detectron2():
     # sys.modules[name] = None makes `import detectron2` fail as if it were not installed.
     out = _python(
