@@ -111,8 +111,8 @@ if [ "${DDL_GPU_CHECK_SMALL:-0}" = 1 ]; then SMALL=(--device cpu --small); TN_AR
 # the GPU cases (batched matcher and criterion equal to the per-image reference, no stream
 # synchronization in a training step, the pending loss copy, CUDA-graph inference equal to eager,
 # the registered deformable-attention operator on the CUDA kernels: opcheck, compiled layer).
-step model_tests 90 30 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_throughput_engine.py \
-  tests/test_throughput_model.py tests/test_cuda_graph.py tests/test_ops_registered.py \
+step model_tests 90 30 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_train_loop.py tests/test_engine_compilation.py \
+  tests/test_model_criterion.py tests/test_cuda_graph.py tests/test_ops_registered.py \
   "tests/test_model_backbones.py::test_window_attention_equals_timm_written_out_and_keeps_no_probabilities"
 step throughput 240 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --profile --json "$OUT/throughput.json"
 step train_net 200 60 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --json "$OUT/train_net.json"

@@ -15,12 +15,11 @@ import time
 import torch
 from detectron2.engine import SimpleTrainer
 
-__all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "PendingHostLosses", "amp_dtype_from_cfg", "apply_memory_format",
-           "compile_submodules", "losses_to_host"]
+from ..modeling.precision import AMP_PRECISIONS, autocast_region
+
+__all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "PendingHostLosses", "amp_dtype_from_cfg", "losses_to_host"]
 
 logger = logging.getLogger(__name__)
-
-AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def amp_dtype_from_cfg(cfg):
@@ -78,69 +77,6 @@ def losses_to_host(loss_dict):
     return PendingHostLosses(loss_dict).result()
 
 
-# The name that compiles the whole network (``model._network``: backbone, detection head, pixel
-# and transformer decoders) as one graph; the losses and the input batching stay eager.
-WHOLE_NETWORK = "network"
-
-
-class _CompiledInTraining:
-    """A module's forward (or ``_network``) that runs its compiled version while the module is
-    in training mode and the eager one otherwise.
-
-    Evaluation during training (``TEST.EVAL_PERIOD``) feeds images of many sizes: a compiled
-    forward would compile again for new sizes (minutes each on a GPU), and under
-    ``reduce-overhead`` keep one CUDA graph per size. Inference has its own bounded replay
-    (``TEST.CUDA_GRAPH``)."""
-
-    def __init__(self, module, eager, compiled):
-        self.module, self.eager, self.compiled = module, eager, compiled
-
-    def __call__(self, *args, **kwargs):
-        return (self.compiled if self.module.training else self.eager)(*args, **kwargs)
-
-
-def compile_submodules(model, names, mode="default", backend="inductor", training_only=True):
-    """``torch.compile`` the named parts of ``model`` in place (state-dict keys unchanged).
-
-    Names are submodule attribute paths ("backbone", "pixel_decoder") or ``"network"`` for the
-    whole network as one graph (it traces without a graph break since the deformable attention
-    is a registered operator); an unknown name raises. ``backend``: torch.compile's (tests use
-    "aot_eager", which traces the same graphs without generating code). ``training_only``: the
-    compiled code runs only while the model is in training mode (see ``_CompiledInTraining``);
-    False compiles evaluation too (benchmarks of fixed-size inference).
-    """
-    mode_arg = None if mode == "default" else mode
-    compiled = []
-    for name in names:
-        if name == WHOLE_NETWORK and hasattr(model, "_network"):
-            owner, attribute = model, "_network"  # an instance attribute over the bound method
-        else:
-            owner = model
-            for part in name.split("."):
-                if not hasattr(owner, part):
-                    raise ValueError(f"SOLVER.COMPILE.MODULES: {type(model).__name__} has no submodule {name!r}")
-                owner = getattr(owner, part)
-            if owner is None:
-                continue  # a disabled branch (e.g. no localization)
-            attribute = "forward"  # module hooks stay outside the graph, as with nn.Module.compile
-        eager = getattr(owner, attribute)
-        function = torch.compile(eager, mode=mode_arg, backend=backend)
-        setattr(owner, attribute, _CompiledInTraining(owner, eager, function) if training_only else function)
-        compiled.append(name)
-    if compiled:
-        logger.info("torch.compile (mode %s%s) on: %s", mode, ", training only" if training_only else "",
-                    ", ".join(compiled))
-    return compiled
-
-
-def apply_memory_format(model, channels_last):
-    """Convert the model's 4-D weights to channels-last when asked (convolutions then run NHWC)."""
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        logger.info("model weights converted to channels-last")
-    return model
-
-
 class DDLTrainLoop(SimpleTrainer):
     """``SimpleTrainer`` with optional autocast and one host sync per step for the losses.
 
@@ -184,8 +120,7 @@ class DDLTrainLoop(SimpleTrainer):
             torch.compiler.cudagraph_mark_step_begin()
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast_region(self.device_type, self.amp_dtype):
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
                 loss_dict = {"total_loss": loss_dict}

@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .hooks import NonFiniteLossHook
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
-from .train_loop import DDLTrainLoop, amp_dtype_from_cfg, apply_memory_format, compile_submodules
+from .compilation import apply_memory_format, compile_submodules
+from .train_loop import DDLTrainLoop, amp_dtype_from_cfg
 
 __all__ = ["AtomicDetectionCheckpointer", "CalibrationHook", "Trainer", "build_ddp_model"]
 

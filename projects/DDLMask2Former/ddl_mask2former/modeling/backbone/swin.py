@@ -196,9 +196,4 @@ def build_swin_backbone(cfg, input_shape):
     )
 
 
-def no_weight_decay_keywords():
-    """Parameter-name fragments of Swin that conventionally get no weight decay."""
-    return ("relative_position_bias_table", "absolute_pos_embed")
-
-
-__all__ = ["D2SwinTransformer", "build_swin_backbone", "no_weight_decay_keywords"]
+__all__ = ["D2SwinTransformer", "build_swin_backbone"]
