@@ -24,7 +24,6 @@ The page cache is warm after writing the tree (dropping it needs root and distur
 users); on a cold disk the first index is bounded by file-open latency instead.
 """
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -34,8 +33,9 @@ import sys
 import tempfile
 import time
 
-if importlib.util.find_spec("ddl_mask2former") is None:
-    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+from _common import require_package
+
+require_package()
 
 SIZES = ((256, 256), (384, 512), (512, 512), (512, 640), (600, 800), (720, 720),
          (768, 1024), (1024, 768))

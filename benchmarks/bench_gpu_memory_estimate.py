@@ -20,8 +20,11 @@ What is made to behave as on a GPU:
 * ``F.scaled_dot_product_attention`` runs the memory-efficient kernel (a boolean mask becomes an
   additive bias first), as CUDA picks it for masked attention; a build without a GPU would take
   the math path, which keeps the whole attention matrix.
-* Our deformable attention goes through the registered operator, whose fake implementation
-  gives the CUDA op's outputs; autograd keeps its inputs, as on a GPU.
+* Our deformable attention goes through the registered operator
+  (``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP True``, whatever the variant), whose fake
+  implementation gives the CUDA op's outputs; autograd keeps its five inputs, as the default
+  ``autograd.Function`` does on a GPU. Needs the built extension (``ops.compiled_op_available()``),
+  without which CUDA tensors take the PyTorch path.
 * HF's Hungarian matching runs on the host (``scipy``); here it gets an assignment of the same
   shape (queries 0..k-1 for the k targets: the memory does not depend on which queries), and
   its host reads (``isfinite(...).all()`` before a clamp) read True. Our step has no host read;
@@ -37,7 +40,6 @@ then, 14.54 GiB (measured 14.64).
 """
 import argparse
 import contextlib
-import json
 import time
 import warnings
 import weakref
@@ -49,7 +51,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import bench_gpu_throughput as bench
+import _common as bench
+
+bench.require_package()
 
 GIB = 2**30
 
@@ -156,7 +160,7 @@ def to_fake_cuda(model, fake_mode):
 
 
 def _plain_copy(values, device, dtype=None):
-    """``transfer.to_device_async`` without pinned memory (a fake CPU tensor cannot be pinned)."""
+    """``host_to_device.to_device_async`` without pinned memory (a fake CPU tensor cannot be pinned)."""
     tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     return tensor.to(device) if dtype is None else tensor.to(device, dtype)
 
@@ -222,7 +226,7 @@ def main():
     parser.add_argument("--depth", type=int, default=1,
                         help="attribute memory to submodules down to this many name parts")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--json", help="write the results here")
+    bench.add_json_argument(parser)
     args = parser.parse_args()
 
     shape_name = "small" if args.small else "full"
@@ -239,6 +243,7 @@ def main():
     results = {"batch": args.batch, "image": size, "amp": args.amp, "shape": shape_name, "ours": []}
     for name, *overrides in args.variant or [["defaults"]]:
         def build_ours(overrides=overrides):
+            overrides = [*overrides, "MODEL.DDL.PIXEL_DECODER.REGISTERED_OP", "True"]  # see the docstring
             return bench.build_ours(bench.PAPER_CONFIG, torch.device("cpu"), shape_name, overrides)[0]
 
         def forward_ours(model):
@@ -262,10 +267,7 @@ def main():
             for row in results["ours"]:
                 row["ratio_to_hf"] = row["estimate_gib"] / results["hf"]["estimate_gib"]
                 print(f"  {row['model']} / HF: {row['ratio_to_hf']:.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+    bench.write_json(args.json, results)
 
 
 if __name__ == "__main__":

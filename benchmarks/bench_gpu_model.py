@@ -8,14 +8,13 @@ bf16-autocast training steps (batch 4) are timed side by side with their peak me
 CUDA device and the built extension (``pip install -e .`` or ``setup.py build_ext --inplace``).
 """
 import argparse
-import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
-if importlib.util.find_spec("ddl_mask2former") is None:
-    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+from _common import require_package
+
+require_package()
 import ddl_mask2former  # first: it hides detectron2's import-time torch.jit deprecation warning
 
 import torch

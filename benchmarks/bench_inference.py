@@ -15,7 +15,6 @@ inference, each model measured in its own fresh subprocess.
 Usage: python benchmarks/bench_inference.py [--size 512] [--runs 10] [--warmup 2] [--threads N]
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -23,8 +22,9 @@ import subprocess
 import sys
 import time
 
-if importlib.util.find_spec("ddl_mask2former") is None:
-    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+from _common import require_package
+
+require_package()
 
 import torch
 

@@ -11,16 +11,13 @@ Reports the median forward and forward+backward time and the peak memory above t
 child process per measurement). Ratios matter more than absolute times on a shared machine.
 """
 import argparse
-import importlib.util
-import json
 import multiprocessing
-import os
 import statistics
-import sys
 import time
 
-if importlib.util.find_spec("ddl_mask2former") is None:
-    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+from _common import add_json_argument, require_package, write_json
+
+require_package()
 
 import torch
 
@@ -141,7 +138,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    add_json_argument(parser)
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -200,10 +197,7 @@ def main():
         print(f"{variant} vs pytorch: forward {ratios['forward_speedup']:.1f}x faster, fwd+bwd "
               f"{ratios['forward_backward_speedup']:.1f}x faster, fwd+bwd peak memory "
               f"{ratios['forward_backward_memory_ratio']:.2f}x of the PyTorch path's")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(f"results written to {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ image over all threads (independent of other load on the machine), and peak RSS 
 machine state; compare them as ratios on a busy machine.
 """
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -23,8 +22,9 @@ import sys
 import tempfile
 import time
 
-if importlib.util.find_spec("ddl_mask2former") is None:
-    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+from _common import add_json_argument, require_package, write_json
+
+require_package()
 
 import cv2
 import numpy as np
@@ -156,7 +156,7 @@ def main():
     parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 10000])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=1, help="runs per (size, workers)")
-    parser.add_argument("--out-json", help="also write all runs to this JSON file")
+    add_json_argument(parser, "--out-json")
     parser.add_argument("--ensemble", type=int, metavar="N",
                         help="instead: time tools/ensemble.py's fusion and weight search on N "
                              "images of two generated exports (first --workers value)")
@@ -198,10 +198,7 @@ def main():
             shutil.rmtree(os.path.join(root, str(size)))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    if args.out_json:
-        with open(args.out_json, "w") as f:
-            json.dump(runs, f, indent=2)
-        print(f"runs written to {args.out_json}")
+    write_json(args.out_json, runs)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ fresh process each. Everything runs on ``MODEL.DEVICE`` of the config (``--opts`
 Results: a table on stdout, ``results.json`` and ``results.md`` in ``--out-dir``.
 """
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -33,8 +32,9 @@ import subprocess
 import sys
 import time
 
-if importlib.util.find_spec("ddl_mask2former") is None:
-    sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
+from _common import require_package
+
+require_package()
 
 MODES = ("resize", "tiled", "tiled_flip")
 

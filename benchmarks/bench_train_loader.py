@@ -19,7 +19,6 @@ and keeps two of them ready. Training crops all have the crop size (``PadToSize`
 by aspect ratio has nothing to group there.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -27,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, add_json_argument, write_json
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -77,7 +76,7 @@ def main():
     parser.add_argument("--step-ms", type=float, default=300, help="simulated model step per batch")
     parser.add_argument("--num-train", type=int, default=256)
     parser.add_argument("--data-workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", help="write the results here")
+    add_json_argument(parser)
     args = parser.parse_args()
 
     from bench_train_net import make_data
@@ -88,10 +87,7 @@ def main():
         print(f"{args.config.relative_to(ROOT)}: batch {args.batch}, {args.workers} workers, "
               f"{args.iters} batches, simulated step {args.step_ms:.0f} ms", flush=True)
         rows = [measure(args.config, grouping, args, data_root) for grouping in (True, False)]
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                              indent=1))
-        print(f"results written to {os.path.abspath(args.json)}")
+    write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ image pixels that differ (resampling rounding) is printed. The last columns turn
 images per second per worker and the workers a ``--target`` images per second needs.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, add_json_argument, write_json
 sys.path.insert(0, str(ROOT / "projects" / "DDLMask2Former"))
 
 
@@ -122,7 +121,7 @@ def main():
                         help="image sizes, WIDTHxHEIGHT")
     parser.add_argument("--samples", type=int, default=24, help="timed samples per size (random ratios and windows)")
     parser.add_argument("--target", type=float, default=100.0, help="images per second the loader must deliver")
-    parser.add_argument("--json", help="write the results here")
+    add_json_argument(parser)
     args = parser.parse_args()
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -167,10 +166,7 @@ def main():
                   f"{row[f'workers for {args.target:g} img/s, one step']} workers for {args.target:g} img/s; "
                   f"masks equal, {row['image pixels differing, mean %']} % of image pixels differ (at most "
                   f"{row['image pixels differing, max gray levels']} gray levels)", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows},
-                                              indent=1))
-        print(f"results written to {os.path.abspath(args.json)}")
+    write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ autograd keeps for the backward, in all and by submodule (``saved_tensor_mib`` o
 ``bench_gpu_throughput.py``, a second step). A CPU measurement: on a GPU
 ``bench_gpu_throughput.py`` reports ``torch.cuda.max_memory_allocated``. On the CPU the
 deformable attention runs its PyTorch path, which keeps its sampled values for the backward;
-``--registered-msda`` routes it through the registered operator instead (``registered_op_on_cpu``),
+``--registered-msda`` routes it through the registered operator instead
+(``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP True``),
 which keeps only its inputs, as the CUDA op does, so the pixel decoder's figure is a GPU's.
 """
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
@@ -23,17 +23,14 @@ import sys
 
 import torch
 
-import bench_gpu_throughput as bench
+import _common as bench
+
+bench.require_package()
 
 
 def measure(args, overrides):
-    from ddl_mask2former.ops import registered_op_on_cpu
-
-    with registered_op_on_cpu() if args.registered_msda else contextlib.nullcontext():
-        return _measure(args, overrides)
-
-
-def _measure(args, overrides):
+    if args.registered_msda:
+        overrides = [*overrides, "MODEL.DDL.PIXEL_DECODER.REGISTERED_OP", "True"]
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     amp_dtype = {"bfloat16": torch.bfloat16, "none": None}[args.amp]
@@ -65,7 +62,7 @@ def main():
     parser.add_argument("--depth", type=int, default=1,
                         help="attribute saved tensors to submodules down to this many name parts "
                              "(2: pixel_decoder.encoder; list indices are merged)")
-    parser.add_argument("--json", help="write the results here")
+    bench.add_json_argument(parser)
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -87,10 +84,7 @@ def main():
         print(f"  {name}: the step adds {row['step_adds_mib']:.0f} MiB of peak RSS "
               f"({row['peak_rss_mib']:.0f} in all); saved for backward {row['saved_mib']:.1f} MiB ({by_module})",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
-        print(f"numbers written to {args.json}")
+    bench.write_json(args.json, results)
 
 
 if __name__ == "__main__":

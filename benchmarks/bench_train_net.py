@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, add_json_argument, write_json
 SPEED = re.compile(r"Overall training speed: (\d+) iterations in (\S+) \(([\d.]+) s / it\)")
 DEFAULT_VARIANTS = [["fp16", "SOLVER.AMP.PRECISION", "float16"], ["bf16", "SOLVER.AMP.PRECISION", "bfloat16"]]
 SMALL_VARIANTS = [["fp32", "SOLVER.AMP.ENABLED", "False"],
@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--overrides", nargs="*", default=[], help="config overrides for every variant")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per train_net run")
     parser.add_argument("--keep", type=Path, help="keep data, logs and outputs in this folder")
-    parser.add_argument("--json", help="write the results here")
+    add_json_argument(parser)
     args = parser.parse_args()
     args.config = args.config.resolve()
     if not args.config.is_file():
@@ -136,9 +136,7 @@ def main():
                   f"{row['losses'].get('total_loss', float('nan')):.3f} |")
         else:
             print(f"| {row['variant']} | failed (exit {row['returncode']}) | | |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": str(args.config), "rows": rows}, indent=1))
-        print(f"results written to {os.path.abspath(args.json)}")
+    write_json(args.json, {"config": str(args.config), "rows": rows})
     if any("s_per_it" not in row for row in rows):
         raise SystemExit("bench_train_net.py: a variant failed (log tail above)")
 

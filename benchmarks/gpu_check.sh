@@ -111,8 +111,8 @@ if [ "${DDL_GPU_CHECK_SMALL:-0}" = 1 ]; then SMALL=(--device cpu --small); TN_AR
 # the GPU cases (batched matcher and criterion equal to the per-image reference, no stream
 # synchronization in a training step, the pending loss copy, CUDA-graph inference equal to eager,
 # the registered deformable-attention operator on the CUDA kernels: opcheck, compiled layer).
-step model_tests 90 30 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_throughput_engine.py \
-  tests/test_throughput_model.py tests/test_cuda_graph.py tests/test_ops_registered.py \
+step model_tests 90 30 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_train_loop.py tests/test_engine_compilation.py \
+  tests/test_model_criterion.py tests/test_cuda_graph.py tests/test_ops_registered.py \
   "tests/test_model_backbones.py::test_window_attention_equals_timm_written_out_and_keeps_no_probabilities"
 step throughput 240 60 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --profile --json "$OUT/throughput.json"
 step train_net 200 60 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --json "$OUT/train_net.json"
@@ -122,19 +122,21 @@ step train_net 200 60 "$PYTHON" benchmarks/bench_train_net.py "${TN_ARGS[@]}" --
 # reduce-overhead), and its losses too (fixed-shape targets: one graph for any mix of real and
 # fake images): its eager step is host-bound (~3,400 operators at ~24 us each on the H100), so
 # the 30 it/s goal needs the per-operator cost gone. Table in the log only (the device tool
-# brings back 8 files).
+# brings back 8 files). The network is one graph only through the registered operator (opt-in).
+REGISTERED=(MODEL.DDL.PIXEL_DECODER.REGISTERED_OP True)
 step quickstart_compiled 150 90 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-ours --skip-hf \
-  --compile network criterion --compile-mode reduce-overhead
+  --compile network criterion --compile-mode reduce-overhead --opts "${REGISTERED[@]}"
 # The paper model with the network (backbone, heads, pixel and transformer decoders: the
 # deformable attention is a registered operator, so no graph break) and the losses compiled. The
 # backbone alone measured 194.8 ms on the H100 (-9 %); compiling takes a minute or more.
 step compiled 200 120 "$PYTHON" benchmarks/bench_gpu_throughput.py "${SMALL[@]}" --skip-hf \
-  --skip-quickstart --compile network criterion --json "$OUT/throughput_compiled.json"
+  --skip-quickstart --compile network criterion --opts "${REGISTERED[@]}" --json "$OUT/throughput_compiled.json"
 # train_net.py images/s with the same compilation (bf16), against the train_net step's bf16 row.
 # (Not in the CPU smoke run: inductor needs minutes to compile even the tiny model on a CPU.)
 if [ "${DDL_GPU_CHECK_SMALL:-0}" != 1 ]; then
   step train_net_compiled 240 150 "$PYTHON" benchmarks/bench_train_net.py --batch 32 --iters 50 \
-    --variant compiled_bf16 SOLVER.AMP.PRECISION bfloat16 SOLVER.COMPILE.MODULES "['network','criterion']"
+    --variant compiled_bf16 SOLVER.AMP.PRECISION bfloat16 SOLVER.COMPILE.MODULES "['network','criterion']" \
+    "${REGISTERED[@]}"
 fi
 # What one training sample of a 1920x1080 PNG costs a loader worker on this host's cores (the
 # train_net steps use small generated images): how many workers 100 img/s needs here. Log only.

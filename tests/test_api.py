@@ -43,6 +43,18 @@ def test_import_registers_datasets_model_and_evaluator():
     assert out.strip() == "ok"
 
 
+def test_import_leaves_the_hosts_warning_filters_alone_and_hides_detectron2s_jit_warning():
+    result = subprocess.run(
+        [sys.executable, "-W", "default", "-c",
+         "import warnings\n"
+         "before = list(warnings.filters)\n"
+         "import ddl_mask2former\n"
+         "assert warnings.filters == before, 'import ddl_mask2former changed the warning filters'\n"],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.jit.script" not in result.stderr
+
+
 def test_ops_and_package_import_without_detectron2():
     # sys.modules[name] = None makes `import detectron2` fail as if it were not installed.
     out = _python(
@@ -62,6 +74,15 @@ def test_ops_and_package_import_without_detectron2():
 def test_register_all_is_an_idempotent_alias():
     ddl_mask2former.register_all()
     ddl_mask2former.register_all()
+
+
+def test_options_not_yet_run_on_a_gpu_are_off_by_default():
+    """What runs by default on a GPU has run there (modeling/README.md "Defaults and the GPU")."""
+    cfg = get_cfg()
+    add_ddl_mask2former_config(cfg)
+    assert not any([cfg.MODEL.SWIN.RECOMPUTE_GELU, cfg.MODEL.SWIN.RECOMPUTE_ATTENTION,
+                    cfg.MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN, cfg.MODEL.DDL.PIXEL_DECODER.REGISTERED_OP,
+                    cfg.SOLVER.EARLY_LOSS_COPY, cfg.SOLVER.COMPILE.MODULES, cfg.TEST.CUDA_GRAPH])
 
 
 def _tiny_config(weights=""):

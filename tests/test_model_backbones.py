@@ -229,7 +229,7 @@ def test_gelu_linear_equals_gelu_then_linear_and_keeps_less(amp):
 def test_swin_recomputed_gelu_same_gradients_less_saved():
     """MODEL.SWIN.RECOMPUTE_GELU: the backbone's features and gradients equal timm's MLP's, and
     it keeps less for the backward (by the hidden activations of every block)."""
-    plain_saved, saved, _ = _swin_variant_equals_plain(dict(recompute_gelu=False), {})
+    plain_saved, saved, _ = _swin_variant_equals_plain({}, dict(recompute_gelu=True))
     # Hidden tokens x width of every block's MLP (fp32 here): 4x the block's channels.
     hidden = sum(2 * (96 // 4 // 2**s) * (160 // 4 // 2**s) * 4 * 16 * 2**s * 4 * depth
                  for s, depth in enumerate(SWIN_ARCH["depths"]))
@@ -292,7 +292,7 @@ def test_swin_recomputed_attention_same_gradients_less_saved():
     """MODEL.SWIN.RECOMPUTE_ATTENTION: the backbone's features and gradients equal timm's
     attention's (with shifted windows and padding), it keeps less for the backward, and without
     autograd timm's own forward runs."""
-    plain_saved, saved, recomputing = _swin_variant_equals_plain(dict(recompute_attention=False), {})
+    plain_saved, saved, recomputing = _swin_variant_equals_plain({}, dict(recompute_attention=True))
     # Each block's float32 probabilities: windows x heads x 49 x 49 (feature maps padded to 7s).
     probabilities = 0
     for stage, depth in enumerate(SWIN_ARCH["depths"]):
@@ -323,7 +323,7 @@ def test_swin_backbone_with_recomputations_compiles_without_graph_breaks():
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch.manual_seed(0)
-    model = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0)
+    model = D2SwinTransformer(**SWIN_ARCH, drop_path_rate=0.0, recompute_gelu=True, recompute_attention=True)
     image = torch.randn(2, 3, 96, 160)
 
     def loss(x):

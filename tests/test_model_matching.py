@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ddl_mask2former.modeling.criterion import LocalizationCriterion
-from ddl_mask2former.modeling.matcher import HungarianMatcher, pairwise_mask_costs
+from ddl_mask2former.modeling.matcher import HungarianMatcher
+from loss_helpers import cost_matrix, match_per_image, pairwise_mask_costs, targets_from_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,10 +30,10 @@ def test_matcher_equals_brute_force(seed, queries, targets):
     matcher = HungarianMatcher(num_points=200)
     outputs, target_list = _random_case(seed, queries, targets)
     torch.manual_seed(seed)
-    ((rows, cols),) = matcher(outputs, target_list)
+    ((rows, cols),) = match_per_image(matcher, outputs, target_list)
     torch.manual_seed(seed)  # same sampled points as inside the matcher
-    cost = matcher.cost_matrix(outputs["pred_logits"][0], outputs["pred_masks"][0],
-                               target_list[0]["masks"], target_list[0]["labels"], target_list[0]["valid"])
+    cost = cost_matrix(matcher, outputs["pred_logits"][0], outputs["pred_masks"][0],
+                       target_list[0]["masks"], target_list[0]["labels"], target_list[0]["valid"])
     best = min(
         sum(cost[q, t].item() for t, q in enumerate(assignment))
         for assignment in itertools.permutations(range(queries), targets)
@@ -62,7 +63,7 @@ def test_matcher_real_image_has_no_match():
     outputs, _ = _random_case(0, 4, 1)
     empty = [{"masks": torch.zeros(0, 16, 16, dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.int64),
               "valid": torch.ones(16, 16, dtype=torch.bool)}]
-    ((rows, cols),) = HungarianMatcher(num_points=64)(outputs, empty)
+    ((rows, cols),) = match_per_image(HungarianMatcher(num_points=64), outputs, empty)
     assert rows.numel() == 0 and cols.numel() == 0
 
 
@@ -74,7 +75,7 @@ def test_criterion_real_image_only_confidence_loss():
     empty = [{"masks": torch.zeros(0, 16, 16, dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.int64),
               "valid": torch.ones(16, 16, dtype=torch.bool)}]
     criterion = LocalizationCriterion(HungarianMatcher(num_points=64), num_points=64)
-    losses = criterion(outputs, empty)
+    losses = criterion(outputs, targets_from_images(empty))
     expected = F.binary_cross_entropy_with_logits(outputs["pred_logits"], torch.zeros(1, 4, 1))
     assert losses["loss_cls"].item() == pytest.approx(2.0 * expected.item(), rel=1e-5)
     assert losses["loss_mask"].item() == 0 and losses["loss_dice"].item() == 0
@@ -99,7 +100,8 @@ def test_criterion_ignores_padding_pixels():
     def mask_loss(pred, valid_map):
         torch.manual_seed(0)
         losses = criterion({"pred_logits": logits, "pred_masks": pred, "aux_outputs": []},
-                           [{"masks": masks, "labels": torch.zeros(1, dtype=torch.int64), "valid": valid_map}])
+                           targets_from_images([{"masks": masks, "labels": torch.zeros(1, dtype=torch.int64),
+                                                 "valid": valid_map}]))
         return losses["loss_mask"].item() + losses["loss_dice"].item()
 
     # Importance sampling picks different points for the two predictions: compare magnitudes.
@@ -117,7 +119,7 @@ def test_matcher_class_cost_uses_the_targets_class():
     outputs = {"pred_logits": torch.tensor([[[-4.0, 4.0], [4.0, -4.0]]]),
                "pred_masks": torch.zeros(1, 2, size, size)}
     targets = [{"masks": masks, "labels": torch.tensor([0, 1]), "valid": torch.ones(size, size, dtype=torch.bool)}]
-    ((rows, cols),) = HungarianMatcher(num_points=64)(outputs, targets)
+    ((rows, cols),) = match_per_image(HungarianMatcher(num_points=64), outputs, targets)
     assignment = dict(zip(cols.tolist(), rows.tolist()))
     assert assignment == {0: 1, 1: 0}
 
@@ -137,7 +139,8 @@ def test_criterion_class_loss_is_one_hot_of_the_matched_class():
     criterion = LocalizationCriterion(HungarianMatcher(num_points=256), class_weight=1.0, no_object_weight=0.1,
                                       num_points=256)
     targets = [{"masks": masks, "labels": torch.tensor([0, 1]), "valid": torch.ones(size, size, dtype=torch.bool)}]
-    losses = criterion({"pred_logits": logits, "pred_masks": pred, "aux_outputs": []}, targets)
+    losses = criterion({"pred_logits": logits, "pred_masks": pred, "aux_outputs": []},
+                       targets_from_images(targets))
     expected_target = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]])
     weight = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.1, 0.1]]])
     bce = F.binary_cross_entropy_with_logits(logits, expected_target, reduction="none")

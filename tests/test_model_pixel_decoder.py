@@ -79,8 +79,10 @@ def test_config_switch_reaches_every_encoder_layer():
     cfg = tiny_cfg()
     for value in (True, False):
         cfg.MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN = value
+        cfg.MODEL.DDL.PIXEL_DECODER.REGISTERED_OP = value
         from detectron2.layers import ShapeSpec
         shapes = {"res2": ShapeSpec(channels=8, stride=4), "res3": ShapeSpec(channels=16, stride=8),
                   "res4": ShapeSpec(channels=32, stride=16), "res5": ShapeSpec(channels=64, stride=32)}
         decoder = MSDeformAttnPixelDecoder(cfg, shapes)
         assert [layer.recompute_ffn for layer in decoder.encoder] == [value] * len(decoder.encoder)
+        assert [layer.self_attn.registered_op for layer in decoder.encoder] == [value] * len(decoder.encoder)

@@ -1,10 +1,12 @@
-"""``torch.ops.ddl_mask2former.ms_deform_attn``: the registered operator the CUDA path dispatches to.
+"""``torch.ops.ddl_mask2former.ms_deform_attn``: the registered operator (``REGISTERED_OP``).
 
 Checked here through its CPU kernel (the PyTorch path, recomputed in the backward): the schema,
 fake-tensor and autograd registrations (``torch.library.opcheck``), equality with the plain
 PyTorch path, and that the pixel decoder's attention layer compiles as one graph through it.
 The CUDA kernels behind the same registration are tested in ``test_ops_cuda.py``.
 """
+import functools
+
 import pytest
 import torch
 
@@ -13,7 +15,6 @@ from ddl_mask2former.ops import (
     ms_deform_attn,
     ms_deform_attn_op,
     ms_deform_attn_pytorch,
-    registered_op_on_cpu,
 )
 from ops_helpers import level_layout, make_inputs
 
@@ -81,8 +82,7 @@ def test_dispatch_uses_the_op_on_cpu_only_when_asked():
     value.requires_grad_()
     args = (value, spatial_shapes, level_start_index, locations, weights)
     plain, plain_saved = _saved_for_backward(ms_deform_attn, *args)
-    with registered_op_on_cpu():
-        through_op, op_saved = _saved_for_backward(ms_deform_attn, *args)
+    through_op, op_saved = _saved_for_backward(functools.partial(ms_deform_attn, registered_op=True), *args)
     assert "ms_deform_attn" not in plain.grad_fn.name().lower()
     assert "ms_deform_attn" in through_op.grad_fn.name().lower()
     torch.testing.assert_close(through_op, plain, rtol=0, atol=0)
@@ -98,7 +98,7 @@ def test_attention_layer_compiles_as_one_graph_through_the_op(device):
     registration the pixel decoder's graph broke at every attention layer."""
     _needs_kernels(device)
     torch.manual_seed(0)
-    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2).to(device)
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2, registered_op=True).to(device)
     with torch.no_grad():  # non-trivial offsets and weights
         for parameter in layer.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -115,15 +115,14 @@ def test_attention_layer_compiles_as_one_graph_through_the_op(device):
         layer.zero_grad()
         return output.detach(), grads
 
-    with registered_op_on_cpu():
-        explanation = torch._dynamo.explain(layer)(query, reference, source, spatial_shapes,
-                                                   level_start_index)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        assert explanation.graph_count == 1
-        torch._dynamo.reset()
-        expected_output, expected_grads = step(layer)
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-        output, grads = step(compiled)
+    explanation = torch._dynamo.explain(layer)(query, reference, source, spatial_shapes,
+                                               level_start_index)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    torch._dynamo.reset()
+    expected_output, expected_grads = step(layer)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    output, grads = step(compiled)
     torch._dynamo.reset()
     torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
     for name, grad in expected_grads.items():

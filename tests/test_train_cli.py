@@ -41,7 +41,7 @@ def ddl_root(tmp_path_factory):
 
 def _env(ddl_root):
     # One intra-op thread per process: on a busy 2-core machine two threads per process
-    # made the tiny model ~10x slower (docs/PERFORMANCE.md, section train).
+    # made the tiny model ~10x slower (docs/PERFORMANCE.md, section Training).
     return dict(os.environ, DETECTRON2_DATASETS=str(ddl_root), DDL_INDEX_CACHE="off",
                 OMP_NUM_THREADS="1")
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loss_helpers import targets_per_image
 from model_helpers import build, eval_inputs, tiny_cfg, training_batch
 from ddl_mask2former.data.augmentations import CategoryAreaCrop
 from ddl_mask2former.data.synthetic import (
@@ -94,7 +95,7 @@ def test_two_class_targets_cover_authentic_and_forged_pixels():
     model = build(_two_class_cfg())
     batch = training_batch()
     batch[1]["forgery_mask"][0, 0] = 255  # one ignored pixel
-    targets = model._localization_targets(batch, (64, 64)).per_image()
+    targets = targets_per_image(model._localization_targets(batch, (64, 64)))
     real, fake = targets
     assert real["labels"].tolist() == [0] and real["masks"][0].all()
     assert fake["labels"].tolist() == [0, 1]
@@ -102,7 +103,7 @@ def test_two_class_targets_cover_authentic_and_forged_pixels():
     assert torch.equal(fake["masks"][1], forged)
     assert torch.equal(fake["masks"][0], ~forged & fake["valid"])
     assert not fake["masks"][:, 0, 0].any()
-    one_class = build(tiny_cfg())._localization_targets(training_batch(), (64, 64)).per_image()
+    one_class = targets_per_image(build(tiny_cfg())._localization_targets(training_batch(), (64, 64)))
     assert one_class[0]["masks"].shape[0] == 0 and one_class[1]["labels"].tolist() == [0]
 
 

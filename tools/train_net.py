@@ -22,32 +22,23 @@ import sys
 
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
-import ddl_mask2former  # first: it hides detectron2's import-time torch.jit deprecation warning
+import ddl_mask2former  # noqa: F401  first: registers everything, without detectron2's jit warning
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ddl_mask2former import add_ddl_mask2former_config
+from ddl_mask2former.config import load_config
 from ddl_mask2former.engine import Trainer, launch
 
 
 def setup(args):
-    """Build the frozen config from the DDL defaults, the config file and the overrides."""
-    if not args.config_file:
-        raise SystemExit("train_net.py: --config-file is required")
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"train_net.py: config file not found: {args.config_file}")
-    ddl_mask2former.register_all()
-    cfg = get_cfg()
-    add_ddl_mask2former_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    """Build the frozen config from the DDL defaults, the config file and the overrides (the
+    file's existence is checked once, by ``invoke_main`` before the processes start)."""
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="ddl_mask2former")
     return cfg

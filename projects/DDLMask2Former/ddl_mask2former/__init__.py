@@ -19,10 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = ["ForgeryPredictor", "add_ddl_mask2former_config", "register_all", "__version__"]
 
-# detectron2 decorates helpers with torch.jit.script, which torch 2.14 deprecates with a warning
-# at import time; it says nothing about this project and buries every command's first lines.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-
 # Public names that need detectron2.
 _DETECTRON2_API = ("ForgeryPredictor", "add_ddl_mask2former_config")
 
@@ -33,7 +29,12 @@ def register_all():
     ``import ddl_mask2former`` already does this when detectron2 is installed; calling it again
     is harmless (each module registers once, on its first import).
     """
-    from . import data, evaluation, modeling  # noqa: F401  (imported for registration)
+    with warnings.catch_warnings():
+        # detectron2 decorates helpers with torch.jit.script, which torch 2.14 deprecates with a
+        # warning when detectron2 is first imported (here); it says nothing about this project.
+        # Scoped: the host's own warning filters are left as they were.
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        from . import data, evaluation, modeling  # noqa: F401  (imported for registration)
 
 
 def __getattr__(name):

@@ -65,13 +65,14 @@ def _add_model_config(cfg):
     # Each block's MLP keeps only its hidden pre-activation for the backward and recomputes the
     # GELU there (modeling/backbone/gelu_linear.py): same gradients, about half the MLP's saved
     # activations, one extra elementwise pass per block. False runs timm's MLP as it is.
-    cfg.MODEL.SWIN.RECOMPUTE_GELU = True
+    # Off until measured on a GPU (its memory gain there is an estimate).
+    cfg.MODEL.SWIN.RECOMPUTE_GELU = False
     # Each block's window attention keeps q, k and v for the backward and recomputes the
     # attention probabilities there (modeling/backbone/window_attention.py): same gradients,
     # without the float32 probabilities and their autocast copy, one extra q k^T and softmax per
     # block in the backward. No effect with FUSED_ATTENTION (that path keeps no probabilities).
-    # False runs timm's attention as it is.
-    cfg.MODEL.SWIN.RECOMPUTE_ATTENTION = True
+    # False runs timm's attention as it is. Off until measured on a GPU.
+    cfg.MODEL.SWIN.RECOMPUTE_ATTENTION = False
     # Activation checkpointing: every Swin block keeps only its input for the backward and runs
     # its forward again there (timm's set_grad_checkpointing). For training that is bound by
     # GPU memory (larger batches per GPU): the backbone's activations shrink to one tensor per
@@ -140,11 +141,18 @@ def _add_model_config(cfg):
     # Under autocast, run each deformable-attention layer wholly in float32 (True, as Mask2Former
     # keeps its pixel decoder in float32). False: only the sampling offsets, attention weights and
     # the sampling in float32, the value and output projections in autocast's dtype, which halves
-    # what they keep for the backward (docs/PERFORMANCE.md, "GPU throughput").
+    # what they keep for the backward (docs/PERFORMANCE.md, "Model").
     cfg.MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS = True
     # Encoder FFNs keep their 256-wide input for the backward and recompute the 1024-wide hidden
-    # there (one more matmul per layer; ~1 GiB less at batch 16, 512 px; the same gradients).
-    cfg.MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN = True
+    # there (one more matmul per layer; ~1 GiB less at batch 16, 512 px estimated without a GPU;
+    # the same gradients). Off until measured on a GPU.
+    cfg.MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN = False
+    # Deformable attention through the registered operator torch.ops.ddl_mask2former.ms_deform_attn
+    # (ops/registered_op.py): torch.compile traces it without a graph break, so SOLVER.COMPILE
+    # MODULES ["network"] is one graph. False: the compiled CUDA kernels through an
+    # autograd.Function (the path measured on a GPU), the PyTorch path on the CPU. Off until
+    # measured on a GPU.
+    cfg.MODEL.DDL.PIXEL_DECODER.REGISTERED_OP = False
 
     # Masked-attention transformer decoder (registry DDL_TRANSFORMER_DECODER).
     cfg.MODEL.DDL.TRANSFORMER_DECODER = CN()
@@ -325,7 +333,12 @@ def _add_solver_config(cfg):
     # Autocast dtype when SOLVER.AMP.ENABLED: "float16" (CUDA only, with a GradScaler) or
     # "bfloat16" (no GradScaler; also runs on CPUs).
     cfg.SOLVER.AMP.PRECISION = "float16"
-    # Training speed options, off by default (docs/PERFORMANCE.md "GPU throughput (issue 10)").
+    # Training speed options, off by default: not yet measured on a GPU (modeling/README.md
+    # "Defaults and the GPU").
+    # Copy the step's losses to the host right after the forward and read them after the
+    # backward has been launched (engine/train_loop.py PendingHostLosses); False copies them
+    # after the backward.
+    cfg.SOLVER.EARLY_LOSS_COPY = False
     # Convert the model's 4-D weights to channels-last (NHWC convolutions).
     cfg.SOLVER.CHANNELS_LAST = False
     cfg.SOLVER.COMPILE = CN()

@@ -1,5 +1,6 @@
-"""Training plumbing: the detectron2 Trainer and its train loop, optimizer groups, schedules
-and hooks. (Overlay pictures live in ``ddl_mask2former.visualization``.)"""
+"""Training plumbing: the detectron2 Trainer and its train loop, what it does to the model first
+(``compilation``: torch.compile, channels-last), optimizer groups, schedules and hooks. (Overlay
+pictures live in ``ddl_mask2former.visualization``.)"""
 from .hooks import NonFiniteLossError, NonFiniteLossHook
 from .launch import launch, leave_process_group
 from .lr_scheduler import PolyParamScheduler, build_lr_scheduler

@@ -3,10 +3,11 @@ and one host synchronization per step for the whole loss dict.
 
 detectron2's ``SimpleTrainer`` / ``AMPTrainer`` log the losses with ``v.detach().cpu().item()``
 per term: with deep supervision that is ~30 device round trips per step, each waiting for the
-device. Here the loss terms are stacked and copied to the host once, queued right after the
-forward and read after the backward has been launched (``PendingHostLosses``), so the host waits
-for the forward only; the copy serves both the metrics and ``NonFiniteLossHook`` (which would
-otherwise read every term again), which still runs before the optimizer step.
+device. Here the loss terms are stacked and copied to the host once, after the backward (the
+path measured on a GPU); the copy serves both the metrics and ``NonFiniteLossHook`` (which
+would otherwise read every term again). Opt-in (``SOLVER.EARLY_LOSS_COPY``, not yet run on a
+GPU): the copy is queued right after the forward and read after the backward has been launched
+(``PendingHostLosses``), so the host waits for the forward only.
 """
 import logging
 import time
@@ -14,12 +15,11 @@ import time
 import torch
 from detectron2.engine import SimpleTrainer
 
-__all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "PendingHostLosses", "amp_dtype_from_cfg", "apply_memory_format",
-           "compile_submodules", "losses_to_host"]
+from ..modeling.precision import AMP_PRECISIONS, autocast_region
+
+__all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "PendingHostLosses", "amp_dtype_from_cfg", "losses_to_host"]
 
 logger = logging.getLogger(__name__)
-
-AMP_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def amp_dtype_from_cfg(cfg):
@@ -77,69 +77,6 @@ def losses_to_host(loss_dict):
     return PendingHostLosses(loss_dict).result()
 
 
-# The name that compiles the whole network (``model._network``: backbone, detection head, pixel
-# and transformer decoders) as one graph; the losses and the input batching stay eager.
-WHOLE_NETWORK = "network"
-
-
-class _CompiledInTraining:
-    """A module's forward (or ``_network``) that runs its compiled version while the module is
-    in training mode and the eager one otherwise.
-
-    Evaluation during training (``TEST.EVAL_PERIOD``) feeds images of many sizes: a compiled
-    forward would compile again for new sizes (minutes each on a GPU), and under
-    ``reduce-overhead`` keep one CUDA graph per size. Inference has its own bounded replay
-    (``TEST.CUDA_GRAPH``)."""
-
-    def __init__(self, module, eager, compiled):
-        self.module, self.eager, self.compiled = module, eager, compiled
-
-    def __call__(self, *args, **kwargs):
-        return (self.compiled if self.module.training else self.eager)(*args, **kwargs)
-
-
-def compile_submodules(model, names, mode="default", backend="inductor", training_only=True):
-    """``torch.compile`` the named parts of ``model`` in place (state-dict keys unchanged).
-
-    Names are submodule attribute paths ("backbone", "pixel_decoder") or ``"network"`` for the
-    whole network as one graph (it traces without a graph break since the deformable attention
-    is a registered operator); an unknown name raises. ``backend``: torch.compile's (tests use
-    "aot_eager", which traces the same graphs without generating code). ``training_only``: the
-    compiled code runs only while the model is in training mode (see ``_CompiledInTraining``);
-    False compiles evaluation too (benchmarks of fixed-size inference).
-    """
-    mode_arg = None if mode == "default" else mode
-    compiled = []
-    for name in names:
-        if name == WHOLE_NETWORK and hasattr(model, "_network"):
-            owner, attribute = model, "_network"  # an instance attribute over the bound method
-        else:
-            owner = model
-            for part in name.split("."):
-                if not hasattr(owner, part):
-                    raise ValueError(f"SOLVER.COMPILE.MODULES: {type(model).__name__} has no submodule {name!r}")
-                owner = getattr(owner, part)
-            if owner is None:
-                continue  # a disabled branch (e.g. no localization)
-            attribute = "forward"  # module hooks stay outside the graph, as with nn.Module.compile
-        eager = getattr(owner, attribute)
-        function = torch.compile(eager, mode=mode_arg, backend=backend)
-        setattr(owner, attribute, _CompiledInTraining(owner, eager, function) if training_only else function)
-        compiled.append(name)
-    if compiled:
-        logger.info("torch.compile (mode %s%s) on: %s", mode, ", training only" if training_only else "",
-                    ", ".join(compiled))
-    return compiled
-
-
-def apply_memory_format(model, channels_last):
-    """Convert the model's 4-D weights to channels-last when asked (convolutions then run NHWC)."""
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-        logger.info("model weights converted to channels-last")
-    return model
-
-
 class DDLTrainLoop(SimpleTrainer):
     """``SimpleTrainer`` with optional autocast and one host sync per step for the losses.
 
@@ -149,13 +86,17 @@ class DDLTrainLoop(SimpleTrainer):
             ``torch.bfloat16`` (same exponent range as float32: no scaler, no skipped steps).
         device_type: autocast device type ("cuda" or "cpu").
         grad_scaler: for float16; built when None.
+        early_loss_copy: queue the losses' host copy before the backward (``PendingHostLosses``)
+            instead of copying them after it.
+        mark_cudagraph_steps: start each step with ``torch.compiler.cudagraph_mark_step_begin``
+            (CUDA-graph trees of ``SOLVER.COMPILE.MODE`` reduce-overhead).
 
     After the backward, ``self.host_losses`` holds the step's loss terms as CPU tensors
     (``NonFiniteLossHook`` reads them from there).
     """
 
     def __init__(self, model, data_loader, optimizer, *, amp_dtype=None, device_type="cuda", grad_scaler=None,
-                 **kwargs):
+                 early_loss_copy=False, mark_cudagraph_steps=False, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype}")
@@ -164,6 +105,8 @@ class DDLTrainLoop(SimpleTrainer):
         self.amp_dtype = amp_dtype
         self.device_type = device_type
         self.grad_scaler = grad_scaler if amp_dtype == torch.float16 else None
+        self.early_loss_copy = early_loss_copy
+        self.mark_cudagraph_steps = mark_cudagraph_steps
         self.host_losses = None
 
     def run_step(self):
@@ -172,18 +115,17 @@ class DDLTrainLoop(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
 
-        # A new step for CUDA-graph trees (SOLVER.COMPILE.MODE reduce-overhead): the previous
-        # step's graph outputs may be overwritten from here on. A no-op without them.
-        torch.compiler.cudagraph_mark_step_begin()
+        if self.mark_cudagraph_steps:
+            # A new step for CUDA-graph trees: the previous step's graph outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with autocast_region(self.device_type, self.amp_dtype):
             loss_dict = self.model(data)
             if isinstance(loss_dict, torch.Tensor):
                 loss_dict = {"total_loss": loss_dict}
             losses = sum(loss_dict.values())
-        host_losses = PendingHostLosses(loss_dict)  # queued before the backward: see PendingHostLosses
+        host_losses = PendingHostLosses(loss_dict) if self.early_loss_copy else None
         if not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         if self.grad_scaler is not None:
@@ -191,7 +133,7 @@ class DDLTrainLoop(SimpleTrainer):
         else:
             losses.backward()
 
-        self.host_losses = host_losses.result()
+        self.host_losses = host_losses.result() if host_losses is not None else losses_to_host(loss_dict)
         self.after_backward()
         if self.async_write_metrics:
             self.concurrent_executor.submit(self._write_metrics, self.host_losses, data_time, iter=self.iter)

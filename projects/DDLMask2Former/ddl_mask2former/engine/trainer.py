@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .hooks import NonFiniteLossHook
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
-from .train_loop import DDLTrainLoop, amp_dtype_from_cfg, apply_memory_format, compile_submodules
+from .compilation import apply_memory_format, compile_submodules
+from .train_loop import DDLTrainLoop, amp_dtype_from_cfg
 
 __all__ = ["AtomicDetectionCheckpointer", "CalibrationHook", "Trainer", "build_ddp_model"]
 
@@ -113,7 +114,8 @@ class Trainer(DefaultTrainer):
         # SOLVER.AMP.PRECISION picks float16 (GradScaler) or bfloat16 (no scaler, CPU too).
         self._trainer = DDLTrainLoop(
             model, data_loader, optimizer, amp_dtype=amp_dtype_from_cfg(cfg),
-            device_type=torch.device(cfg.MODEL.DEVICE).type,
+            device_type=torch.device(cfg.MODEL.DEVICE).type, early_loss_copy=cfg.SOLVER.EARLY_LOSS_COPY,
+            mark_cudagraph_steps=bool(cfg.SOLVER.COMPILE.MODULES) and cfg.SOLVER.COMPILE.MODE == "reduce-overhead",
         )
         self.non_finite_loss_hook = NonFiniteLossHook(model)
         # after_backward is called by the inner trainer's run_step, so the hook lives there.

@@ -34,7 +34,7 @@ from detectron2.projects.point_rend.point_features import point_sample
 from detectron2.utils.comm import get_world_size
 
 from .matcher import HungarianMatcher
-from .targets import LocalizationTargets
+from .precision import float32_region
 
 
 def _uncertainty(logits):
@@ -180,13 +180,9 @@ class LocalizationCriterion(nn.Module):
         """
         Args:
             outputs: transformer decoder output dict (``pred_logits``, ``pred_masks``, ``aux_outputs``).
-            targets: ``LocalizationTargets`` at the padded input resolution, or per image
-                {"masks": (T, H, W) bool, "labels": (T,) int64 class indices, "valid": (H, W) bool}
-                (T may be 0), which are converted.
+            targets: ``LocalizationTargets`` at the padded input resolution.
         """
-        if not isinstance(targets, LocalizationTargets):
-            targets = LocalizationTargets.from_images(targets)
-        with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
+        with float32_region(outputs["pred_logits"].device.type):
             layers = [outputs]
             suffixes = [""]
             if self.deep_supervision:

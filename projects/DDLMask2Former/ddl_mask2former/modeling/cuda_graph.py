@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch.utils import _pytree as pytree
 
-from .autocast import autocast_dtype
+from .precision import autocast_dtype, autocast_region
 from .shape_cache import ShapeCache
 
 __all__ = ["CudaGraphRunner"]
@@ -118,8 +118,7 @@ class CudaGraphRunner:
         self._seen.clear()
 
     def _autocast(self, amp_dtype):
-        return torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
-                              cache_enabled=False)
+        return autocast_region("cuda", amp_dtype, cache_enabled=False)
 
     def _capture(self, images, amp_dtype):
         static_input = images.clone()

@@ -18,21 +18,6 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.projects.point_rend.point_features import point_sample
 
-from .targets import LocalizationTargets
-
-
-def pairwise_mask_costs(mask_logits, targets, weights):
-    """Pairwise BCE and Dice costs of one image.
-
-    Args:
-        mask_logits: (Q, P) predicted logits at P points.
-        targets: (T, P) float {0, 1} target values at the same points.
-        weights: (P,) float point weights (0 = ignore).
-    Returns:
-        (bce, dice), both (Q, T).
-    """
-    bce, dice = batched_mask_costs(mask_logits[None], targets[None], weights[None])
-    return bce[0], dice[0]
 
 
 def batched_mask_costs(mask_logits, targets, weights):
@@ -59,9 +44,7 @@ def batched_mask_costs(mask_logits, targets, weights):
 
 
 class HungarianMatcher(nn.Module):
-    """forward(outputs, targets) -> list of (query_indices, target_indices) int64 tensors per image.
-
-    ``match_layers(list_of_outputs, targets)`` matches several supervised predictions (the final
+    """``match_layers(list_of_outputs, targets)`` matches several supervised predictions (the final
     one and every deep-supervision layer) against a batch's ``LocalizationTargets`` at once and
     returns, per layer, the (B, T) query matched to each target slot. The cost matrices of all
     images are computed on the device in one batched computation per layer and, for several
@@ -89,13 +72,6 @@ class HungarianMatcher(nn.Module):
         loss = cfg.MODEL.DDL.LOSS
         return {"class_weight": loss.CLASS_WEIGHT, "mask_weight": loss.MASK_WEIGHT,
                 "dice_weight": loss.DICE_WEIGHT, "num_points": loss.NUM_POINTS}
-
-    def cost_matrix(self, logits, mask_logits, target_masks, target_labels, valid):
-        """(Q, T) cost for one image: logits (Q, K), mask_logits (Q,h,w), target_masks (T,H,W),
-        target_labels (T,) class indices, valid (H,W)."""
-        present = torch.ones(1, target_masks.shape[0], dtype=torch.bool, device=target_masks.device)
-        targets = LocalizationTargets(target_masks[None], target_labels[None], present, valid[None])
-        return self.batched_costs(logits[None], mask_logits[None], targets)[0]
 
     def batched_costs(self, logits, mask_logits, targets):
         """(B, Q, T) costs: logits (B, Q, K), mask_logits (B, Q, h, w), ``targets`` a
@@ -136,19 +112,3 @@ class HungarianMatcher(nn.Module):
                 matched[layer, image, cols] = rows
         flat = torch.from_numpy(matched).to(device)  # (L, B, T): one host->device copy
         return list(flat.unbind(0))
-
-    @torch.no_grad()
-    def forward(self, outputs, targets):
-        """
-        Args:
-            outputs: {"pred_logits": (B, Q, K), "pred_masks": (B, Q, h, w)}
-            targets: per image {"masks": (T, H, W) bool/float, "labels": (T,) int64, "valid": (H, W) bool}
-        Returns:
-            per image, (query_indices, target_indices) with target indices local to the image.
-        """
-        matched = self.match_layers([outputs], LocalizationTargets.from_images(targets))[0]
-        indices = []
-        for b, target in enumerate(targets):
-            count = int(target["masks"].shape[0])
-            indices.append((matched[b, :count], torch.arange(count, device=matched.device)))
-        return indices

@@ -59,11 +59,12 @@ from detectron2.structures import ImageList
 from .criterion import LocalizationCriterion
 from .cuda_graph import CudaGraphRunner
 from .detection_head import DetectionHead
+from .host_to_device import to_device_async
 from .noise_residuals import NoiseResiduals
 from .pixel_decoder import build_pixel_decoder
+from .precision import float32_region
 from .targets import LocalizationTargets
 from .tiled_inference import TiledInference
-from .transfer import to_device_async
 from .transformer_decoder import build_transformer_decoder
 from .verdict import Verdict
 
@@ -289,7 +290,7 @@ class DDLMask2Former(nn.Module):
         images, det_logits, decoded = self._run_network(batched_inputs)
         losses = {}
         if self.detection:
-            with torch.autocast(device_type=self.device.type, enabled=False):
+            with float32_region(self.device.type):
                 bce = F.binary_cross_entropy_with_logits(det_logits.float(), self._labels(batched_inputs))
             losses["loss_det"] = self.det_weight * bce
         if self.localization:

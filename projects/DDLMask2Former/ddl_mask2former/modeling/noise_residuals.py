@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import float32_region
+
+
 # Second-order horizontal residual, the 3x3 "KB" square and the 5x5 "KV" square of the SRM set.
 _SECOND_ORDER = [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, -2, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
 _KB = [[0, 0, 0, 0, 0], [0, -1, 2, -1, 0], [0, 2, -4, 2, 0], [0, -1, 2, -1, 0], [0, 0, 0, 0, 0]]
@@ -47,7 +50,7 @@ class NoiseResiduals(nn.Module):
         # round, the kernels stop summing to zero, and a flat gray-200 image gets a residual of
         # about 1.2 gray levels: as large as the traces, and absent from float32 inference, so a
         # model trained with bfloat16 autocast saw other residuals than it was evaluated on.
-        with torch.autocast(pixels.device.type, enabled=False):
+        with float32_region(pixels.device.type):
             residual = F.conv2d(F.pad(pixels.float(), (2, 2, 2, 2), mode="replicate"), self.weight,
                                 groups=self.in_channels)
             return (residual / self.scale).clamp(-self.truncation, self.truncation)

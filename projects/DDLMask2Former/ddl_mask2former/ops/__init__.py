@@ -10,7 +10,6 @@ from .ms_deform_attn_func import (
     force_pytorch_requested,
     ms_deform_attn,
     ms_deform_attn_pytorch,
-    registered_op_on_cpu,
 )
 from .registered_op import ms_deform_attn_backward_op, ms_deform_attn_op
 
@@ -23,5 +22,4 @@ __all__ = [
     "FORCE_PYTORCH_ENV",
     "ms_deform_attn_op",
     "ms_deform_attn_backward_op",
-    "registered_op_on_cpu",
 ]

@@ -32,10 +32,14 @@ class MSDeformAttn(nn.Module):
             (sampling positions are fragile in half); False runs only the sampling offsets, the
             attention weights and the sampling in float32 and the value and output projections in
             autocast's dtype, which halves what those keep for the backward.
+        registered_op: sample through the registered operator
+            ``torch.ops.ddl_mask2former.ms_deform_attn`` on every device (``torch.compile``
+            traces it without a graph break); False (default) uses the compiled CUDA kernels
+            through an autograd.Function on CUDA and the PyTorch path elsewhere.
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 3, n_heads: int = 8, n_points: int = 4,
-                 fp32_projections: bool = True):
+                 fp32_projections: bool = True, registered_op: bool = False):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"MSDeformAttn: d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -50,6 +54,7 @@ class MSDeformAttn(nn.Module):
         self.n_points = n_points
         self.head_dim = d_model // n_heads
         self.fp32_projections = fp32_projections
+        self.registered_op = registered_op
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -152,5 +157,6 @@ class MSDeformAttn(nn.Module):
             sampling_locations = (reference_points[:, :, None, :, None, :]
                                   + offsets / level_size_xy[None, None, None, :, None, :])
             # A half value with float32 positions is sampled in float32 (output in value's dtype).
-            output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights)
+            output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights,
+                                    registered_op=self.registered_op)
         return self.output_proj(output)

@@ -7,9 +7,12 @@
 Dispatch, decided per call:
 
 * ``DDL_MSDA_FORCE_PYTORCH=1`` in the environment -> the PyTorch path, always;
-* CUDA tensors and a built ``ddl_mask2former.ops._C`` -> the compiled CUDA kernels, through the
-  registered operator ``torch.ops.ddl_mask2former.ms_deform_attn`` (``registered_op.py``), which
-  ``torch.compile`` traces without a graph break;
+* CUDA tensors and a built ``ddl_mask2former.ops._C`` -> the compiled CUDA kernels, through an
+  ``autograd.Function`` (the path measured on a GPU), or with ``registered_op=True``
+  (``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP``) through the registered operator
+  ``torch.ops.ddl_mask2former.ms_deform_attn`` (``registered_op.py``), which ``torch.compile``
+  traces without a graph break;
+* CPU tensors with ``registered_op=True`` -> the registered operator's CPU kernel;
 * anything else -> the PyTorch path (a warning, once, when CUDA tensors meet a missing build).
 
 The path in use is logged once per distinct path and reason (logger ``ddl_mask2former.ops``).
@@ -18,13 +21,13 @@ exists but fails to load (wrong torch, missing symbols) raises.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ms_deform_attn",
@@ -32,7 +35,6 @@ __all__ = [
     "compiled_op_available",
     "force_pytorch_requested",
     "FORCE_PYTORCH_ENV",
-    "registered_op_on_cpu",
 ]
 
 logger = logging.getLogger("ddl_mask2former.ops")
@@ -47,8 +49,6 @@ _extension_checked = False
 # Channels per CUDA thread (0 = widest vector width that fits; 1 = one channel per thread).
 _channels_per_thread = 0
 _logged_paths: set[str] = set()
-# CPU tensors through the registered op (``registered_op_on_cpu``); the CPU default is the plain path.
-_registered_op_on_cpu = False
 
 
 def _load_extension():
@@ -183,22 +183,33 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
     return output.transpose(1, 2).to(value.dtype).contiguous()
 
 
-@contextlib.contextmanager
-def registered_op_on_cpu():
-    """Within the block, CPU tensors also go through ``torch.ops.ddl_mask2former.ms_deform_attn``
-    (its CPU kernel: the PyTorch path, recomputed in the backward) instead of the plain PyTorch
-    path. For tests and benchmarks: the op's registration and what it keeps for the backward can
-    then be checked without a GPU."""
-    global _registered_op_on_cpu
-    previous = _registered_op_on_cpu
-    _registered_op_on_cpu = True
-    try:
-        yield
-    finally:
-        _registered_op_on_cpu = previous
+class _MSDeformAttnCUDA(torch.autograd.Function):
+    """Autograd wrapper of the compiled kernels (first derivatives only)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                channels_per_thread=0):
+        output = _load_extension().ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            channels_per_thread=channels_per_thread,
+        )
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.channels_per_thread = channels_per_thread
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = _load_extension().ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            grad_output.contiguous(), channels_per_thread=ctx.channels_per_thread,
+        )
+        return grad_value, None, None, grad_locations, grad_weights, None
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *,
+                   registered_op=False):
     """Multi-scale deformable attention.
 
     Args:
@@ -207,6 +218,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         level_start_index: (L,) int64, offset of each level in S.
         sampling_locations: (N, Lq, M, L, P, 2) as (x, y), normalized to [0, 1].
         attention_weights: (N, Lq, M, L, P).
+        registered_op: through ``torch.ops.ddl_mask2former.ms_deform_attn`` (see the module).
 
     Returns:
         (N, Lq, M * D) in value's dtype.
@@ -219,8 +231,15 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if value.is_cuda:
         if _load_extension() is not None:
             _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            if registered_op:
+                _log_path_once("registered", "ms_deform_attn: compiled CUDA op (ddl_mask2former.ops._C) "
+                               "through the registered operator")
+                return torch.ops.ddl_mask2former.ms_deform_attn(
+                    value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    _channels_per_thread,
+                )
             _log_path_once("compiled", "ms_deform_attn: compiled CUDA op (ddl_mask2former.ops._C)")
-            return torch.ops.ddl_mask2former.ms_deform_attn(
+            return _MSDeformAttnCUDA.apply(
                 value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                 _channels_per_thread,
             )
@@ -230,7 +249,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
             "PyTorch path (reinstall with nvcc on PATH: pip install --no-build-isolation -e .)",
             logging.WARNING,
         )
-    elif _registered_op_on_cpu:
+    elif registered_op:
         _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return torch.ops.ddl_mask2former.ms_deform_attn(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, 0)

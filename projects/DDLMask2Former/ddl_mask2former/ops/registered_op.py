@@ -4,17 +4,18 @@
 with ``torch.library.custom_op``: a schema, a fake (shape-only) implementation and an autograd
 formula. ``torch.compile`` therefore traces the pixel decoder through the op as one graph
 instead of breaking the graph around an opaque ``autograd.Function``, and CUDA-graph capture
-(``mode="reduce-overhead"``) can take the pixel decoder with the rest of the network.
+(``mode="reduce-overhead"``) can take the pixel decoder with the rest of the network. Used when
+asked (``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP``; not yet run on a GPU).
 
 Kernels:
 
 * CUDA tensors: the compiled kernels of ``ddl_mask2former.ops._C`` (the op is only dispatched
   there when the extension is built);
 * CPU tensors: the PyTorch path for the forward and its gradients written out for the
-  backward (the samples drawn again). The model does not use this on the CPU (its plain PyTorch path keeps the sampled
-  values and needs no second forward); it exists so the registration (schema, fake tensors,
-  autograd, compilation) is tested where there is no GPU, and so what the op keeps for the
-  backward (its five inputs, nothing else) can be counted on a CPU as it is on a GPU.
+  backward (the samples drawn again). The plain PyTorch path keeps the sampled values and needs
+  no second forward, so it is the CPU default; this kernel lets the registration (schema, fake
+  tensors, autograd, compilation) be tested where there is no GPU, and what the op keeps for
+  the backward (its five inputs, nothing else) be counted on a CPU as it is on a GPU.
 """
 from __future__ import annotations
 

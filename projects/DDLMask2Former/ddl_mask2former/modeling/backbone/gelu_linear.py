@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..autocast import autocast_dtype
+from ..precision import autocast_dtype, float32_region
 
 __all__ = ["gelu_linear", "recompute_gelu_in_backward"]
 
@@ -32,7 +32,7 @@ class _GeluLinear(torch.autograd.Function):
         if dtype is not None:
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
+        with float32_region(device_type):
             output = F.linear(F.gelu(hidden), weight, bias)
         ctx.save_for_backward(hidden, weight)
         return output

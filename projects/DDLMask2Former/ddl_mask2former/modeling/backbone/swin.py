@@ -14,6 +14,8 @@ time on them). The wrapper turns those -100 entries into -inf, which is what the
 the masked weights become exact zeros (no row is ever fully masked: a token always sees its
 own region), and the outputs match timm's to float32 rounding.
 
+Opt-in memory options (off until measured on a GPU; modeling/README.md "Defaults and the GPU"):
+
 MLPs: each block's ``fc1 -> GELU -> fc2`` keeps only the GELU's input for the backward and
 recomputes the activation there (``gelu_linear.py``, ``MODEL.SWIN.RECOMPUTE_GELU``): the same
 gradients for about half of the MLPs' saved activations, the largest ones Swin keeps.
@@ -58,8 +60,8 @@ class D2SwinTransformer(Backbone):
         out_norm=True,
         in_chans=3,
         fused_attention=False,
-        recompute_gelu=True,
-        recompute_attention=True,
+        recompute_gelu=False,
+        recompute_attention=False,
         grad_checkpointing=False,
     ):
         super().__init__()
@@ -194,9 +196,4 @@ def build_swin_backbone(cfg, input_shape):
     )
 
 
-def no_weight_decay_keywords():
-    """Parameter-name fragments of Swin that conventionally get no weight decay."""
-    return ("relative_position_bias_table", "absolute_pos_embed")
-
-
-__all__ = ["D2SwinTransformer", "build_swin_backbone", "no_weight_decay_keywords"]
+__all__ = ["D2SwinTransformer", "build_swin_backbone"]

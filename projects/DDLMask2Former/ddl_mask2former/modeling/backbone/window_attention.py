@@ -21,7 +21,7 @@ import types
 import torch
 from torch import nn
 
-from ..autocast import autocast_dtype
+from ..precision import autocast_dtype, float32_region
 
 __all__ = ["window_attention", "recompute_attention_in_backward"]
 
@@ -52,7 +52,7 @@ class _WindowAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, mask, scale):
         device_type = q.device.type
         compute_dtype = autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
+        with float32_region(device_type):
             scaled, keys, values = _operands(q, k, v, scale, compute_dtype)
             probs, ctx.logits_dtype = _probabilities(scaled, keys, bias, mask, compute_dtype)
             output = probs.to(values.dtype) @ values
@@ -64,7 +64,7 @@ class _WindowAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         q, k, v, bias, mask = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False):
+        with float32_region(q.device.type):
             # Recomputed exactly as in the forward.
             scaled, keys, values = _operands(q, k, v, ctx.scale, ctx.compute_dtype)
             probs, _ = _probabilities(scaled, keys, bias, mask, ctx.compute_dtype)

@@ -30,11 +30,11 @@ class DeformableEncoderLayer(nn.Module):
     """Post-norm layer: multi-scale deformable self-attention, then a two-layer FFN."""
 
     def __init__(self, d_model, ffn_dim, n_levels, n_heads, n_points, dropout, fp32_projections=True,
-                 recompute_ffn=True):
+                 recompute_ffn=False, registered_op=False):
         super().__init__()
         self.recompute_ffn = recompute_ffn
         self.self_attn = MSDeformAttn(d_model=d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points,
-                                      fp32_projections=fp32_projections)
+                                      fp32_projections=fp32_projections, registered_op=registered_op)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, d_model)
@@ -73,7 +73,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
         encoder_ffn_dim=1024,
         dropout=0.0,
         fp32_projections=True,
-        recompute_ffn=True,
+        recompute_ffn=False,
+        registered_op=False,
     ):
         """
         Args:
@@ -83,6 +84,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             fp32_projections: see ``MSDeformAttn`` (``MODEL.DDL.PIXEL_DECODER.FP32_PROJECTIONS``).
             recompute_ffn: the encoder FFNs keep their input, not their hidden, for the backward
                 (``recomputed_ffn.py``, ``MODEL.DDL.PIXEL_DECODER.RECOMPUTE_FFN``).
+            registered_op: see ``MSDeformAttn`` (``MODEL.DDL.PIXEL_DECODER.REGISTERED_OP``).
         """
         super().__init__()
         missing = [f for f in deform_in_features if f not in input_shape]
@@ -106,7 +108,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.encoder = nn.ModuleList(
             DeformableEncoderLayer(
                 conv_dim, encoder_ffn_dim, len(self.deform_features), encoder_heads, encoder_points, dropout,
-                fp32_projections, recompute_ffn,
+                fp32_projections, recompute_ffn, registered_op,
             )
             for _ in range(encoder_layers)
         )
@@ -155,6 +157,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "dropout": pd.DROPOUT,
             "fp32_projections": pd.FP32_PROJECTIONS,
             "recompute_ffn": pd.RECOMPUTE_FFN,
+            "registered_op": pd.REGISTERED_OP,
         }
 
     def _level_geometry(self, shapes, batch, device):

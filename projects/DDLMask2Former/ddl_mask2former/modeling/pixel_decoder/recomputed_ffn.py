@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..autocast import autocast_dtype
+from ..precision import autocast_dtype, float32_region
 
 __all__ = ["relu_ffn"]
 
@@ -34,7 +34,7 @@ class _ReluFFN(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in (x, weight1, bias1, weight2, bias2)]
         ctx.compute_dtype = compute_dtype
         xc, w1, b1, w2, b2 = _cast((x, weight1, bias1, weight2, bias2), compute_dtype)
-        with torch.autocast(device_type, enabled=False):
+        with float32_region(device_type):
             output = F.linear(F.relu(F.linear(xc, w1, b1)), w2, b2)
         ctx.save_for_backward(xc, weight1, bias1, weight2)
         return output
@@ -46,7 +46,7 @@ class _ReluFFN(torch.autograd.Function):
         x_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.dtypes
         w1, b1, w2 = _cast((weight1, bias1, weight2), ctx.compute_dtype)
         needs = ctx.needs_input_grad
-        with torch.autocast(xc.device.type, enabled=False):
+        with float32_region(xc.device.type):
             hidden = F.relu(F.linear(xc, w1, b1))  # recomputed: not kept from the forward
             grad_output = grad_output.to(w2.dtype)
             flat_grad = grad_output.reshape(-1, grad_output.shape[-1])

@@ -1,6 +1,7 @@
-"""Issue 10's model changes keep the numbers: the batched matcher and criterion against the
-per-image, per-layer implementation they replaced (kept below as the reference), the host
-round trips of a training step, and batched inference against one image at a time."""
+"""``criterion.py``, ``matcher.py``, ``targets.py`` in a training step: the batched matcher and
+criterion against the per-image, per-layer implementation they replaced (kept below as the
+reference), the batch's targets, the host round trips of a training step, and batched inference
+against one image at a time."""
 import collections
 import sys
 
@@ -18,9 +19,10 @@ from detectron2.projects.point_rend.point_features import (
 from ddl_mask2former.modeling import criterion as criterion_module
 from ddl_mask2former.modeling import matcher as matcher_module
 from ddl_mask2former.modeling.criterion import LocalizationCriterion
-from ddl_mask2former.modeling.matcher import HungarianMatcher, pairwise_mask_costs
+from ddl_mask2former.modeling.matcher import HungarianMatcher
 from ddl_mask2former.modeling.targets import LocalizationTargets
 
+from loss_helpers import pairwise_mask_costs, targets_from_images, targets_per_image
 from model_helpers import build, tiny_cfg, training_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -159,7 +161,7 @@ def test_batched_criterion_equals_the_per_image_reference(monkeypatch, seed, cla
     monkeypatch.setattr(torch, "rand", _rows_alike_rand)
     crit = LocalizationCriterion(HungarianMatcher(num_points=64), num_points=48)
     outputs, targets = _case(seed, classes, num_classes=len(classes), device=device)
-    new = crit(outputs, targets)
+    new = crit(outputs, targets_from_images(targets))
     new_grads = torch.autograd.grad(sum(new.values()), _leaves(outputs))
     reference = _reference_losses(crit, outputs, targets)
     ref_grads = torch.autograd.grad(sum(reference.values()), _leaves(outputs))
@@ -176,7 +178,7 @@ def test_matching_of_all_layers_equals_per_image_matching(monkeypatch, classes):
     matcher = HungarianMatcher(num_points=64)
     outputs, targets = _case(3, classes, num_classes=len(classes))
     layers = [outputs] + outputs["aux_outputs"]
-    for layer, matched in zip(layers, matcher.match_layers(layers, LocalizationTargets.from_images(targets))):
+    for layer, matched in zip(layers, matcher.match_layers(layers, targets_from_images(targets))):
         reference = _reference_match(matcher, layer, targets)
         got = sorted((b, matched[b, t].item(), t) for b, target in enumerate(targets)
                      for t in range(target["masks"].shape[0]))
@@ -189,7 +191,7 @@ def test_no_targets_anywhere_gives_zero_mask_losses_with_gradients():
     outputs, targets = _case(0, ("forged",))
     for target in targets:
         target["masks"], target["labels"] = target["masks"][:0], target["labels"][:0]
-    losses = crit(outputs, targets)
+    losses = crit(outputs, targets_from_images(targets))
     assert all(losses[k].item() == 0.0 for k in losses if "mask" in k or "dice" in k)
     sum(losses.values()).backward()
     assert outputs["pred_masks"].grad is not None
@@ -269,7 +271,7 @@ def test_batched_targets_equal_the_per_image_reference(classes, same_size):
     batch += [all_forged, padded_crop]
     if not same_size:
         batch[0] = dict(batch[0], image=batch[0]["image"][:, :40, :56], forgery_mask=batch[0]["forgery_mask"][:40, :56])
-    got = model._localization_targets(batch, (64, 64)).per_image()
+    got = targets_per_image(model._localization_targets(batch, (64, 64)))
     expected = _reference_targets(model, batch, (64, 64))
     for index, (a, b) in enumerate(zip(got, expected)):
         for key in ("masks", "labels", "valid"):
@@ -366,7 +368,7 @@ def test_criterion_compiles_once_for_any_mix_of_real_and_fake_images():
         outputs, targets = _case(seed, ("forged",))
         targets = [t if b in fake_images else dict(t, masks=t["masks"][:0], labels=t["labels"][:0])
                    for b, t in enumerate(targets)]
-        batch_targets = LocalizationTargets.from_images(targets)
+        batch_targets = targets_from_images(targets)
         if not fake_images:  # no slot at all: give the batch its one (empty) forged slot
             batch_targets = LocalizationTargets(
                 torch.zeros(4, 1, 16, 16, dtype=torch.bool), torch.zeros(4, 1, dtype=torch.int64),
@@ -405,6 +407,6 @@ def test_criterion_keeps_only_the_matched_masks_for_the_backward():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        crit(outputs, targets)
+        crit(outputs, targets_from_images(targets))
     all_masks = sum(layer["pred_masks"].numel() * 4 for layer in [outputs] + outputs["aux_outputs"])
     assert sum(storages.values()) < all_masks / 8

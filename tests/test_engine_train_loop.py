@@ -1,7 +1,6 @@
-"""The training step of issue 10: bfloat16/float16 autocast choice, one host sync per step for
-the losses, and the opt-in speed options (channels-last, torch.compile)."""
-import os
-
+"""``engine/train_loop.py``: bfloat16/float16 autocast choice, one host sync per step for the
+losses (after the backward, or queued before it with ``SOLVER.EARLY_LOSS_COPY``), the CUDA-graph
+step mark."""
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
@@ -16,7 +15,6 @@ from ddl_mask2former.engine import (
     amp_dtype_from_cfg,
     losses_to_host,
 )
-from ddl_mask2former.engine.train_loop import apply_memory_format, compile_submodules
 
 
 class _TermsModel(nn.Module):
@@ -91,12 +89,15 @@ def test_pending_host_losses_on_a_gpu_equal_the_values_and_wait_only_for_them():
     assert all(v.device.type == "cpu" for v in host.values())
 
 
+@pytest.mark.parametrize("early_loss_copy", [False, True])
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
-def test_train_loop_logs_every_term_from_one_copy(amp_dtype, monkeypatch):
+def test_train_loop_logs_every_term_from_one_copy(amp_dtype, early_loss_copy, monkeypatch):
+    """After the backward (default) or queued before it (SOLVER.EARLY_LOSS_COPY): one copy."""
     torch.manual_seed(0)
     model = _TermsModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=amp_dtype, device_type="cpu")
+    loop = DDLTrainLoop(model, _batches(), optimizer, amp_dtype=amp_dtype, device_type="cpu",
+                        early_loss_copy=early_loss_copy)
     assert loop.grad_scaler is None  # bfloat16 needs no loss scaling
     syncs = []
     real_item = torch.Tensor.item
@@ -112,6 +113,22 @@ def test_train_loop_logs_every_term_from_one_copy(amp_dtype, monkeypatch):
     assert history["total_loss"].latest() == pytest.approx(sum(float(v) for v in loop.host_losses.values()))
     # detectron2's write_metrics still calls .item() per term, but on host tensors only.
     assert syncs and all(device.type == "cpu" for device in syncs)
+
+
+@pytest.mark.parametrize("mark", [False, True])
+def test_train_loop_marks_cuda_graph_steps_only_when_asked(mark, monkeypatch):
+    """torch.compiler.cudagraph_mark_step_begin runs once per step only with
+    mark_cudagraph_steps (set by the Trainer for SOLVER.COMPILE.MODE reduce-overhead)."""
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(1))
+    model = _TermsModel()
+    loop = DDLTrainLoop(model, _batches(), torch.optim.SGD(model.parameters(), lr=0.01), device_type="cpu",
+                        mark_cudagraph_steps=mark)
+    with EventStorage(0) as storage:
+        loop.storage = storage
+        for loop.iter in range(2):
+            loop.run_step()
+    assert len(calls) == (2 if mark else 0)
 
 
 def test_train_loop_bfloat16_gradients_match_full_precision():
@@ -175,107 +192,3 @@ def test_float16_loop_clips_unscaled_gradients_with_a_fused_optimizer(monkeypatc
     true_norm = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
     assert loop.grad_scaler.get_scale() > 1000
     assert seen and seen[0] < 10 * true_norm + 1.0
-
-
-def test_compile_submodules_in_place_keeps_state_dict_keys_and_compiles_training_only():
-    """Compiled in place (state-dict keys unchanged); the compiled code runs in training mode only,
-    so evaluation on images of new sizes does not compile again."""
-    from torch._dynamo.testing import CompileCounter
-
-    model = nn.Sequential()
-    model.backbone = nn.Conv2d(3, 4, 3)
-    model.head = None
-    keys = list(model.state_dict())
-    counter = CompileCounter()
-    torch._dynamo.reset()
-    assert compile_submodules(model, ["backbone", "head"], backend=counter) == ["backbone"]
-    assert list(model.state_dict()) == keys
-    generator = torch.Generator().manual_seed(0)
-    images = [torch.randn(2, 3, size, size, generator=generator) for size in (8, 11, 13)]
-    model.train()
-    model.backbone(images[0])
-    assert counter.frame_count == 1
-    model.eval()
-    with torch.no_grad():
-        for image in images[1:]:
-            torch.testing.assert_close(model.backbone(image), nn.functional.conv2d(
-                image, model.backbone.weight, model.backbone.bias))
-    assert counter.frame_count == 1  # evaluation ran eagerly
-    everywhere = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
-    compile_submodules(everywhere, ["0"], backend=counter, training_only=False)
-    with torch.no_grad():
-        everywhere(images[1])
-    assert counter.frame_count == 2
-    torch._dynamo.reset()
-    with pytest.raises(ValueError, match="no submodule 'pixel_decoder'"):
-        compile_submodules(model, ["pixel_decoder"])
-
-
-def test_channels_last_option_converts_conv_weights():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    reference = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
-    apply_memory_format(model, True)
-    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
-    output = model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
-    assert torch.allclose(output, reference, atol=1e-5)
-
-
-_INDUCTOR_TESTS = os.environ.get("DDL_INDUCTOR_TESTS", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-@pytest.mark.parametrize("backend", [
-    "aot_eager",
-    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
-        not _INDUCTOR_TESTS, reason="inductor compiles the tiny model's step for 2-3 minutes on a "
-        "2-core CPU; set DDL_INDUCTOR_TESTS=1 to run it")]),
-])
-def test_compiling_the_network_and_the_criterion_gives_two_graphs_and_the_eager_step(backend):
-    """SOLVER.COMPILE.MODULES ["network", "criterion"]: backbone, heads and decoders in one graph
-    (the deformable attention is a registered operator, traced here through its CPU kernel), the
-    losses in another, reused by a batch with another real/fake arrangement; losses and
-    gradients equal the eager step's. aot_eager checks the capture (dynamo and AOT autograd);
-    inductor also its code generation (C++ on the CPU, as Triton would be on a GPU), with
-    inductor's random numbers replaced by eager's so that the losses sample the same points."""
-    import torch._dynamo as dynamo
-    import torch._inductor.config as inductor_config
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    from ddl_mask2former.ops import registered_op_on_cpu
-    from model_helpers import build, tiny_cfg, training_batch
-
-    real, fake = training_batch()
-    batches = [[real, fake], [fake, dict(fake, image=fake["image"].flip(-1))]]
-
-    def step(model, batch):
-        torch.manual_seed(3)  # the matcher's and criterion's random points
-        losses = model(batch)
-        sum(losses.values()).backward()
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
-        return {k: v.detach() for k, v in losses.items()}, grads
-
-    with registered_op_on_cpu():
-        eager_model = build(tiny_cfg()).train()
-        expected = [step(eager_model, batch) for batch in batches]
-        model = build(tiny_cfg()).train()
-        dynamo.reset()
-        counter = CompileCounterWithBackend(backend)
-        assert compile_submodules(model, ["network", "criterion"], backend=counter) == ["network", "criterion"]
-        with inductor_config.patch(fallback_random=True):
-            got = [step(model, batch) for batch in batches]
-        model.eval()
-        with torch.no_grad():  # evaluation runs eagerly: nothing compiled for a new image size
-            model([dict(real, image=real["image"][:, :-32])])
-        dynamo.reset()
-    assert counter.frame_count == 2  # no graph break, no recompilation for the second batch
-    assert list(model.state_dict()) == list(eager_model.state_dict())
-    for (losses, grads), (eager_losses, eager_grads) in zip(got, expected):
-        for name, value in eager_losses.items():
-            torch.testing.assert_close(losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
-        assert grads.keys() == eager_grads.keys()
-        for name, grad in eager_grads.items():
-            if backend == "aot_eager":  # the same aten operators in the same order
-                torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-            else:  # fused kernels sum in another order: measured 1e-5 of each gradient's norm
-                error = (grads[name] - grad).norm().item()
-                assert error <= 1e-4 * grad.norm().item() + 1e-5, (name, error, grad.norm().item())
