@@ -8,7 +8,7 @@ process (so machine load hits all alike), on:
 * one 512x512 image: ``ForgeryPredictor`` (PyTorch), ``ForgeryPredictor.from_exported`` on the
   ONNX file (ONNX Runtime) and on the .pt2 program, and Hugging Face's Mask2Former of the same
   shape (benchmarks/bench_inference.py's ``build_hf``: forward only, logits at stride 4);
-* one 1000x1000 image (1 MP) with ``TEST.TILE`` 512 px tiles overlapping by 64 (4 tiles):
+* one 1000x1000 image (1 MP) with ``TEST.TILE`` 512 px tiles overlapping by 64 (3 x 3 = 9 tiles):
   PyTorch vs ONNX Runtime (the same ONNX file with a tiled settings JSON), and Hugging Face's
   forward on a whole 1024x1024 image, scaled to 1 MP, for reference (no tiling there).
 
