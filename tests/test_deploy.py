@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model
+from PIL import Image
 
 from ddl_mask2former.config import load_config
 from ddl_mask2former.deploy import ExportedModel, export_model, metadata_path
@@ -85,8 +86,9 @@ def onnx_file(checkpoint):
     folder, weights = checkpoint
     output = folder / "model.onnx"
     tool = load_tool("export_model")
+    # The plain path (no tiling): whole images at the test scale, three sizes through one graph.
     assert tool.main(["--config-file", QUICKSTART, "--format", "onnx", "--output", str(output),
-                      "MODEL.WEIGHTS", str(weights)]) == 0
+                      "MODEL.WEIGHTS", str(weights), "TEST.TILE.ENABLED", "False"]) == 0
     return output
 
 
@@ -100,7 +102,8 @@ def test_onnx_file_and_settings(onnx_file, checkpoint):
     settings = json.loads(Path(metadata_path(onnx_file)).read_text())
     assert settings["format"] == "onnx" and settings["input"]["size"] is None
     assert settings["input"]["channel_order"] == "RGB"
-    assert settings["tiling"]["tile_size"] == 256 and settings["tiling"]["overlap"] == 128
+    assert settings["tiling"] is None and settings["flip"] is False
+    assert settings["test_resize"] == {"base_scale": [1024, 1024], "enlarge": False}
     verdict = settings["verdict"]
     assert (verdict["rule"], verdict["target_fpr"], verdict["calibrated"], verdict["mask_policy"]) == \
         ("map_max", 0.1, True, "gate")
@@ -108,18 +111,22 @@ def test_onnx_file_and_settings(onnx_file, checkpoint):
 
 def test_onnx_matches_pytorch_at_three_sizes(onnx_file, checkpoint):
     _, weights = checkpoint
-    # The plain path (whole images, no tiling): three sizes through one dynamic-shape graph.
-    expected = _predictor(weights, "TEST.TILE.ENABLED", "False")(_images())
-    exported = ExportedModel(onnx_file)
-    exported.tiling = None  # the same graph; this file's JSON tiles at 256 px, larger than these images
+    reference = _predictor(weights, "TEST.TILE.ENABLED", "False")
+    expected = reference(_images())
     predictor = ForgeryPredictor.from_exported(onnx_file)
-    predictor.model = exported
     actual = predictor(_images())
     assert sorted(p["is_fake"] for p in expected) == [False, True, True]
     for exp, act in zip(expected, actual):
         _assert_same(exp, act)
     real = [p for p in actual if not p["is_fake"]][0]
     assert not real["mask_prob"].any()  # the gate, applied by the exported predictor
+    # A PIL image and a path take the same route; an image over the test scale (1024) is
+    # resized for the network and its map brought back to 300x1100.
+    _assert_same(expected[1], predictor(Image.fromarray(_images()[1])))
+    wide = np.random.default_rng(3).integers(0, 256, (300, 1100, 3), dtype=np.uint8)
+    exp_wide, act_wide = reference(wide), predictor(wide)
+    assert act_wide["mask_prob"].shape == (300, 1100)
+    _assert_same(exp_wide, act_wide)
 
 
 def test_tiled_path_same_in_pytorch_and_onnx_runtime(onnx_file, checkpoint, tmp_path):
