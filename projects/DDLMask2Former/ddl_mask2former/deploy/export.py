@@ -97,8 +97,8 @@ def build_metadata(model, cfg, fmt: str, exported_file: str, size: Optional[Tupl
 
 
 def export_model(model, cfg, fmt: str, output, size: Optional[Sequence[int]] = None) -> Dict:
-    """Export ``model`` (a ``DDLMask2Former`` built from ``cfg``, weights loaded) to ``output``
-    in ``fmt`` and write ``metadata_path(output)``. Returns the metadata, plus
+    """Export ``model`` (a ``DDLMask2Former`` built from ``cfg``, weights loaded; moved to the
+    CPU and put in eval mode) to ``output`` in ``fmt`` and write ``metadata_path(output)``. Returns the metadata, plus
     ``export_seconds`` and ``file_bytes``.
 
     ``size``: (height, width) of the example input; for ``torch-export`` the only size the
@@ -106,9 +106,7 @@ def export_model(model, cfg, fmt: str, output, size: Optional[Sequence[int]] = N
     """
     _check_format(fmt)
     output = os.fspath(output)
-    model = model.to("cpu").eval()
-    if model.cuda_graph is not None:
-        model.cuda_graph = None  # a CPU trace; CUDA graphs only replay CUDA inputs anyway
+    model = model.to("cpu").eval()  # the trace runs on the CPU (and the op's PyTorch path)
     height, width = tuple(int(s) for s in (size or default_size(cfg)))
     if height < 1 or width < 1:
         raise ValueError(f"export size must be positive, got {height}x{width}")

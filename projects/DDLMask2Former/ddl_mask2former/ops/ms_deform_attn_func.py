@@ -154,8 +154,9 @@ def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_lo
 
     Levels are accumulated one at a time so the per-level samples are freed early.
     ``level_shapes``: the (H, W) of each level as Python ints when the caller has them (they must
-    equal ``spatial_shapes``); then nothing is read back from the tensors, which lets
-    ``torch.export`` and the ONNX exporter trace the layer with symbolic image sizes.
+    equal ``spatial_shapes``; under the ONNX exporter's trace, traced sizes); then nothing is read
+    back from the tensors, so a trace keeps the level sizes as functions of the input's size
+    instead of data-dependent values.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     batch, total_len, n_heads, head_dim = value.shape
