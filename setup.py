@@ -122,6 +122,13 @@ def _cuda_extensions():
     return [extension], {"build_ext": BuildExtension}
 
 
+def _requirements(name):
+    """Requirement lines of requirements/<name> (comments and blank lines left out)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "requirements", name)
+    with open(path) as handle:
+        return [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+
+
 ext_modules, cmdclass = _cuda_extensions()
 
 setup(
@@ -132,6 +139,8 @@ setup(
     package_dir={"": PROJECT_DIR},
     packages=find_packages(PROJECT_DIR),
     package_data={"ddl_mask2former.ops": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"]},
+    # pip install -e .[deploy]: ONNX export and ONNX Runtime (requirements/deploy.txt).
+    extras_require={"deploy": _requirements("deploy.txt")},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

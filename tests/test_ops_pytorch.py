@@ -27,6 +27,18 @@ def test_matches_naive_reference_inside_outside_and_on_borders():
     torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_level_shapes_given_as_ints_read_nothing_back_and_give_the_same_result(monkeypatch):
+    inputs = make_inputs(batch=2, n_queries=4, n_heads=2, head_dim=3, level_shapes=LEVELS, n_points=4)
+    expected = ms_deform_attn_pytorch(*inputs)
+    # With level_shapes the sizes are never read from the tensors (what the exporters need).
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist called"))
+    torch.testing.assert_close(ms_deform_attn_pytorch(*inputs, level_shapes=list(LEVELS)), expected,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(ms_deform_attn(*inputs, level_shapes=list(LEVELS)), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 level_shapes for 3 levels"):
+        ms_deform_attn_pytorch(*inputs, level_shapes=list(LEVELS[:2]))
+
+
 def test_points_far_outside_sample_zero():
     value, shapes, starts, locations, weights = make_inputs(level_shapes=LEVELS)
     locations = torch.full_like(locations, -5.0)

@@ -3,6 +3,7 @@
 
     python tools/demo.py --config-file cfg.yaml --input photo.jpg 'shots/*.png' folder/ \
         --output demo_out --opts MODEL.WEIGHTS output/model_final.pth MODEL.DEVICE cpu
+    python tools/demo.py --exported model.onnx --input photo.jpg --output demo_out
 
 For each readable image it writes ``OUTPUT/<name>_overlay.png`` (heat map of ``mask_prob``,
 outline of the predicted ``mask``, caption "FAKE 0.97" / "REAL 0.03" at the
@@ -11,7 +12,9 @@ line on stdout: ``{"file", "fake_prob", "is_fake", "forged_area_fraction", "outp
 go to ``OUTPUT/predictions.jsonl``). The model runs through ``ddl_mask2former.ForgeryPredictor``
 (images resized to the config's test scale, or with ``--opts TEST.TILE.ENABLED True`` predicted
 tile by tile at native resolution, and ``TEST.AUG.ENABLED True`` for flip test-time
-augmentation; outputs at the original size) and the pictures
+augmentation; outputs at the original size), or with ``--exported FILE`` through
+``ForgeryPredictor.from_exported`` (a file of tools/export_model.py: ONNX Runtime or a
+torch.export program, its settings from FILE.json, no config), and the pictures
 come from ``ddl_mask2former.visualization``; this script only finds inputs and writes files.
 Progress and problems go to stderr; inputs that cannot be read are named there and skipped,
 and the exit code is 1 if any input failed, 2 for a bad command line.
@@ -51,7 +54,10 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="model config")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config-file", metavar="FILE", help="model config")
+    model.add_argument("--exported", metavar="FILE",
+                       help="an exported model (.onnx or .pt2 from tools/export_model.py) instead of a config")
     parser.add_argument("--input", nargs="+", required=True,
                         help="image files, glob patterns (quote them) or folders (searched "
                              "recursively for " + " ".join(IMAGE_EXTENSIONS) + ")")
@@ -63,6 +69,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error("--alpha must be in [0, 1]")
+    if args.exported and args.opts:
+        parser.error("--opts applies to --config-file; an exported model's settings are in its JSON")
     return args
 
 
@@ -126,8 +134,14 @@ def run(args):
         logger.error("no input images to process")
         return 1
 
-    cfg = setup_cfg(args)
-    predictor = ForgeryPredictor(cfg)
+    if args.exported:
+        try:
+            predictor = ForgeryPredictor.from_exported(args.exported)
+        except (OSError, ValueError, ImportError) as exc:
+            logger.error("%s", exc)
+            return 1
+    else:
+        predictor = ForgeryPredictor(setup_cfg(args))
     os.makedirs(args.output, exist_ok=True)
     jsonl_path = os.path.join(args.output, "predictions.jsonl")
     used_names, done = set(), 0

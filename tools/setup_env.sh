@@ -3,7 +3,7 @@
 #   VENV=/path/to/venv tools/setup_env.sh     (default: <checkout>/.venv)
 #   PYTHON=python3.11                        (interpreter used to create the venv)
 # Installs requirements/torch.txt, detectron2 (see below), requirements/base.txt,
-# requirements/bench.txt, then this project editable (which builds the CUDA op when it can).
+# requirements/bench.txt, requirements/deploy.txt (ONNX export and runtime), then this project editable (which builds the CUDA op when it can).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,8 +55,8 @@ else
   "${PIP[@]}" --no-deps "$REPACKED"
 fi
 
-say "installing dependencies (requirements/base.txt, requirements/bench.txt)"
-"${PIP[@]}" -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/bench.txt"
+say "installing dependencies (requirements/base.txt, requirements/bench.txt, requirements/deploy.txt)"
+"${PIP[@]}" -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/bench.txt" -r "$ROOT/requirements/deploy.txt"
 
 # The CUDA op compiles when nvcc is found (setup.py finds the toolkit root from nvcc itself).
 say "installing ddl-mask2former (editable; CUDA op built when nvcc is present: takes minutes)"

@@ -12,6 +12,9 @@
     out = predictor("photo.jpg")            # {"fake_prob", "mask_prob", "mask"}
     outs = predictor(["a.png", "b.png"])    # one dict per image, in order
 
+    # the same predictions from an exported file (tools/export_model.py), no model build:
+    predictor = ForgeryPredictor.from_exported("model.onnx")
+
 Each image is resized to the config's test scale (``INPUT.BASE_SCALE``) for the network, or kept
 at its native size and predicted tile by tile with ``TEST.TILE.ENABLED``; the outputs come back
 at the image's original size.
@@ -29,6 +32,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from .data import DDLDatasetMapper, read_image
+from .data.augmentations import BaseScaleResize
 from .data.image_io import to_uint8_gray_or_rgb
 
 __all__ = ["ForgeryPredictor", "ImageInput", "load_image"]
@@ -120,11 +124,38 @@ class ForgeryPredictor:
         mapper = DDLDatasetMapper(self.cfg, is_train=False)
         self.augmentations = mapper.augmentations
         self.input_format = mapper.image_format
+        self._warn_if_uncalibrated(self.cfg.MODEL.WEIGHTS or "the model")
+
+    @classmethod
+    def from_exported(cls, path, batch_size: int = 4, providers=None, num_threads=None) -> "ForgeryPredictor":
+        """A predictor that runs an exported file (``tools/export_model.py``): ``model.onnx``
+        through ONNX Runtime or ``model.pt2`` (``torch.export``), with the test resize, tiling,
+        flip and verdict stored in the JSON beside it. Called exactly like the PyTorch one.
+
+        ``providers``, ``num_threads``: ONNX Runtime's execution providers (default CPU) and
+        intra-op threads. No config, model build or checkpoint is involved.
+        """
+        from .deploy import ExportedModel
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        predictor = cls.__new__(cls)
+        predictor.cfg = None
+        predictor.batch_size = batch_size
+        predictor.model = ExportedModel(path, providers=providers, num_threads=num_threads)
+        resize = predictor.model.test_resize
+        predictor.augmentations = T.AugmentationList(
+            [] if resize is None else [BaseScaleResize(tuple(resize["base_scale"]), enlarge=resize["enlarge"])])
+        predictor.input_format = predictor.model.input_format
+        predictor._warn_if_uncalibrated(os.fspath(path))
+        return predictor
+
+    def _warn_if_uncalibrated(self, name):
         verdict = getattr(self.model, "verdict", None)
         if verdict is not None and verdict.enabled and not verdict.calibrated:
             logger.warning("%s holds no verdict calibration: fake_prob is the uncalibrated '%s' score and "
                            "the verdict threshold is 0.5 (train with DATASETS.CALIBRATION to calibrate)",
-                           self.cfg.MODEL.WEIGHTS or "the model", verdict.rule)
+                           name, verdict.rule)
 
     @property
     def threshold(self) -> float:

@@ -36,8 +36,11 @@ class ShapeCache:
         ShapeCache._instances.add(self)
 
     def get(self, key, build):
-        """The value for ``key``, calling ``build()`` the first time (every time while compiling)."""
-        if torch.compiler.is_compiling():
+        """The value for ``key``, calling ``build()`` the first time (every time while compiling
+        or tracing)."""
+        # Compiling, or tracing for the ONNX export: built inside the graph, where the sizes are
+        # symbolic (a cached tensor would freeze the traced input's size into the graph).
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return build()
         try:
             return self._entries[key]

@@ -84,7 +84,7 @@ class MSDeformAttn(nn.Module):
                 f"n_points={self.n_points}, fp32_projections={self.fp32_projections}")
 
     def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                input_level_start_index, input_padding_mask=None):
+                input_level_start_index, input_padding_mask=None, level_shapes=None):
         """
         Args:
             query: (N, Lq, C).
@@ -93,6 +93,8 @@ class MSDeformAttn(nn.Module):
             input_spatial_shapes: (L, 2) int64 (H, W).
             input_level_start_index: (L,) int64.
             input_padding_mask: (N, S) bool, True marks padding, or None.
+            level_shapes: optional [(H, W), ...] as Python ints, equal to ``input_spatial_shapes``:
+                lets the PyTorch path run without reading sizes back (exporting the model).
 
         Returns:
             (N, Lq, C); under autocast float32 (``fp32_projections``) or autocast's dtype, else
@@ -101,16 +103,18 @@ class MSDeformAttn(nn.Module):
         device_type = query.device.type
         if not torch.is_autocast_enabled(device_type):
             return self._attend(query, reference_points, input_flatten, input_spatial_shapes,
-                                input_level_start_index, input_padding_mask)
+                                input_level_start_index, input_padding_mask, level_shapes=level_shapes)
         if self.fp32_projections:
             with torch.autocast(device_type=device_type, enabled=False):
                 return self._attend(query.float(), reference_points.float(), input_flatten.float(),
-                                    input_spatial_shapes, input_level_start_index, input_padding_mask)
+                                    input_spatial_shapes, input_level_start_index, input_padding_mask,
+                                    level_shapes=level_shapes)
         return self._attend(query, reference_points, input_flatten, input_spatial_shapes,
-                            input_level_start_index, input_padding_mask, float32_sampling=True)
+                            input_level_start_index, input_padding_mask, float32_sampling=True,
+                            level_shapes=level_shapes)
 
     def _attend(self, query, reference_points, input_flatten, spatial_shapes, level_start_index,
-                padding_mask, float32_sampling=False):
+                padding_mask, float32_sampling=False, level_shapes=None):
         """The layer; ``float32_sampling``: offsets, weights and sampling in float32 with autocast
         off, the two projections under the caller's autocast."""
         if query.dim() != 3 or query.shape[-1] != self.d_model:
@@ -158,5 +162,5 @@ class MSDeformAttn(nn.Module):
                                   + offsets / level_size_xy[None, None, None, :, None, :])
             # A half value with float32 positions is sampled in float32 (output in value's dtype).
             output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights,
-                                    registered_op=self.registered_op)
+                                    level_shapes, registered_op=self.registered_op)
         return self.output_proj(output)

@@ -148,16 +148,29 @@ def level_operands(value, sampling_grids, attention_weights, level, start, heigh
     return level_value, level_grid, level_weights
 
 
-def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                           level_shapes=None):
     """Reference implementation on ``F.grid_sample``; runs on any device and dtype.
 
     Levels are accumulated one at a time so the per-level samples are freed early.
+    ``level_shapes``: the (H, W) of each level as Python ints when the caller has them (they must
+    equal ``spatial_shapes``; under the ONNX exporter's trace, traced sizes); then nothing is read
+    back from the tensors, so a trace keeps the level sizes as functions of the input's size
+    instead of data-dependent values.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     batch, total_len, n_heads, head_dim = value.shape
     _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
-    level_shapes = spatial_shapes.tolist()
-    level_starts = level_start_index.tolist()
+    if level_shapes is None:
+        level_shapes = spatial_shapes.tolist()
+        level_starts = level_start_index.tolist()
+    else:
+        if len(level_shapes) != spatial_shapes.shape[0]:
+            raise ValueError(f"ms_deform_attn: {len(level_shapes)} level_shapes for "
+                             f"{spatial_shapes.shape[0]} levels in spatial_shapes")
+        level_starts = [0]
+        for height, width in level_shapes[:-1]:
+            level_starts.append(level_starts[-1] + height * width)
     expected_len = sum(h * w for h, w in level_shapes)
     if expected_len != total_len:
         raise ValueError(
@@ -208,8 +221,8 @@ class _MSDeformAttnCUDA(torch.autograd.Function):
         return grad_value, None, None, grad_locations, grad_weights, None
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, *,
-                   registered_op=False):
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   level_shapes=None, *, registered_op=False):
     """Multi-scale deformable attention.
 
     Args:
@@ -218,6 +231,9 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         level_start_index: (L,) int64, offset of each level in S.
         sampling_locations: (N, Lq, M, L, P, 2) as (x, y), normalized to [0, 1].
         attention_weights: (N, Lq, M, L, P).
+        level_shapes: optional [(H, W), ...] of the levels as Python ints, equal to
+            ``spatial_shapes``; the PyTorch path then reads nothing back from the device
+            (needed to export the model; see ``ms_deform_attn_pytorch``).
         registered_op: through ``torch.ops.ddl_mask2former.ms_deform_attn`` (see the module).
 
     Returns:
@@ -226,7 +242,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     if force_pytorch_requested():
         _log_path_once("forced", f"ms_deform_attn: PyTorch path ({FORCE_PYTORCH_ENV} is set)")
         return ms_deform_attn_pytorch(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, level_shapes
         )
     if value.is_cuda:
         if _load_extension() is not None:
@@ -256,5 +272,5 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     else:
         _log_path_once("pytorch-device", f"ms_deform_attn: PyTorch path ({value.device.type} tensors)")
     return ms_deform_attn_pytorch(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, level_shapes
     )

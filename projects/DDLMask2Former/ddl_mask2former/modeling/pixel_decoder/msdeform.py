@@ -41,8 +41,9 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index):
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, None)
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, level_shapes=None):
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, None,
+                                  level_shapes=level_shapes)
         src = self.norm1(src + self.dropout(attended))
         if self.recompute_ffn and torch.is_grad_enabled() and not (self.training and self.dropout.p > 0):
             ffn = relu_ffn(src, self.linear1, self.linear2)  # keeps src, not the hidden (recomputed_ffn.py)
@@ -169,11 +170,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     @staticmethod
     def _build_level_geometry(shapes, device):
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        if torch.jit.is_tracing():
+            # Traced sizes are 0-dim tensors: stacked, they stay functions of the input's size.
+            spatial_shapes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in shapes])
+            spatial_shapes = spatial_shapes.to(device=device, dtype=torch.long)
+        else:
+            spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
         starts = [0]
         for height, width in shapes[:-1]:
             starts.append(starts[-1] + height * width)
-        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
+        if torch.jit.is_tracing():
+            level_start_index = torch.stack([torch.as_tensor(start) for start in starts]).to(device=device,
+                                                                                            dtype=torch.long)
+        else:
+            level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
         per_level = []
         for height, width in shapes:
             ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
@@ -193,14 +203,16 @@ class MSDeformAttnPixelDecoder(nn.Module):
             positions.append(pos + self.level_embed[level].to(pos.dtype))
         src = torch.cat(tokens, dim=1)
         pos = torch.cat(positions, dim=1)
-        shapes = [(int(h), int(w)) for h, w in shapes]
+        if not torch.jit.is_tracing():  # traced sizes stay tensors, so the ONNX graph keeps them dynamic
+            shapes = [(int(h), int(w)) for h, w in shapes]
         spatial_shapes, level_start_index, reference_points = self._level_geometry(shapes, src.shape[0], src.device)
         for layer in self.encoder:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+            # The level sizes as ints too: the PyTorch path then reads nothing back (export).
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, shapes)
 
         batch = src.shape[0]
         multi_scale = [
-            chunk.transpose(1, 2).reshape(batch, self.conv_dim, int(h), int(w))
+            chunk.transpose(1, 2).reshape(batch, self.conv_dim, h, w)
             for chunk, (h, w) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
         ]
         finest = multi_scale[-1]

@@ -37,6 +37,10 @@ def downsample_bilinear(features, size):
     fy * i + fy / 2: the average of that 2x2 block, taken by a stride-(fy, fx) average pool. Any
     other size goes to ``F.interpolate``.
     """
+    if torch.jit.is_tracing():
+        # The ONNX exporter's trace: the pool's stride would be read from traced sizes, which
+        # ONNX wants constant; the resize takes them as inputs (same values, see above).
+        return F.interpolate(features, size=tuple(size), mode="bilinear", align_corners=False)
     height, width = features.shape[-2:]
     out_height, out_width = size
     factor_y, factor_x = height // out_height, width // out_width
@@ -185,7 +189,7 @@ class MaskedAttentionDecoder(nn.Module):
         if level_mask_features is not None:
             small = torch.einsum("bqc,bchw->bqhw", embedding, level_mask_features)
             keep = (small > 0).flatten(2).detach()  # sigmoid > 0.5  <=>  logit > 0
-            keep |= ~keep.any(dim=-1, keepdim=True)  # a fully masked row attends everywhere
+            keep = keep | ~keep.any(dim=-1, keepdim=True)  # a fully masked row attends everywhere
             keep = keep.unsqueeze(1)  # broadcast over heads
         return logits, masks, keep
 
