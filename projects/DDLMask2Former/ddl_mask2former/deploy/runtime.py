@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..modeling.meta_arch import _average_with_mirrored
+from ..modeling.meta_arch import _average_with_mirrored, predict_whole_images
 from ..modeling.tiled_inference import TiledInference
 from ..modeling.verdict import Verdict
 from .export import FORMATS, INPUT_NAME, metadata_path
@@ -135,13 +135,7 @@ class ExportedModel:
 
     def predict(self, batched_inputs: List[Dict]) -> List[Dict]:
         """As ``DDLMask2Former.predict``: tiled or whole inputs, then the verdict."""
-        if self.tiling is None:
-            outputs = self.predict_views(batched_inputs)
-        else:
-            outputs = [self.tiling(record, self.predict_views) for record in batched_inputs]
-        if self.verdict is None:
-            return outputs
-        return [self.verdict(output) for output in outputs]
+        return predict_whole_images(batched_inputs, self.predict_views, self.tiling, self.verdict)
 
     def predict_views(self, batched_inputs: List[Dict]) -> List[Dict]:
         """As ``DDLMask2Former.predict_views``; inputs of different sizes run in separate batches."""

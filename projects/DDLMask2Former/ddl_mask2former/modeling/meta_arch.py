@@ -301,13 +301,7 @@ class DDLMask2Former(nn.Module):
     def predict(self, batched_inputs):
         """Inference outputs, one dict per input: tiled (``self.tiling``) or whole inputs, then
         the verdict (calibrated ``fake_prob``, ``is_fake``, mask policy) on each whole image."""
-        if self.tiling is None:
-            outputs = self.predict_views(batched_inputs)
-        else:
-            outputs = [self.tiling(record, self.predict_views) for record in batched_inputs]
-        if self.verdict is None:
-            return outputs
-        return [self.verdict(output) for output in outputs]
+        return predict_whole_images(batched_inputs, self.predict_views, self.tiling, self.verdict)
 
     def predict_views(self, batched_inputs):
         """Outputs for the inputs as given, averaged with their mirror images' when ``self.flip``."""
@@ -400,6 +394,19 @@ def _cuda_graph_from_config(cfg):
             "TEST.CUDA_GRAPH is on but MODEL.DEVICE is %s: CUDA graphs apply to CUDA inputs only, "
             "inference runs eagerly", cfg.MODEL.DEVICE)
     return bool(cfg.TEST.CUDA_GRAPH)
+
+
+def predict_whole_images(batched_inputs, predict_views, tiling=None, verdict=None):
+    """One output per input image: ``predict_views`` on the inputs as given (or ``tiling`` of
+    each image over it), then ``verdict`` on each whole image's output. ``DDLMask2Former`` and
+    the exported model's runtime (``deploy/runtime.py``) predict through this one path."""
+    if tiling is None:
+        outputs = predict_views(batched_inputs)
+    else:
+        outputs = [tiling(record, predict_views) for record in batched_inputs]
+    if verdict is None:
+        return outputs
+    return [verdict(output) for output in outputs]
 
 
 def _average_with_mirrored(output, mirrored_output):
