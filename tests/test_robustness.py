@@ -1,4 +1,4 @@
-"""The robustness benchmark: each perturbation's definition (evaluation/perturbations.py) on small
+"""The robustness benchmark: each perturbation's definition (data/perturbations.py) on small
 arrays, and tools/robustness.py on a tiny random-weight model and generated data (CPU)."""
 import json
 import os
@@ -17,7 +17,7 @@ from ddl_mask2former.config import load_config
 from ddl_mask2former.data.ddl_dataset import load_ddl_split
 from ddl_mask2former.data.synthetic import generate_ddl_dataset
 from ddl_mask2former.engine import Trainer
-from ddl_mask2former.evaluation.perturbations import (
+from ddl_mask2former.data.perturbations import (
     SWEEPS, gaussian_blur, jpeg_compress, level_key, output_size, parse_level, perturb, perturb_mask,
     resize_image, resized_size)
 from tool_helpers import load_tool

@@ -7,7 +7,7 @@ r"""Robustness benchmark: a model's AUC, F1, IoU and false alarms under perturbe
 
 Evaluates the model on the labeled split DIR (DDL layout: real/, fake/, masks/ or mask/) as it
 is, then on a perturbed copy of it for every level of every perturbation (real and fake images
-alike; definitions in ddl_mask2former/evaluation/perturbations.py and docs/EVALUATION.md
+alike; definitions in ddl_mask2former/data/perturbations.py and docs/EVALUATION.md
 "Robustness"). Each copy is written in DDL layout under OUT/images/, registered as a dataset
 and scored by Trainer.test, the evaluator's own path, so tiling, flip and verdict are whatever
 the config says; the copy is deleted once scored unless --keep-images. --levels picks levels
@@ -51,7 +51,7 @@ from ddl_mask2former.config import load_config
 from ddl_mask2former.data.ddl_dataset import default_cache_dir, load_ddl_split, register_ddl_split
 from ddl_mask2former.data.image_io import DDLDataError, read_forgery_mask, read_image
 from ddl_mask2former.engine import Trainer, launch
-from ddl_mask2former.evaluation.perturbations import (
+from ddl_mask2former.data.perturbations import (
     SWEEPS, level_key, parse_level, perturb, perturb_mask)
 
 TOOL = "robustness.py"
@@ -67,6 +67,8 @@ AXIS_LABELS = {"jpeg": "quality", "blur": "kernel size k (OpenCV default sigma)"
 # A config key (MODEL.WEIGHTS, OUTPUT_DIR): where --perturbations/--levels lists end.
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9]*([._][A-Z0-9]+)+$")
 SCRATCH_DIR = "images"
+# the loggers detectron2 and this tool set up (console quiet, full log in OUT/log.txt)
+LOGGERS = ("detectron2", "ddl_mask2former", "fvcore")
 CLEAN = "clean"
 
 
@@ -267,7 +269,7 @@ def setup(args):
 
 def _quiet_console():
     """The terminal gets the progress lines and warnings; the full log goes to OUT/log.txt only."""
-    for name in ("detectron2", "ddl_mask2former", "fvcore"):
+    for name in LOGGERS:
         for handler in logging.getLogger(name).handlers:
             # detectron2 writes its log file through a StreamHandler too: tell them by stream
             if getattr(handler, "stream", None) in (sys.stdout, sys.stderr):
@@ -349,7 +351,7 @@ def run(args, plan):
                  f"({results[CLEAN]['num_real']} real, {results[CLEAN]['num_fake']} fake images)")
         png = plot_robustness(results, os.path.join(output, "robustness.png"), title)
         path = _write_json(results, os.path.join(output, "robustness.json"))
-        for name in ("detectron2", "ddl_mask2former", "fvcore"):
+        for name in LOGGERS:
             for handler in logging.getLogger(name).handlers:
                 handler.flush()  # detectron2's log file is block-buffered
         print(f"wrote {path} and {png} (total {_format_duration(sum(durations))}; "

@@ -13,7 +13,7 @@ second-order SRM kernel [[-1, 2, -1], [2, -4, 2], [-1, 2, -1]] / 4), its local l
 energy tells forged pixels from authentic ones, folded to max(AUC, 1 - AUC) since a region may
 be smoother or grainier (0.5: no evidence; 1: every forged pixel stands apart). 4,000 pixels of
 each class per image, drawn with a fixed seed. It does so on the clean images and after each
-perturbation of ``tools/robustness.py`` (same definitions, ``evaluation/perturbations.py``;
+perturbation of ``tools/robustness.py`` (same definitions, ``data/perturbations.py``;
 masks follow resizing by nearest neighbour) and prints, per condition, the mean separability
 over images and the share of the clean margin above chance that is left,
 (separability - 0.5) / (clean separability - 0.5).
@@ -39,7 +39,7 @@ import numpy as np
 from ddl_mask2former.data.ddl_dataset import load_ddl_split
 from ddl_mask2former.data.image_io import DDLDataError, read_forgery_mask, read_image
 from ddl_mask2former.evaluation.metrics import roc_auc
-from ddl_mask2former.evaluation.perturbations import (
+from ddl_mask2former.data.perturbations import (
     SWEEPS, level_key, parse_level, perturb, perturb_mask)
 
 TOOL = "trace_survival.py"

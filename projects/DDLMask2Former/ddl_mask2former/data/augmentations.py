@@ -28,6 +28,8 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import PadTransform
 from PIL import Image
 
+from .perturbations import gaussian_blur, jpeg_compress, resized_size
+
 __all__ = ["BaseScaleResize", "BaseScaleResizeCrop", "CategoryAreaCrop", "ResizedCropTransform",
            "PhotometricDistortion", "PadToSize", "base_scale_size", "RandomDegradation",
            "DegradationBeforeCrop", "DegradationAfterCrop", "RescaleTransform",
@@ -322,7 +324,7 @@ class GaussianBlurTransform(_ImageOnlyTransform):
         self._set_attributes(locals())
 
     def apply_image(self, img):
-        return cv2.GaussianBlur(img, (self.ksize, self.ksize), 0, borderType=cv2.BORDER_REFLECT_101)
+        return gaussian_blur(img, self.ksize)
 
 
 class GaussianNoiseTransform(_ImageOnlyTransform):
@@ -358,17 +360,8 @@ class JpegTransform(_ImageOnlyTransform):
     def apply_image(self, img):
         if img.dtype != np.uint8:
             raise ValueError(f"JpegTransform needs a uint8 image, got {img.dtype}")
-        color = img.ndim == 3
         padded = cv2.copyMakeBorder(img, self.offset_y, 0, self.offset_x, 0, cv2.BORDER_REPLICATE)
-        if color:
-            padded = cv2.cvtColor(padded, cv2.COLOR_RGB2BGR)
-        ok, encoded = cv2.imencode(".jpg", padded, [cv2.IMWRITE_JPEG_QUALITY, int(self.quality)])
-        if not ok:
-            raise RuntimeError(f"cv2.imencode failed to write JPEG quality {self.quality}")
-        decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
-        if color:
-            decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
-        return decoded[self.offset_y:, self.offset_x:]
+        return jpeg_compress(padded, self.quality)[self.offset_y:, self.offset_x:]
 
 
 class RandomDegradation:
@@ -472,36 +465,33 @@ class RandomDegradation:
         return pending
 
 
-class DegradationBeforeCrop(T.Augmentation):
-    """First half of a ``RandomDegradation``: draws the sample's chain, rescales (geometric)."""
+class _DegradationHalf(T.Augmentation):
+    """One half of a ``RandomDegradation``; both halves share the policy's draws for a sample."""
 
     def __init__(self, policy):
         super().__init__()
         self.policy = policy
 
     def __repr__(self):
-        return f"DegradationBeforeCrop({self.policy!r})"
+        return f"{type(self).__name__}({self.policy!r})"
+
+
+class DegradationBeforeCrop(_DegradationHalf):
+    """First half of a ``RandomDegradation``: draws the sample's chain, rescales (geometric)."""
 
     def get_transform(self, image):
         factor = self.policy.draw_before_crop()
         if factor is None:
             return T.NoOpTransform()
         height, width = image.shape[:2]
-        new_h, new_w = max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+        new_h, new_w = resized_size(height, width, factor)
         if (new_h, new_w) == (height, width):
             return T.NoOpTransform()
         return RescaleTransform(height, width, new_h, new_w)
 
 
-class DegradationAfterCrop(T.Augmentation):
+class DegradationAfterCrop(_DegradationHalf):
     """Second half of a ``RandomDegradation``: blur, noise, JPEG on the final crop (image only)."""
-
-    def __init__(self, policy):
-        super().__init__()
-        self.policy = policy
-
-    def __repr__(self):
-        return f"DegradationAfterCrop({self.policy!r})"
 
     def get_transform(self, image):
         transforms = self.policy.take_after_crop()

@@ -19,7 +19,7 @@ from ..data.ddl_dataset import load_ddl_split
 from .conventions import best_threshold_f1, code_histograms, compute_conventions
 from .export import (MASK_DIR, PREDICTION_FILE, PROB_DIR, mask_file_name, read_gray_png,
                      read_predictions)
-from .ground_truth import read_ground_truth
+from .ground_truth import count_against_ground_truth, read_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, mask_counts
 
 __all__ = [
@@ -212,7 +212,7 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
         else:
             pred = read_map(os.path.join(mask_dir, mask_name), image, "mask") > PRED_MASK_THRESHOLD
         if image.mask_path is None:  # a real image: every marked pixel is a false positive
-            return 0, int(np.count_nonzero(pred)), 0, float("nan")
+            return (*count_against_ground_truth(pred, None), float("nan"))
         forged = read_ground_truth(image.mask_path, size, gt_mask_threshold, image.name)
         best_f1 = float("nan")
         if read_prob:

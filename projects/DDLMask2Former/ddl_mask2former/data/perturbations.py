@@ -1,5 +1,8 @@
 """Image perturbations of the robustness benchmark (``tools/robustness.py``), numpy and OpenCV only.
 
+The training degradation (``augmentations.py``, INPUT.DEGRADATION) applies the same blur, JPEG
+and resized-size definitions, so what training sees is what the benchmark measures.
+
 Definitions (docs/EVALUATION.md, "Robustness"); every function takes and returns uint8 arrays,
 HxWx3 RGB (or HxW gray), and never changes its input:
 
