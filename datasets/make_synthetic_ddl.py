@@ -6,7 +6,15 @@
 
 Writes OUT/train/{real,fake,masks}/*.png, OUT/val/..., optionally a flat unlabeled OUT/test/
 with its answers in OUT/test_answers/, and one manifest_<split>.jsonl per split describing
-every image (source photo, forgery type, forged fraction). See datasets/README.md.
+every image (source, forgery families and region shapes or forgery type, post-processing,
+forged fraction). See datasets/README.md.
+
+The varied generator (default) draws every image's families, region shapes and post-processing
+chain from the lists given, so a family or chain can be held out of training and evaluated
+alone (tools/cross_generator.py):
+
+    python datasets/make_synthetic_ddl.py --out held_out_copy_move --num-train 0 --num-val 100 \
+        --families copy_move
 """
 import argparse
 import importlib.util
@@ -18,6 +26,9 @@ if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 from ddl_mask2former.data.synthetic import DIFFICULTIES, generate_ddl_dataset
+from ddl_mask2former.data.synthetic_regions import REGION_SHAPES
+from ddl_mask2former.data.synthetic_sources import missing_registry_photos, photo_dir
+from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS
 
 
 def parse_args(argv=None):
@@ -34,6 +45,16 @@ def parse_args(argv=None):
     parser.add_argument("--difficulty", default="hard", choices=DIFFICULTIES,
                         help="strength of the forgery traces (datasets/README.md); 'hard' is the "
                              "subtlest")
+    parser.add_argument("--generator", default="varied", choices=("varied", "classic"),
+                        help="'varied': many sources, shapes, families and post-processing chains; "
+                             "'classic': ten photographs, ellipses, the FORGERY_TYPES of the first "
+                             "generator (datasets/README.md)")
+    parser.add_argument("--families", nargs="+", choices=FORGERY_FAMILIES, default=None,
+                        help="forgery families to draw from (varied generator; default all)")
+    parser.add_argument("--shapes", nargs="+", choices=REGION_SHAPES, default=None,
+                        help="region shapes to draw from (varied generator; default all)")
+    parser.add_argument("--chains", nargs="+", choices=POST_CHAINS, default=None,
+                        help="post-processing chains to draw from (varied generator; default all)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="processes (the output does not depend on this)")
     parser.add_argument("--val-folder", default="val", choices=("val", "valid"),
@@ -48,7 +69,16 @@ def parse_args(argv=None):
         parser.error("need 8 <= --min-size <= --max-size")
     if not 0.0 <= args.fake_fraction <= 1.0:
         parser.error("--fake-fraction must be in [0, 1]")
+    if args.generator == "classic" and (args.families or args.shapes or args.chains):
+        parser.error("--families, --shapes and --chains belong to the varied generator")
     return args
+
+
+def variety_of(args):
+    """The ``variety`` argument of generate_ddl_dataset for parsed arguments (None: classic)."""
+    if args.generator == "classic":
+        return None
+    return {"families": args.families, "shapes": args.shapes, "chains": args.chains}
 
 
 def main(argv=None):
@@ -59,15 +89,18 @@ def main(argv=None):
         out, args.num_train, args.num_val, args.num_test, seed=args.seed,
         fake_fraction=args.fake_fraction, min_size=args.min_size, max_size=args.max_size,
         workers=args.workers, val_folder=args.val_folder, mask_folder=args.mask_folder,
-        difficulty=args.difficulty)
+        difficulty=args.difficulty, variety=variety_of(args))
     seconds = time.perf_counter() - start
     for summary in summaries:
         kind = "unlabeled" if summary["split"] == "test" else "labeled"
         print(f"wrote {summary['dir']}: {summary['num_images']} {kind} images "
               f"({summary['num_real']} real, {summary['num_fake']} fake); "
               f"manifest {summary['manifest']}")
+    if args.generator == "varied" and missing_registry_photos():
+        print(f"warning: {len(missing_registry_photos())} source photographs are not installed in "
+              f"{photo_dir()} (tools/setup_env.sh unpacks them); the data differ from a full install")
     total = sum(s["num_images"] for s in summaries)
-    print(f"synthetic DDL data ({args.difficulty}): {total} images under {out} in {seconds:.1f} s "
+    print(f"synthetic DDL data ({args.generator}, {args.difficulty}): {total} images under {out} in {seconds:.1f} s "
           f"(seed {args.seed})")
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
+from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIGS = {
     "main": ROOT / "configs" / "quickstart" / "ddl_mask2former_quickstart_swin.yaml",
@@ -53,6 +55,18 @@ def parse_args(argv=None):
                         help="seed of the model's training (SEED; default: the config's, 0)")
     parser.add_argument("--difficulty", default="easy", choices=("easy", "medium", "hard"),
                         help="strength of the synthetic forgery traces (datasets/README.md)")
+    parser.add_argument("--generator", default="varied", choices=("varied", "classic"),
+                        help="synthetic generator (datasets/README.md): 'varied' draws sources, "
+                             "region shapes, forgery families and post-processing chains; 'classic' "
+                             "is the first one (ten photographs, ellipses)")
+    parser.add_argument("--families", nargs="+", default=None, choices=FORGERY_FAMILIES, metavar="FAMILY",
+                        help="forgery families of the varied generator to train on (default all; "
+                             "tools/cross_generator.py holds one out)")
+    parser.add_argument("--chains", nargs="+", default=None, choices=POST_CHAINS, metavar="CHAIN",
+                        help="post-processing chains of the varied generator (default all)")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="folder of the synthetic data (made there if missing or different; "
+                             "default OUT/data), so several runs can share it")
     parser.add_argument("--image-size", type=int, nargs=2, default=(256, 768), metavar=("MIN", "MAX"),
                         help="range of synthetic image sides in pixels")
     parser.add_argument("--iters", type=int, default=None,
@@ -66,17 +80,18 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(args.opts) % 2:
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
+    if args.generator == "classic" and (args.families or args.chains):
+        parser.error("--families and --chains belong to the varied generator")
     return args
 
 
 class Steps:
     """Runs the pipeline's commands, timing each and logging its full output to a file."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, data_root):
         self.out_dir = out_dir
         self.start = time.monotonic()
-        self.env = dict(os.environ, DETECTRON2_DATASETS=str(out_dir / "data"),
-                        PYTHONUNBUFFERED="1")
+        self.env = dict(os.environ, DETECTRON2_DATASETS=str(data_root), PYTHONUNBUFFERED="1")
 
     def banner(self, text):
         elapsed = time.monotonic() - self.start
@@ -147,19 +162,31 @@ class TrainingProgress:
         return None
 
 
+def data_dir(args, out_dir):
+    """The folder that DETECTRON2_DATASETS points at (it holds DDL-I/)."""
+    return Path(args.data).resolve() if args.data else out_dir / "data"
+
+
 def generate_data(steps, args):
-    data_root = steps.out_dir / "data" / "DDL-I"
+    data_root = data_dir(args, steps.out_dir) / "DDL-I"
     stamp = data_root / "quickstart_params.json"
     params = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.seed,
-              "image_size": list(args.image_size), "difficulty": args.difficulty}
+              "image_size": list(args.image_size), "difficulty": args.difficulty,
+              "generator": args.generator, "families": args.families, "chains": args.chains}
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
-        print(f"reusing the synthetic data in {data_root} (same size, seed and difficulty)")
+        print(f"reusing the synthetic data in {data_root} (same generator, size, seed and difficulty)")
         return data_root
+    variety = []
+    if args.families:
+        variety += ["--families", *args.families]
+    if args.chains:
+        variety += ["--chains", *args.chains]
     steps.run("make_synthetic_ddl", [
         sys.executable, ROOT / "datasets" / "make_synthetic_ddl.py", "--out", data_root,
         "--num-train", args.num_train, "--num-val", args.num_val, "--seed", args.seed,
         "--min-size", args.image_size[0], "--max-size", args.image_size[1],
-        "--difficulty", args.difficulty])
+        "--difficulty", args.difficulty, "--generator", args.generator, *variety],
+        show=lambda line: line if line.startswith(("warning", "synthetic DDL data")) else None)
     stamp.write_text(json.dumps(params))
     return data_root
 
@@ -231,7 +258,7 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = Steps(out_dir)
+    steps = Steps(out_dir, data_dir(args, out_dir))
 
     steps.banner("1/5 synthetic DDL-format data")
     data_root = generate_data(steps, args)

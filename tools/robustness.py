@@ -87,6 +87,8 @@ def parse_args(argv=None):
                         help="restrict levels, e.g. jpeg:90,70 resize:0.5 (levels: "
                              + "; ".join(f"{kind} {','.join(map(level_key, levels))}"
                                          for kind, levels in SWEEPS.items()) + ")")
+    parser.add_argument("--clean-only", action="store_true",
+                        help="score the split as it is, no perturbed copies (held-out sets)")
     parser.add_argument("--num-gpus", type=int, default=1,
                         help="processes (GPUs, or CPU processes when MODEL.DEVICE is cpu)")
     parser.add_argument("--dist-url", default="auto", help="rendezvous address with --num-gpus > 1")
@@ -349,12 +351,12 @@ def run(args, plan):
                 pass
         title = (f"{os.path.basename(cfg.MODEL.WEIGHTS)} on {os.path.abspath(args.split)} "
                  f"({results[CLEAN]['num_real']} real, {results[CLEAN]['num_fake']} fake images)")
-        png = plot_robustness(results, os.path.join(output, "robustness.png"), title)
         path = _write_json(results, os.path.join(output, "robustness.json"))
+        png = plot_robustness(results, os.path.join(output, "robustness.png"), title) if plan else None
         for name in LOGGERS:
             for handler in logging.getLogger(name).handlers:
                 handler.flush()  # detectron2's log file is block-buffered
-        print(f"wrote {path} and {png} (total {_format_duration(sum(durations))}; "
+        print(f"wrote {path}{f' and {png}' if png else ''} (total {_format_duration(sum(durations))}; "
               f"full log: {os.path.join(output, 'log.txt')})", flush=True)
     return results
 
@@ -416,7 +418,9 @@ def plot_robustness(results, out_png, title=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    plan = build_plan(args.perturbations, args.levels)
+    if args.clean_only and (args.perturbations or args.levels):
+        raise SystemExit(f"{TOOL}: --clean-only runs no perturbation; drop --perturbations/--levels")
+    plan = OrderedDict() if args.clean_only else build_plan(args.perturbations, args.levels)
     if args.seed < 0:
         raise SystemExit(f"{TOOL}: --seed must be >= 0, got {args.seed}")
     if args.num_gpus < 1:
@@ -427,8 +431,8 @@ def main(argv=None):
     load_checked_config(args)
     dicts = check_split(args.split)
     total = 1 + sum(len(levels) for levels in plan.values())
-    print(f"{len(dicts)} images of {os.path.abspath(args.split)}, {total} evaluations: clean, "
-          + ", ".join(f"{kind} {' '.join(map(level_key, levels))}" for kind, levels in plan.items()),
+    print(f"{len(dicts)} images of {os.path.abspath(args.split)}, {total} evaluations: clean"
+          + (", " if plan else "") + ", ".join(f"{kind} {' '.join(map(level_key, levels))}" for kind, levels in plan.items()),
           flush=True)
     launch(run, args.num_gpus, dist_url=args.dist_url, args=(args, plan))
 

@@ -21,7 +21,36 @@ inputs_hash() {
     | sha256sum | cut -d' ' -f1
 }
 
+# Source photographs of the varied synthetic generator (data/synthetic_sources.py): the
+# photographs of two Debian wallpaper packages, unpacked into the venv (unpacking needs no root).
+# Checked on every run, before the stamp, so that a venv made before this step gets them too.
+install_photos() {
+  local dest="$VENV/share/ddl-photos" packages=(lomiri-wallpapers-16.04 lomiri-wallpapers-20.04)
+  [ -f "$dest/.ready" ] && return 0
+  if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
+    say "WARNING: no apt-get/dpkg-deb: the synthetic generator runs without ${packages[*]}"
+    return 0
+  fi
+  local debs
+  debs="$(mktemp -d)"
+  if ! (cd "$debs" && apt-get download -q "${packages[@]}" >/dev/null 2>&1); then
+    # A fresh machine may have no package lists yet; as root, fetch them once.
+    [ "$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 || true
+    if ! (cd "$debs" && apt-get download -q "${packages[@]}" >/dev/null 2>&1); then
+      say "WARNING: could not download ${packages[*]}: the synthetic generator runs without them"
+      rm -rf "$debs"
+      return 0
+    fi
+  fi
+  mkdir -p "$dest"
+  for deb in "$debs"/*.deb; do dpkg-deb -x "$deb" "$dest"; done
+  rm -rf "$debs"
+  touch "$dest/.ready"
+  say "source photographs (${packages[*]}) unpacked into $dest"
+}
+
 WANT="$(inputs_hash)"
+if [ -x "$VENV/bin/python" ]; then install_photos; fi
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python" ]; then
   say "environment up to date: $VENV"
   exit 0
@@ -63,5 +92,6 @@ say "installing ddl-mask2former (editable; CUDA op built when nvcc is present: t
 (cd "$ROOT" && "${PIP[@]}" --no-build-isolation -e .)
 
 "$PY" -c "import detectron2, ddl_mask2former; print('[setup_env] detectron2', detectron2.__version__, '| ddl_mask2former', ddl_mask2former.__version__)"
+install_photos
 echo "$WANT" > "$STAMP"
 say "ready: $VENV (activate with: source $VENV/bin/activate)"

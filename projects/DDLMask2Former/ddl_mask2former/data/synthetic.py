@@ -367,17 +367,29 @@ def _write_png(path, rgb_or_gray):
 
 def _generate_one(job):
     """Worker: make and write one image (and mask); return its manifest record."""
-    (seed, split_id, index, is_fake, image_path, mask_path, min_size, max_size, difficulty) = job
+    (seed, split_id, index, is_fake, image_path, mask_path, min_size, max_size, difficulty,
+     variety) = job
     cv2.setNumThreads(1)
     rng = np.random.default_rng([seed, split_id, index])
-    photos = load_source_photos()
+    if variety is None:
+        photos = load_source_photos()
+        if is_fake:
+            image, mask, meta = make_fake_image(rng, photos, min_size, max_size, difficulty=difficulty)
+        else:
+            image, meta = make_real_image(rng, photos, min_size, max_size, difficulty=difficulty)
+    else:
+        from .synthetic_sources import load_photo_pool
+        from .synthetic_varied import Variety, make_varied_fake, make_varied_real
+
+        photos, profile, variety = load_photo_pool("varied"), trace_profile(difficulty), Variety(**variety)
+        if is_fake:
+            image, mask, meta = make_varied_fake(rng, photos, variety, profile, min_size, max_size)
+        else:
+            image, meta = make_varied_real(rng, photos, variety, profile, min_size, max_size)
     if is_fake:
-        image, mask, meta = make_fake_image(rng, photos, min_size, max_size, difficulty=difficulty)
         if mask_path is not None:
             _write_png(mask_path, mask.astype(np.uint8) * 255)
         meta["forged_fraction"] = round(float(mask.mean()), 4)
-    else:
-        image, meta = make_real_image(rng, photos, min_size, max_size, difficulty=difficulty)
     _write_png(image_path, image)
     meta.update(file=os.path.basename(image_path), label=int(is_fake),
                 height=int(image.shape[0]), width=int(image.shape[1]))
@@ -386,15 +398,22 @@ def _generate_one(job):
 
 def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_size=256,
                    max_size=768, workers=1, folder_name=None, mask_folder="masks", flat=False,
-                   answers_dir=None, difficulty="hard"):
+                   answers_dir=None, difficulty="hard", variety=None):
     """Write one split in DDL layout and return a summary dict.
 
     Labeled splits go to ``out_dir/<folder_name>/{real,fake,<mask_folder>}``. With
     ``flat=True`` (the unlabeled test split) all images go to ``out_dir/<folder_name>/`` and,
     if ``answers_dir`` is given, labels and masks are written there instead (for scoring).
     File names never reveal the label. ``difficulty`` names a TRACE_PROFILES level.
+    ``variety``: None for the classic generator (ten photographs, ellipses, FORGERY_TYPES), or
+    a dict of ``synthetic_varied.Variety`` keywords (families, shapes, chains; None = all) for
+    the varied one.
     """
     trace_profile(difficulty)  # fail early on an unknown level
+    if variety is not None:
+        from .synthetic_varied import Variety
+
+        variety = Variety(**variety).as_dict()  # fail early on unknown names
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
     if not 0.0 <= fake_fraction <= 1.0:
@@ -420,7 +439,7 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
         mask_path = os.path.join(mask_dir, name) if (is_fake and mask_dir) else None
         jobs.append((seed, _SPLIT_IDS[split], index, bool(is_fake),
                      os.path.join(image_dirs[int(is_fake)], name), mask_path, min_size, max_size,
-                     difficulty))
+                     difficulty, variety))
     records = _run_jobs(jobs, workers)
     manifest_dir = answers_dir if (flat and answers_dir) else out_dir
     manifest = os.path.join(manifest_dir, f"manifest_{folder_name or split}.jsonl")
@@ -428,7 +447,8 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
         for record in records:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
     return {"split": split, "dir": split_dir, "num_images": num_images, "num_fake": num_fake,
-            "num_real": num_images - num_fake, "manifest": manifest, "difficulty": difficulty}
+            "num_real": num_images - num_fake, "manifest": manifest, "difficulty": difficulty,
+            "variety": variety}
 
 
 def _run_jobs(jobs, workers):
@@ -441,7 +461,7 @@ def _run_jobs(jobs, workers):
 
 def generate_ddl_dataset(out_dir, num_train, num_val, num_test=0, seed=0, fake_fraction=0.5,
                          min_size=256, max_size=768, workers=1, val_folder="val",
-                         mask_folder="masks", difficulty="hard"):
+                         mask_folder="masks", difficulty="hard", variety=None):
     """Write train/, val/ (or ``val_folder``) and optionally a flat test/ under ``out_dir``.
 
     The test split's labels and masks go to ``out_dir/test_answers/`` so submissions can be
@@ -452,10 +472,11 @@ def generate_ddl_dataset(out_dir, num_train, num_val, num_test=0, seed=0, fake_f
         if count > 0:
             summaries.append(generate_split(out_dir, split, count, seed, fake_fraction, min_size,
                                             max_size, workers, folder, mask_folder,
-                                            difficulty=difficulty))
+                                            difficulty=difficulty, variety=variety))
     if num_test > 0:
         answers = os.path.join(out_dir, "test_answers")
         summaries.append(generate_split(out_dir, "test", num_test, seed, fake_fraction, min_size,
                                         max_size, workers, "test", mask_folder, flat=True,
-                                        answers_dir=answers, difficulty=difficulty))
+                                        answers_dir=answers, difficulty=difficulty,
+                                        variety=variety))
     return summaries
