@@ -109,7 +109,8 @@ def open_image(source: Union[str, os.PathLike, bytes], name: Optional[str] = Non
         except Image.UnidentifiedImageError:
             raise ImageReadError(name, "not an image file (Pillow cannot identify it)") from None
         except Image.DecompressionBombError as exc:
-            raise ImageReadError(name, f"refused as a decompression bomb ({exc})") from None
+            limit = "" if limits.max_pixels is None else f"; the limit here is {limits.max_pixels / 1e6:.0f} megapixels"
+            raise ImageReadError(name, f"refused before decoding as a decompression bomb ({exc}){limit}") from None
         except _DECODE_ERRORS as exc:
             raise ImageReadError(name, f"cannot decode image, it may be truncated or corrupt ({exc})") from exc
 

@@ -108,3 +108,61 @@ def _draw_caption(canvas: np.ndarray, text: str, banner_rgb: tuple, scale: float
     cv2.rectangle(canvas, (0, 0), (right, bottom), banner_rgb, thickness=-1)
     cv2.putText(canvas, text, (pad, pad + text_h), font, font_scale, _TEXT_RGB, text_thickness,
                 lineType=cv2.LINE_AA)
+
+
+def heat_map_rgba(mask_prob: np.ndarray) -> np.ndarray:
+    """uint8 HxWx4: the JET colour of ``mask_prob`` with alpha = probability, for layering over
+    the image (the web page's opacity slider scales it)."""
+    prob = np.clip(np.asarray(mask_prob, dtype=np.float32), 0, 1)
+    levels = np.rint(prob * 255).astype(np.uint8)
+    rgb = cv2.applyColorMap(levels, cv2.COLORMAP_JET)[:, :, ::-1]
+    return np.dstack([rgb, levels])
+
+
+def outline_rgba(mask: np.ndarray, thickness: Optional[int] = None) -> np.ndarray:
+    """uint8 HxWx4: the outline of ``mask`` in the overlay's magenta, transparent elsewhere."""
+    binary = np.asarray(mask).astype(np.uint8)
+    height, width = binary.shape
+    thickness = thickness or max(1, int(round(2 * max(height, width) / 640.0)))
+    canvas = np.zeros((height, width, 4), dtype=np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(canvas, contours, -1, _CONTOUR_RGB + (255,), thickness, lineType=cv2.LINE_AA)
+    return canvas
+
+
+def fit_within(height: int, width: int, max_side: int):
+    """(height, width) scaled down to at most ``max_side`` on the longer side (never enlarged)."""
+    scale = min(1.0, max_side / float(max(height, width)))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def shrink(array: np.ndarray, max_side: int) -> np.ndarray:
+    """An image or map scaled down (area filter) to at most ``max_side`` pixels on its longer side."""
+    height, width = array.shape[:2]
+    new_h, new_w = fit_within(height, width, max_side)
+    if (new_h, new_w) == (height, width):
+        return array
+    return cv2.resize(array, (new_w, new_h), interpolation=cv2.INTER_AREA)
+
+
+def encode_image(array: np.ndarray, extension: str = ".png", quality: int = 85) -> bytes:
+    """PNG or JPEG bytes of a uint8 gray, RGB or RGBA array."""
+    if array.ndim == 3:
+        code = cv2.COLOR_RGBA2BGRA if array.shape[2] == 4 else cv2.COLOR_RGB2BGR
+        array = cv2.cvtColor(np.ascontiguousarray(array), code)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if extension in (".jpg", ".jpeg") else []
+    ok, encoded = cv2.imencode(extension, array, params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {array.shape} array as {extension}")
+    return encoded.tobytes()
+
+
+def thumbnail(image: np.ndarray, prediction: dict, threshold: float, max_side: int = 256) -> np.ndarray:
+    """A small overlay (heat map, outline, verdict caption) of one prediction, for reports."""
+    small = shrink(image, max_side)
+    height, width = small.shape[:2]
+    mask_prob = prediction.get("mask_prob")
+    if mask_prob is not None:
+        mask_prob = cv2.resize(mask_prob.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    mask = None if mask_prob is None else mask_prob > 0.5
+    return render_forgery_overlay(small, mask_prob, mask, prediction.get("fake_prob"), threshold=threshold)
