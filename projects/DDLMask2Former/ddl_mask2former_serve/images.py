@@ -14,6 +14,7 @@ Needs only numpy and Pillow.
 """
 import io
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -109,8 +110,11 @@ def open_image(source: Union[str, os.PathLike, bytes], name: Optional[str] = Non
         except Image.UnidentifiedImageError:
             raise ImageReadError(name, "not an image file (Pillow cannot identify it)") from None
         except Image.DecompressionBombError as exc:
-            limit = "" if limits.max_pixels is None else f"; the limit here is {limits.max_pixels / 1e6:.0f} megapixels"
-            raise ImageReadError(name, f"refused before decoding as a decompression bomb ({exc}){limit}") from None
+            # Pillow refuses at open when the header's size is over twice its own limit.
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"its header says {int(found.group(1)) / 1e6:,.0f} megapixels: " if found else ""
+            limit = "" if limits.max_pixels is None else f" (the limit here is {limits.max_pixels / 1e6:.0f} megapixels)"
+            raise ImageReadError(name, f"{size}refused before decoding as a decompression bomb{limit}") from None
         except _DECODE_ERRORS as exc:
             raise ImageReadError(name, f"cannot decode image, it may be truncated or corrupt ({exc})") from exc
 

@@ -110,13 +110,12 @@ def _draw_caption(canvas: np.ndarray, text: str, banner_rgb: tuple, scale: float
                 lineType=cv2.LINE_AA)
 
 
-def heat_map_rgba(mask_prob: np.ndarray) -> np.ndarray:
-    """uint8 HxWx4: the JET colour of ``mask_prob`` with alpha = probability, for layering over
-    the image (the web page's opacity slider scales it)."""
+def heat_map_rgb(mask_prob: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3: the JET colour of ``mask_prob`` (0 dark blue, 0.5 green-yellow, 1 dark red),
+    opaque; the web page lays it over the image under an opacity slider."""
     prob = np.clip(np.asarray(mask_prob, dtype=np.float32), 0, 1)
     levels = np.rint(prob * 255).astype(np.uint8)
-    rgb = cv2.applyColorMap(levels, cv2.COLORMAP_JET)[:, :, ::-1]
-    return np.dstack([rgb, levels])
+    return np.ascontiguousarray(cv2.applyColorMap(levels, cv2.COLORMAP_JET)[:, :, ::-1])
 
 
 def outline_rgba(mask: np.ndarray, thickness: Optional[int] = None) -> np.ndarray:

@@ -26,7 +26,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from .images import ImageLimits, ImageReadError, load_image
-from .overlay import encode_image, heat_map_rgba, outline_rgba, shrink
+from .overlay import encode_image, heat_map_rgb, outline_rgba, shrink
 from .runtime import ExportedModel, forged_fraction, to_plain
 
 __all__ = ["ForgeryServer", "make_server"]
@@ -144,7 +144,7 @@ class ForgeryServer(ThreadingHTTPServer):
             mask = prediction["mask"]
             result["forged_fraction"] = forged_fraction(mask)
             small_prob = shrink(prediction["mask_prob"], PREVIEW_SIDE)
-            job.files["heatmap.png"] = encode_image(heat_map_rgba(small_prob))
+            job.files["heatmap.png"] = encode_image(heat_map_rgb(small_prob))
             job.files["outline.png"] = encode_image(outline_rgba(small_prob > 0.5))
             job.files["mask.png"] = encode_image(mask.astype(np.uint8) * 255)
         job.files["result.json"] = (json.dumps(result, indent=2) + "\n").encode()
