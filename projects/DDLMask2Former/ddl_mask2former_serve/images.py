@@ -58,8 +58,7 @@ class ImageLimits:
         if size == 0:
             raise ImageReadError(name, "empty file (0 bytes)")
         if self.max_bytes is not None and size > self.max_bytes:
-            raise ImageReadError(name, f"file is {size / 2**20:.1f} MiB, over the limit of "
-                                       f"{self.max_bytes / 2**20:.0f} MiB")
+            raise ImageReadError(name, f"file is {human_bytes(size)}, over the limit of {human_bytes(self.max_bytes)}")
 
     def check_size(self, name, width: int, height: int) -> None:
         if self.max_pixels is not None and width * height > self.max_pixels:
@@ -69,6 +68,13 @@ class ImageLimits:
         if min(width, height) < self.min_side:
             raise ImageReadError(name, f"image is only {width}x{height} pixels; the model needs at least "
                                        f"{self.min_side} pixels on each side")
+
+
+def human_bytes(count: int) -> str:
+    """"512 KiB", "3.2 MiB": sizes as people read them."""
+    if count < 2**20:
+        return f"{count / 2**10:.0f} KiB"
+    return f"{count / 2**20:.1f} MiB".replace(".0 MiB", " MiB")
 
 
 NO_LIMITS = ImageLimits(max_bytes=None, max_pixels=None, min_side=1)

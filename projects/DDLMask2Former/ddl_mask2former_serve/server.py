@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from .images import ImageLimits, ImageReadError, load_image
+from .images import ImageLimits, ImageReadError, human_bytes, load_image
 from .overlay import encode_image, heat_map_rgb, outline_rgba, shrink
 from .runtime import ExportedModel, forged_fraction, to_plain
 
@@ -214,8 +214,8 @@ class _Handler(BaseHTTPRequestHandler):
             if limit is not None and length > limit:
                 # Not read: the connection closes instead.
                 self.close_connection = True
-                return self._json(413, {"error": f"{name}: file is {length / 2**20:.1f} MiB, over the limit of "
-                                                 f"{limit / 2**20:.0f} MiB"})
+                return self._json(413, {"error": f"{name}: file is {human_bytes(length)}, over the limit of "
+                                                 f"{human_bytes(limit)}"})
             data = self.rfile.read(length)
             try:
                 job = self.server.submit(name, data)
