@@ -1,4 +1,4 @@
-"""Serving an exported DDL-Mask2Former with ONNX Runtime, numpy and Pillow/OpenCV only: no torch
+"""Serving an exported DDL-Mask2Former with ONNX Runtime, numpy and Pillow only: no torch
 and no detectron2 in the process (``pip install ddl-mask2former[serve]``).
 
 * ``ExportedPredictor(file)``: images in, ``{"fake_prob", "is_fake", "mask_prob", "mask"}`` out,
@@ -7,7 +7,7 @@ and no detectron2 in the process (``pip install ddl-mask2former[serve]``).
 * ``ddl-mask2former predict | scan | serve``: JSON lines, a folder scan with a report, a local
   web page (``cli.py``).
 
-Importing this package imports only the standard library, numpy, Pillow and OpenCV; ONNX Runtime
+Importing this package imports only the standard library, numpy and Pillow; ONNX Runtime
 is imported when a model is loaded.
 """
 from .images import ImageLimits, ImageReadError, load_image

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = ["ImageReadError", "ImageLimits", "IMAGE_EXTENSIONS", "open_image", "to_uint8_gray_or_rgb",
-           "load_image", "base_scale_size", "resize_rgb"]
+           "load_image", "base_scale_size", "resize_rgb", "resize_bilinear", "human_bytes"]
 
 # What a folder scan picks up (lower case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
@@ -197,3 +197,23 @@ def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
     if image.shape[:2] == (height, width):
         return image
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def _bilinear_axis(in_size: int, out_size: int):
+    """Source indices and weights of a half-pixel bilinear resize along one axis, as PyTorch's
+    ``F.interpolate(mode="bilinear", align_corners=False)`` computes them (no antialiasing)."""
+    scale = np.float32(in_size / out_size)
+    source = np.maximum((np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), 0)
+    low = source.astype(np.int64)
+    high = np.minimum(low + 1, in_size - 1)
+    weight_high = (source - low).astype(np.float32)
+    return low, high, np.float32(1) - weight_high, weight_high
+
+
+def resize_bilinear(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float32 HxW map resized to ``height`` x ``width`` (the model's map resize)."""
+    values = np.asarray(values, dtype=np.float32)
+    low, high, w_low, w_high = _bilinear_axis(values.shape[0], height)
+    rows = values[low] * w_low[:, None] + values[high] * w_high[:, None]
+    low, high, w_low, w_high = _bilinear_axis(values.shape[1], width)
+    return rows[:, low] * w_low[None, :] + rows[:, high] * w_high[None, :]

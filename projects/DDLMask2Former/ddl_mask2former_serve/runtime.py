@@ -1,5 +1,5 @@
 """``ExportedModel`` and ``ExportedPredictor``: an exported DDL-Mask2Former run with ONNX Runtime,
-numpy and Pillow/OpenCV only (no torch, no detectron2).
+numpy and Pillow only (no torch, no detectron2).
 
 The ONNX file maps a normalized (B, C, H, W) float32 batch to ``fake_logit`` (B,) and
 ``mask_prob`` (B, H, W) at the input size. Everything around it is configured by the settings
@@ -16,11 +16,10 @@ import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import cv2
 import numpy as np
 
 from . import rules
-from .images import ImageLimits, NO_LIMITS, base_scale_size, load_image, resize_rgb
+from .images import ImageLimits, NO_LIMITS, base_scale_size, load_image, resize_bilinear, resize_rgb
 
 __all__ = ["ExportedModel", "ExportedModelError", "ExportedPredictor", "settings_path", "read_settings",
            "SETTINGS_VERSION"]
@@ -240,7 +239,7 @@ class ExportedModel:
         if self.localization:
             mask_prob = outputs["mask_prob"][row].astype(np.float32, copy=False)
             if output_size is not None and mask_prob.shape != tuple(output_size):
-                mask_prob = cv2.resize(mask_prob, (output_size[1], output_size[0]), interpolation=cv2.INTER_LINEAR)
+                mask_prob = resize_bilinear(mask_prob, *output_size)
             result["mask_prob"] = np.clip(mask_prob, 0.0, 1.0)
         return result
 
