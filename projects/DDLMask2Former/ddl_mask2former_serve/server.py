@@ -37,7 +37,7 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 # Longest side of the pictures the page shows (the mask download is at full size).
 PREVIEW_SIDE = 1600
 # Finished jobs kept for the page and its downloads (oldest dropped first).
-KEEP_JOBS = 64
+KEEP_JOBS = 32
 QUEUE_SIZE = 8
 
 
