@@ -12,7 +12,7 @@ settings, as bench_deploy.py), then:
 * import time and RSS after import, median of ``--import-runs`` fresh processes:
   ``from ddl_mask2former_serve import ExportedModel`` in the serving venv, and
   ``from ddl_mask2former.deploy import ExportedModel`` here (the training stack);
-* peak RSS (ru_maxrss) of one process that loads the model and predicts one 1000x1000 image:
+* peak RSS (VmHWM) of one process that loads the model and predicts one 1000x1000 image:
   serving venv (ExportedPredictor) vs here (ForgeryPredictor, PyTorch), plain and tiled;
 * latency, interleaved in this process, 1 thread each: the PyTorch predictor vs the serving
   runtime (ExportedPredictor, the same code the serving venv runs) at 512x512 and on the tiled
@@ -47,42 +47,51 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "ddl-i", "ddl_mask2former_swin_tiny.yaml")
 TILE_OPTS = ["TEST.TILE.ENABLED", "True", "TEST.TILE.SIZE", "512", "TEST.TILE.OVERLAP", "64",
              "TEST.TILE.BATCH_SIZE", "1"]
+# Peak RSS of the calling process's own address space (VmHWM resets at exec; getrusage's
+# ru_maxrss does not, so a child started from this big process would report this one's).
+PEAK_RSS = """
+def peak_rss_mib():
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith('VmHWM:'):
+                return int(line.split()[1]) / 1024
+"""
 VENV_OWN = {"pip", "setuptools", "_distutils_hack", "pkg_resources", "distutils-precedence.pth", "__pycache__"}
 
-SERVE_IMPORT = """
-import resource, time
+SERVE_IMPORT = PEAK_RSS + """
+import time
 start = time.perf_counter()
 from ddl_mask2former_serve import ExportedModel
 seconds = time.perf_counter() - start
 import json, sys
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'detectron2', 'cv2'))
-print(json.dumps({"seconds": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"seconds": seconds, "rss_mib": peak_rss_mib(),
                   "heavy_modules": heavy}))
 """
-TORCH_IMPORT = """
-import resource, time, warnings
+TORCH_IMPORT = PEAK_RSS + """
+import time, warnings
 warnings.simplefilter("ignore")
 start = time.perf_counter()
 from ddl_mask2former.deploy import ExportedModel
 seconds = time.perf_counter() - start
 import json
-print(json.dumps({"seconds": seconds, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": seconds, "rss_mib": peak_rss_mib()}))
 """
-SERVE_PEAK = """
-import json, resource, sys, time
+SERVE_PEAK = PEAK_RSS + """
+import json, sys, time
 import numpy as np
 from ddl_mask2former_serve import ExportedPredictor
 model, threads = sys.argv[1], int(sys.argv[2])
 predictor = ExportedPredictor(model, num_threads=threads)
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+loaded = peak_rss_mib()
 image = np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
 start = time.perf_counter()
 predictor(image)
-print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": peak_rss_mib(),
                   "seconds": time.perf_counter() - start}))
 """
-TORCH_PEAK = """
-import json, resource, sys, time, warnings
+TORCH_PEAK = PEAK_RSS + """
+import json, sys, time, warnings
 warnings.simplefilter("ignore")
 import numpy as np
 import torch
@@ -92,11 +101,11 @@ config, weights, threads, tiled = sys.argv[1], sys.argv[2], int(sys.argv[3]), sy
 torch.set_num_threads(threads)
 opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights] + (%r if tiled else [])
 predictor = ForgeryPredictor(load_config(config, opts))
-loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+loaded = peak_rss_mib()
 image = np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
 start = time.perf_counter()
 predictor(image)
-print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": peak_rss_mib(),
                   "seconds": time.perf_counter() - start}))
 """ % (TILE_OPTS,)
 
