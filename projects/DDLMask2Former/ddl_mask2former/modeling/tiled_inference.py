@@ -33,14 +33,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.utils.logger import log_first_n
 
-__all__ = ["FAKE_PROB_RULES", "TiledInference", "TiledPrediction", "tile_starts", "tile_weights"]
-
 # The placement, the ramp and the fake_prob rules are defined once, with the serving runtime's
 # numpy rules (which runs exported files by the same definitions).
-from ddl_mask2former_serve import rules as _rules  # noqa: E402
-from ddl_mask2former_serve.rules import FAKE_PROB_RULES, tile_starts  # noqa: E402,F401
+from ddl_mask2former_serve import rules as _rules
+from ddl_mask2former_serve.rules import FAKE_PROB_RULES, RULES_WITH_GLOBAL_VIEW, tile_starts
 
-_RULES_WITH_GLOBAL_VIEW = _rules.RULES_WITH_GLOBAL_VIEW
+__all__ = ["FAKE_PROB_RULES", "TiledInference", "TiledPrediction", "tile_starts", "tile_weights"]
 
 PredictViews = Callable[[List[Dict]], List[Dict]]
 
@@ -105,7 +103,7 @@ class TiledInference:
 
     @property
     def uses_global_view(self) -> bool:
-        return self.fake_prob_rule in _RULES_WITH_GLOBAL_VIEW
+        return self.fake_prob_rule in RULES_WITH_GLOBAL_VIEW
 
     def __call__(self, record: Dict, predict_views: PredictViews) -> Dict:
         """One input dict -> the model's output dict (``fake_prob``, ``mask_prob``, ``mask``)."""

@@ -38,12 +38,12 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+# The features, rules, mask policies and constants are defined once, with the serving runtime's
+# numpy rules; exports write them into the settings JSON.
+from ddl_mask2former_serve.rules import AREA_FLOOR, EPS, FEATURES, MASK_POLICIES, RULES, TOP_FRACTION
+
 __all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "Verdict",
            "verdict_features"]
-
-# The features, rules, mask policies and constants are defined with the serving runtime's
-# numpy rules (one definition; exports write them into the settings JSON).
-from ddl_mask2former_serve.rules import AREA_FLOOR, EPS, FEATURES, MASK_POLICIES, RULES, TOP_FRACTION  # noqa: E402
 
 # target_fprs of a rule that calibration has not fitted.
 _NOT_FITTED = -1.0
