@@ -18,8 +18,11 @@ settings, as bench_deploy.py), then:
   runtime (ExportedPredictor, the same code the serving venv runs) at 512x512 and on the tiled
   1 MP image. Wall and CPU medians, ratios to PyTorch (goal: <= 0.8x).
 
+``--scan-files 1000 10000`` measures only the folder scan's own peak RSS (VmHWM) over folders of
+that many small PNGs, with a stand-in network, in the serving venv (about a minute for 10,000).
+
 Usage: python benchmarks/bench_serve.py --serve-python /tmp/serve-venv/bin/python [--runs 3] [--warmup 1]
-       [--threads 1] [--import-runs 5] [--out-dir DIR] [--json F]
+       [--threads 1] [--import-runs 5] [--out-dir DIR] [--json F] [--scan-files N ...]
 Takes about 10-15 minutes on the 2-core dev machine.
 """
 import argparse
@@ -108,6 +111,59 @@ predictor(image)
 print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": peak_rss_mib(),
                   "seconds": time.perf_counter() - start}))
 """ % (TILE_OPTS,)
+
+
+SCAN_MEMORY = PEAK_RSS + """
+import json, os, sys, tempfile, time
+import numpy as np
+from PIL import Image
+from ddl_mask2former_serve import scan
+
+count = int(sys.argv[1])
+
+
+class ConstantNetwork:
+    # Stands in for the network (its cost is the model's, measured above): what is measured is
+    # the scan itself: walking, decoding, thumbnails, the JSONL, the CSV and the HTML report.
+    threshold, target_fpr, settings = 0.5, 0.05, {"stand-in": True}
+
+    def __init__(self, path):
+        self.path = path
+
+    def predict(self, rgb, progress=None):
+        prob = np.full(rgb.shape[:2], 0.2, np.float32)
+        return {"fake_prob": np.float32(0.3), "is_fake": False, "mask_prob": prob}
+
+
+with tempfile.TemporaryDirectory() as folder:
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(os.path.join(folder, "seed.png"))
+    data = open(os.path.join(folder, "seed.png"), "rb").read()
+    os.makedirs(os.path.join(folder, "images"))
+    for index in range(count):
+        with open(os.path.join(folder, "images", f"{index // 1000:02d}_{index:06d}.png"), "wb") as handle:
+            handle.write(data)
+    stub = os.path.join(folder, "stub.onnx")
+    open(stub, "wb").close()
+    before = peak_rss_mib()
+    start = time.perf_counter()
+    result = scan.scan_folder(os.path.join(folder, "images"), ConstantNetwork(stub), os.path.join(folder, "report"),
+                              progress_interval=1e9)
+    seconds = time.perf_counter() - start
+    html_mib = os.path.getsize(result["html"]) / 2**20
+print(json.dumps({"files": count, "scanned": result["scanned"], "rss_before_mib": before, "peak_rss_mib": peak_rss_mib(),
+                  "seconds": seconds, "html_mib": html_mib}))
+"""
+
+
+def scan_memory(serve_python, counts):
+    rows = {}
+    print("scan of N 64x64 PNG files with a stand-in network (the scan's own memory): peak RSS (VmHWM)")
+    for count in counts:
+        rows[count] = _child(serve_python, SCAN_MEMORY, count)
+        row = rows[count]
+        print(f"  {count:>6} files: peak {row['peak_rss_mib']:.1f} MiB (before the scan {row['rss_before_mib']:.1f}), "
+              f"{row['seconds']:.1f} s, report.html {row['html_mib']:.1f} MiB", flush=True)
+    return rows
 
 
 def _du_mib(path):
@@ -215,7 +271,16 @@ def main():
     parser.add_argument("--import-runs", type=int, default=5)
     parser.add_argument("--out-dir", default=None, help="where the exported files go (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--scan-files", type=int, nargs="+", default=None,
+                        help="only measure the scan's peak RSS over folders of these many files, then stop")
     args = parser.parse_args()
+    if args.scan_files:
+        rows = scan_memory(args.serve_python, args.scan_files)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"scan_memory": rows}, handle, indent=2)
+            print(f"figures written to {args.json}")
+        return
     torch.set_num_threads(args.threads)
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_serve_")
     os.makedirs(out_dir, exist_ok=True)

@@ -9,8 +9,9 @@ progress line and an ETA, into a report folder:
 * ``thumbnails/``: the overlay of each image (the HTML embeds them; kept for resuming);
 * ``scan.json``: what was scanned with which model (a resume with another model is refused).
 
-Memory stays flat over any number of files: the folder is walked as a stream, one image is in
-memory at a time, and the report reads back one short record per file (never maps or pixels).
+Memory stays nearly flat over any number of files: the folder is walked as a stream, one image
+is in memory at a time, and the report keeps a sort key and a file offset per image (about 100
+bytes), reading each record back from results.jsonl as it writes its row.
 """
 import base64
 import csv
@@ -152,31 +153,48 @@ def _scan_one(folder: str, relative: str, model: ExportedModel, report: str, lim
     return record
 
 
-def _records(report: str) -> Iterator[Dict]:
-    with open(os.path.join(report, RESULTS), encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)
+def _records_with_offsets(report: str) -> Iterator:
+    """(byte offset, record) of each line of results.jsonl."""
+    with open(os.path.join(report, RESULTS), "rb") as handle:
+        while True:
+            offset = handle.tell()
+            line = handle.readline()
+            if not line:
+                return
+            yield offset, json.loads(line)
 
 
-def _sort_key(record: Dict):
+def _record_at(handle, offset: int) -> Dict:
+    handle.seek(offset)
+    return json.loads(handle.readline())
+
+
+def _sort_key(record: Dict) -> float:
     return -record.get("fake_prob", record.get("forged_fraction", 0.0))
 
 
 def write_report(report: str, model: ExportedModel) -> Dict:
-    """results.csv and report.html from results.jsonl; returns their paths."""
+    """results.csv and report.html from results.jsonl; returns their paths.
+
+    Memory: a sort key and a byte offset per file (about 100 bytes); each record is read
+    back from results.jsonl when its row is written."""
     csv_path, html_path = os.path.join(report, CSV_NAME), os.path.join(report, HTML_NAME)
-    # One short record per file (name, scores, thumbnail name), sorted by fake_prob.
-    ok: List[Dict] = []
-    unreadable: List[Dict] = []
+    ok: List = []
+    unreadable: List[int] = []
+    counts = {"fake": 0}
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        for record in _records(report):
+        for offset, record in _records_with_offsets(report):
             writer.writerow(record)
-            (ok if record["status"] == "ok" else unreadable).append(record)
-    ok.sort(key=_sort_key)
-    with open(html_path, "w", encoding="utf-8") as handle:
-        _write_html(handle, report, model, ok, unreadable)
+            if record["status"] == "ok":
+                ok.append((_sort_key(record), offset))
+                counts["fake"] += bool(record.get("is_fake"))
+            else:
+                unreadable.append(offset)
+    ok.sort()
+    with open(html_path, "w", encoding="utf-8") as handle, open(os.path.join(report, RESULTS), "rb") as results:
+        _write_html(handle, report, model, [offset for _, offset in ok], unreadable, counts["fake"], results)
     return {"results": os.path.join(report, RESULTS), "csv": csv_path, "html": html_path}
 
 
@@ -191,9 +209,9 @@ font-weight:600} .REAL{color:#fff;background:#1e8c1e;padding:2px 8px;border-radi
 """
 
 
-def _write_html(handle, report: str, model: ExportedModel, ok: List[Dict], unreadable: List[Dict]) -> None:
+def _write_html(handle, report: str, model: ExportedModel, ok: List[int], unreadable: List[int], fakes: int,
+                results) -> None:
     target_fpr = model.target_fpr
-    fakes = sum(1 for r in ok if r.get("is_fake"))
     esc = html.escape
     handle.write(f"<!doctype html><html><head><meta charset='utf-8'><title>Forgery scan: "
                  f"{esc(os.path.basename(os.path.abspath(report)))}</title><style>{_STYLE}</style></head><body>")
@@ -210,7 +228,8 @@ def _write_html(handle, report: str, model: ExportedModel, ok: List[Dict], unrea
                  ".forEach(r=>r.style.display=this.checked?'none':'')\"> show only FAKE</label>")
     handle.write("<table><thead><tr><th>#</th><th>overlay</th><th>file</th><th>verdict</th><th>fake_prob</th>"
                  "<th>forged area</th><th>size</th></tr></thead><tbody>")
-    for rank, record in enumerate(ok, 1):
+    for rank, offset in enumerate(ok, 1):
+        record = _record_at(results, offset)
         thumb_path = os.path.join(report, record["thumbnail"])
         try:
             with open(thumb_path, "rb") as thumb:
@@ -229,7 +248,8 @@ def _write_html(handle, report: str, model: ExportedModel, ok: List[Dict], unrea
     handle.write(f"<h2>Could not be read ({len(unreadable)})</h2>")
     if unreadable:
         handle.write("<table><thead><tr><th>file</th><th>reason</th></tr></thead><tbody>")
-        for record in unreadable:
+        for offset in unreadable:
+            record = _record_at(results, offset)
             handle.write(f"<tr><td><code>{esc(record['file'])}</code></td><td class='err'>{esc(record['error'])}</td></tr>\n")
         handle.write("</tbody></table>")
     else:
