@@ -4,8 +4,8 @@ the page gets a photograph on each side of the verdict threshold, then the bad f
 one, and must show each verdict, the heat map and outline layers, and each error; the server
 must keep serving after them.
 
-The screenshot goes to $DDL_SCREENSHOT_DIR when set (README "Try it" is made this way), else to
-the test's temporary folder.
+The screenshots (serve_page.png, serve_page_errors.png) go to $DDL_SCREENSHOT_DIR when set, else
+to the test's temporary folder; README "Try it" shows them (docs/images/*.jpg, converted to JPEG).
 """
 import json
 import os

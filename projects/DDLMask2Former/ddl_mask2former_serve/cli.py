@@ -14,6 +14,7 @@ import os
 import sys
 from typing import List, Optional
 
+from . import __version__
 from .images import ImageLimits, ImageReadError, load_image
 from .runtime import ExportedModel, ExportedModelError, forged_fraction, to_plain
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddl-mask2former", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="one JSON line per image")
     predict.add_argument("images", nargs="+", help="image files")
@@ -132,6 +134,9 @@ def _serve(args, model: ExportedModel) -> int:
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port} ({exc})", file=sys.stderr)
         return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can upload images",
+              file=sys.stderr)
     print(f"serving {model.path} at {server.url} (Ctrl+C stops)", file=sys.stderr, flush=True)
     try:
         server.serve_forever()

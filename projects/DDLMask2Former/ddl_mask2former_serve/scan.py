@@ -182,7 +182,8 @@ def write_report(report: str, model: ExportedModel) -> Dict:
     ok: List = []
     unreadable: List[int] = []
     counts = {"fake": 0}
-    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+    # errors="replace": a file name that is not valid UTF-8 is shown with a replacement mark.
+    with open(csv_path, "w", newline="", encoding="utf-8", errors="replace") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for offset, record in _records_with_offsets(report):
@@ -193,7 +194,8 @@ def write_report(report: str, model: ExportedModel) -> Dict:
             else:
                 unreadable.append(offset)
     ok.sort()
-    with open(html_path, "w", encoding="utf-8") as handle, open(os.path.join(report, RESULTS), "rb") as results:
+    with open(html_path, "w", encoding="utf-8", errors="replace") as handle, \
+            open(os.path.join(report, RESULTS), "rb") as results:
         _write_html(handle, report, model, [offset for _, offset in ok], unreadable, counts["fake"], results)
     return {"results": os.path.join(report, RESULTS), "csv": csv_path, "html": html_path}
 
