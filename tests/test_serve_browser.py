@@ -117,10 +117,15 @@ def test_page_shows_verdicts_overlays_and_errors(server, tmp_path):
             error = _wait(lambda: [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".card.failed .error")
                                    if bad[key].name in e.text], 30, f"the error for {bad[key].name}")
             assert reason in error[0], error
-        # Still serving after the bad files.
-        upload.send_keys(str(folder / "real.png"))
+        # Still serving after the bad files; a larger image (6 x 8 tiles of 64 px) shows its tiles' progress.
+        large = folder / "large.png"
+        cv2.imwrite(str(large), cv2.resize(photos()["real"], (400, 300))[:, :, ::-1])
+        upload.send_keys(str(large))
+        progress = _wait(lambda: [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".card .status")
+                                  if "tile" in e.text], 60, "the tiles' progress of large.png")
+        assert progress[0].startswith("running: tile ") and progress[0].endswith(" of 48"), progress
         _wait(lambda: len(driver.find_elements(By.CSS_SELECTOR, ".card.done")) == 3, 120, "a verdict after the errors")
-        assert driver.find_elements(By.CSS_SELECTOR, ".card.done")[0].find_element(By.CSS_SELECTOR, ".badge").text == "REAL"
+        assert driver.find_elements(By.CSS_SELECTOR, ".card.done")[0].find_element(By.CSS_SELECTOR, "h2").text == "large.png"
         errors = screenshot.with_name("serve_page_errors.png")
         driver.execute_script("document.querySelector('.card.failed').scrollIntoView()")
         assert driver.save_screenshot(str(errors)), f"no screenshot written to {errors}"

@@ -150,3 +150,18 @@ def test_settings_are_the_single_source(export, tmp_path):
     Path(settings_path(copy)).write_text("{not json")
     with pytest.raises(ExportedModelError, match=r"copy\.onnx\.json: not valid JSON"):
         ExportedModel(copy)
+
+
+def test_map_resize_is_pytorchs_bilinear():
+    import torch
+    import torch.nn.functional as F
+
+    from ddl_mask2former_serve.images import resize_bilinear
+
+    rng = np.random.default_rng(0)
+    for (height, width), size in [((128, 128), (300, 1100)), ((75, 110), (1000, 37)), ((64, 64), (64, 200)),
+                                  ((512, 512), (333, 333))]:
+        values = rng.random((height, width), dtype=np.float32)
+        expected = F.interpolate(torch.from_numpy(values)[None, None], size=size, mode="bilinear",
+                                 align_corners=False)[0, 0].numpy()
+        assert np.abs(resize_bilinear(values, *size) - expected).max() < 2e-5
