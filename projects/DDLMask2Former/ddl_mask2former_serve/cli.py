@@ -16,6 +16,7 @@ from typing import List, Optional
 
 from . import __version__
 from .images import ImageLimits, ImageReadError, load_image
+from .progress import Progress
 from .runtime import ExportedModel, ExportedModelError, forged_fraction, to_plain
 
 __all__ = ["main"]
@@ -71,6 +72,8 @@ def _predict(args, model: ExportedModel) -> int:
     if args.masks:
         os.makedirs(args.masks, exist_ok=True)
     failed = 0
+    # Several images: a progress line with an ETA on stderr (JSON lines stay alone on stdout).
+    progress = Progress(len(args.images), "predict") if len(args.images) > 1 else None
     try:
         for path in args.images:
             record = {"file": path}
@@ -81,6 +84,8 @@ def _predict(args, model: ExportedModel) -> int:
                 record["error"] = exc.problem
                 print(f"{exc}", file=sys.stderr)
                 out.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress.update(1, note=os.path.basename(path))
                 continue
             prediction = to_plain(model.predict(rgb))
             record.update(height=rgb.shape[0], width=rgb.shape[1])
@@ -101,7 +106,11 @@ def _predict(args, model: ExportedModel) -> int:
                     record["mask_png"] = mask_path
             out.write(json.dumps(record) + "\n")
             out.flush()
+            if progress is not None:
+                progress.update(1, note=os.path.basename(path))
     finally:
+        if progress is not None:
+            progress.close()
         if out is not sys.stdout:
             out.close()
     where = "standard output" if args.output == "-" else args.output
