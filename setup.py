@@ -1,7 +1,8 @@
 """Install DDL-Mask2Former: ``pip install --no-build-isolation -e .``
 
 The importable package lives in ``projects/DDLMask2Former/ddl_mask2former`` (detectron2
-project layout). The multi-scale deformable attention CUDA op is built here as
+project layout), beside ``ddl_mask2former_serve`` (the torch-free runtime of exported models and
+the ``ddl-mask2former`` command; ``pip install .[serve]`` installs only what it needs). The multi-scale deformable attention CUDA op is built here as
 ``ddl_mask2former.ops._C`` when nvcc and a CUDA build of torch are present; without them the
 package installs without it and uses the PyTorch path.
 
@@ -138,9 +139,12 @@ setup(
     python_requires=">=3.10",
     package_dir={"": PROJECT_DIR},
     packages=find_packages(PROJECT_DIR),
-    package_data={"ddl_mask2former.ops": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"]},
+    package_data={"ddl_mask2former.ops": ["csrc/*.h", "csrc/*.cpp", "csrc/*.cu"],
+                  "ddl_mask2former_serve": ["page.html"]},
     # pip install -e .[deploy]: ONNX export and ONNX Runtime (requirements/deploy.txt).
-    extras_require={"deploy": _requirements("deploy.txt")},
+    # pip install .[serve]: only what serving an exported ONNX model needs (no torch, no detectron2).
+    extras_require={"deploy": _requirements("deploy.txt"), "serve": _requirements("serve.txt")},
+    entry_points={"console_scripts": ["ddl-mask2former = ddl_mask2former_serve.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

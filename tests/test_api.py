@@ -156,6 +156,21 @@ def test_predictor_path_array_pil_and_list_at_original_size(predictor, photo):
     _assert_same(outputs[1], predictor(other))
 
 
+def test_predictor_takes_grayscale_as_users_load_it(predictor, photo, tmp_path):
+    """cv2.imread(path, 0) gives HxW; some loaders give HxWx1: both mean the gray replicated."""
+    import cv2
+
+    path, rgb = photo
+    gray_path = tmp_path / "gray.png"
+    cv2.imwrite(str(gray_path), rgb[:, :, 1])
+    gray = cv2.imread(str(gray_path), 0)
+    assert gray.shape == rgb.shape[:2]
+    expected = predictor(np.repeat(gray[:, :, None], 3, axis=2))
+    _assert_same(predictor(gray), expected)
+    _assert_same(predictor(gray[:, :, None]), expected)
+    _assert_same(predictor(str(gray_path)), expected)
+
+
 def test_predictor_error_names_the_bad_input(predictor, photo, tmp_path):
     path, rgb = photo
     missing = tmp_path / "missing.png"
@@ -165,10 +180,11 @@ def test_predictor_error_names_the_bad_input(predictor, photo, tmp_path):
     broken.write_text("not a picture")
     with pytest.raises(DDLDataError, match="broken.jpg: not an image file"):
         predictor([str(path), str(broken)])
-    with pytest.raises(ValueError, match=r"input 1: expected a uint8 HxWx3 array, got float32"):
+    with pytest.raises(ValueError, match=r"input 1: expected a uint8 HxWx3 \(color\), HxW or HxWx1 \(grayscale\) "
+                                         r"array, got float32"):
         predictor([rgb, rgb.astype(np.float32)])
-    with pytest.raises(ValueError, match=r"input image: expected a uint8 HxWx3 array.*\(45, 70\)"):
-        predictor(rgb[:, :, 0])
+    with pytest.raises(ValueError, match=r"input image: expected a uint8 HxWx3 .*\(45, 70, 4\)"):
+        predictor(np.zeros((45, 70, 4), dtype=np.uint8))
     with pytest.raises(TypeError, match="input 0: expected a file path.*got int"):
         predictor([7])
     with pytest.raises(ValueError, match="format must be 'RGB' or 'BGR'"):

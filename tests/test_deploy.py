@@ -137,7 +137,7 @@ def test_tiled_path_same_in_pytorch_and_onnx_runtime(onnx_file, checkpoint, tmp_
     export_model(reference.model, cfg, "onnx", output)
     image = np.random.default_rng(1).integers(0, 256, TILED_SIZE + (3,), dtype=np.uint8)
     exported = ForgeryPredictor.from_exported(output)
-    assert exported.model.tiling.tile_size == 64 and exported.model.flip
+    assert exported.model.tiling["tile_size"] == 64 and exported.model.flip
     _assert_same(reference(image), exported(image))
 
 
@@ -182,13 +182,13 @@ def test_bad_inputs_name_the_problem(checkpoint, tmp_path, capsys):
         ForgeryPredictor.from_exported(orphan)
 
 
-def test_exported_network_rejects_a_wrong_tensor(onnx_file):
+def test_exported_network_rejects_a_wrong_array(onnx_file):
     exported = ExportedModel(onnx_file)
-    with pytest.raises(ExportedModelError, match=r"model\.onnx takes a \(batch, 3, height, width\) tensor, "
+    with pytest.raises(ExportedModelError, match=r"model\.onnx takes a \(batch, 3, height, width\) array, "
                                                  r"got \(1, 4, 64, 64\)"):
-        exported.network(torch.zeros(1, 4, 64, 64))
-    with pytest.raises(ExportedModelError, match=r"'image' must be a \(3, H, W\) tensor"):
-        exported([{"image": torch.zeros(64, 64, dtype=torch.uint8)}])
+        exported.network(np.zeros((1, 4, 64, 64), dtype=np.float32))
+    with pytest.raises(ExportedModelError, match=r"predict takes a uint8 HxWx3 RGB array, got float32"):
+        exported.predict(np.zeros((64, 64, 3), dtype=np.float32))
 
 
 def test_demo_runs_an_exported_file(onnx_file, checkpoint, tmp_path, capsys, caplog):

@@ -8,6 +8,7 @@ Writes the network (normalized image batch -> ``fake_logit`` and the ``mask_prob
 input size) to ``--output`` and, beside it, ``<output>.json`` with what the file expects and
 what runs around it: pixel mean/std and channel order, the test resize, tile size and overlap,
 flip, and the verdict (rule, coefficients, threshold, target false-positive rate, mask policy).
+``ddl-mask2former predict|scan|serve --model FILE`` (``pip install .[serve]``: no torch),
 ``ForgeryPredictor.from_exported(FILE)`` and ``tools/demo.py --exported FILE`` run it.
 
 ``--format onnx`` takes any batch, height and width (opset 17; the deformable attention goes
@@ -79,6 +80,9 @@ def main(argv=None):
         print(f"[export_model] verdict: rule {verdict['rule']}, threshold {verdict['threshold']:.4g}, "
               f"target FPR {verdict['target_fpr']}, calibrated {verdict['calibrated']}, "
               f"mask policy {verdict['mask_policy']}")
+    if args.format == "onnx":
+        print(f"[export_model] serve it (pip install .[serve], no torch): ddl-mask2former serve --model {args.output}  "
+              f"| ddl-mask2former scan FOLDER --model {args.output} --report OUT")
     return 0
 
 

@@ -3,7 +3,10 @@
 #   VENV=/path/to/venv tools/setup_env.sh     (default: <checkout>/.venv)
 #   PYTHON=python3.11                        (interpreter used to create the venv)
 # Installs requirements/torch.txt, detectron2 (see below), requirements/base.txt,
-# requirements/bench.txt, requirements/deploy.txt (ONNX export and runtime), then this project editable (which builds the CUDA op when it can).
+# requirements/bench.txt, requirements/deploy.txt (ONNX export and runtime), requirements/serve.txt
+# (the torch-free runtime), then this project editable (which builds the CUDA op when it can).
+# Debian's chromium and chromedriver (tests/test_serve_browser.py) are apt-installed when running
+# as root with apt-get available; elsewhere that test skips with a reason.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,7 +52,23 @@ install_photos() {
   say "source photographs (${packages[*]}) unpacked into $dest"
 }
 
+# Headless Chromium for the web page's browser test: Debian's packages, never a browser download.
+install_chromium() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's chromium and chromium-driver (tests/test_serve_browser.py)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+      say "apt-get could not install chromium: tests/test_serve_browser.py will skip"
+    fi
+  else
+    say "chromium/chromedriver missing and not root with apt-get: tests/test_serve_browser.py will skip"
+  fi
+}
+
 WANT="$(inputs_hash)"
+install_chromium
 if [ -x "$VENV/bin/python" ]; then install_photos; fi
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && [ -x "$VENV/bin/python" ]; then
   say "environment up to date: $VENV"
@@ -84,14 +103,15 @@ else
   "${PIP[@]}" --no-deps "$REPACKED"
 fi
 
-say "installing dependencies (requirements/base.txt, requirements/bench.txt, requirements/deploy.txt)"
-"${PIP[@]}" -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/bench.txt" -r "$ROOT/requirements/deploy.txt"
+say "installing dependencies (requirements/base.txt, bench.txt, deploy.txt, serve.txt)"
+"${PIP[@]}" -r "$ROOT/requirements/base.txt" -r "$ROOT/requirements/bench.txt" -r "$ROOT/requirements/deploy.txt" \
+    -r "$ROOT/requirements/serve.txt"
 
 # The CUDA op compiles when nvcc is found (setup.py finds the toolkit root from nvcc itself).
 say "installing ddl-mask2former (editable; CUDA op built when nvcc is present: takes minutes)"
 (cd "$ROOT" && "${PIP[@]}" --no-build-isolation -e .)
 
-"$PY" -c "import detectron2, ddl_mask2former; print('[setup_env] detectron2', detectron2.__version__, '| ddl_mask2former', ddl_mask2former.__version__)"
+"$PY" -c "import detectron2, ddl_mask2former, ddl_mask2former_serve; print('[setup_env] detectron2', detectron2.__version__, '| ddl_mask2former', ddl_mask2former.__version__)"
 install_photos
 echo "$WANT" > "$STAMP"
 say "ready: $VENV (activate with: source $VENV/bin/activate)"

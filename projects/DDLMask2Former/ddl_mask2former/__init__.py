@@ -11,6 +11,9 @@ When detectron2 is installed, importing this package imports ``data``, ``modelin
 decoders, and the DDL evaluator with detectron2. Without detectron2 nothing is registered and
 only ``ddl_mask2former.ops`` (multi-scale deformable attention, torch alone) is usable; the
 names above then raise an ImportError that says so.
+
+Serving an exported model needs neither: ``ddl_mask2former_serve`` (installed beside this package,
+``pip install .[serve]`` for its dependencies alone) and the ``ddl-mask2former`` command.
 """
 import importlib.util
 import warnings

@@ -31,18 +31,17 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from PIL import Image
 
-from .data import DDLDatasetMapper, read_image
-from .data.augmentations import BaseScaleResize
-from .data.image_io import to_uint8_gray_or_rgb
+from ddl_mask2former_serve.images import ImageReadError
+from ddl_mask2former_serve.images import load_image as serving_load_image
+
+from .data import DDLDataError, DDLDatasetMapper
 
 __all__ = ["ForgeryPredictor", "ImageInput", "load_image"]
 
 logger = logging.getLogger(__name__)
 
-# What one image may be: a file path, a uint8 HxWx3 array or a PIL image.
+# What one image may be: a file path, a uint8 array (HxWx3, or grayscale HxW / HxWx1) or a PIL image.
 ImageInput = Union[str, os.PathLike, np.ndarray, Image.Image]
-
-_CHANNEL_ORDERS = ("RGB", "BGR")
 
 
 def _describe(source: ImageInput, index: int, batched: bool) -> str:
@@ -53,35 +52,28 @@ def _describe(source: ImageInput, index: int, batched: bool) -> str:
 
 
 def load_image(source: ImageInput, format: str = "RGB", name: str = "input image") -> np.ndarray:
-    """Any accepted input -> uint8 HxWx3 RGB array at its original size.
+    """Any accepted input -> uint8 HxWx3 RGB array at its original size
+    (``ddl_mask2former_serve.images.load_image``).
 
     Args:
         source: a file path (decoded with EXIF orientation applied, like the dataset loader),
-            a uint8 HxWx3 numpy array in ``format`` channel order, or a PIL image (any mode;
-            converted to RGB as it is, without EXIF rotation).
-        format: channel order of an array input, "RGB" (Pillow, matplotlib) or "BGR"
-            (``cv2.imread``); ignored for paths and PIL images.
+            a uint8 numpy array (HxWx3 in ``format`` channel order, or grayscale HxW / HxWx1 as
+            ``cv2.imread(path, 0)`` gives, replicated to three channels), or a PIL image (any
+            mode; converted to RGB as it is, without EXIF rotation).
+        format: channel order of a 3-channel array, "RGB" (Pillow, matplotlib) or "BGR"
+            (``cv2.imread``); ignored for paths, grayscale arrays and PIL images.
         name: how error messages name an array or PIL input.
 
     Raises:
         DDLDataError naming the path for a missing, non-image or corrupt file; ValueError or
         TypeError naming ``name`` for an array of the wrong shape or type or another object.
     """
-    if format not in _CHANNEL_ORDERS:
-        raise ValueError(f"format must be 'RGB' or 'BGR', got {format!r}")
-    if isinstance(source, (str, os.PathLike)):
-        return read_image(os.fspath(source), format="RGB")
-    if isinstance(source, Image.Image):
-        return np.ascontiguousarray(to_uint8_gray_or_rgb(source, gray=False))
-    if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-            raise ValueError(f"{name}: expected a uint8 HxWx3 array, got {source.dtype} "
-                             f"{source.shape}")
-        if min(source.shape[:2]) == 0:
-            raise ValueError(f"{name}: empty image of shape {source.shape}")
-        return np.ascontiguousarray(source[:, :, ::-1] if format == "BGR" else source)
-    raise TypeError(f"{name}: expected a file path, a uint8 HxWx3 numpy array or a PIL image, "
-                    f"got {type(source).__name__}")
+    try:
+        return serving_load_image(source, format=format, name=name)
+    except DDLDataError:
+        raise
+    except ImageReadError as exc:
+        raise DDLDataError(exc.path, exc.problem) from exc.__cause__
 
 
 class ForgeryPredictor:
@@ -89,7 +81,7 @@ class ForgeryPredictor:
 
     ``predictor(image)`` returns one dict; ``predictor([image, ...])`` a list of them, in order.
     An image is a file path, a uint8 HxWx3 numpy array (RGB unless ``format="BGR"``, e.g. for
-    ``cv2.imread`` output) or a PIL image. Each dict holds, at the image's original size:
+    ``cv2.imread`` output), a grayscale HxW or HxWx1 uint8 array, or a PIL image. Each dict holds, at the image's original size:
 
     * ``fake_prob``: float, calibrated probability that the image is forged, by the verdict
       rule ``MODEL.DDL.VERDICT.RULE`` (``modeling/verdict.py``);
@@ -126,28 +118,23 @@ class ForgeryPredictor:
         self.input_format = mapper.image_format
         self._warn_if_uncalibrated(self.cfg.MODEL.WEIGHTS or "the model")
 
-    @classmethod
-    def from_exported(cls, path, batch_size: int = 4, providers=None, num_threads=None) -> "ForgeryPredictor":
-        """A predictor that runs an exported file (``tools/export_model.py``): ``model.onnx``
-        through ONNX Runtime or ``model.pt2`` (``torch.export``), with the test resize, tiling,
-        flip and verdict stored in the JSON beside it. Called exactly like the PyTorch one.
+    @staticmethod
+    def from_exported(path, providers=None, num_threads=None):
+        """A predictor for an exported file (``tools/export_model.py``), called exactly like this
+        one: ``model.onnx`` through ONNX Runtime, or ``model.pt2`` (``torch.export``), with the
+        test resize, tiling, flip and verdict stored in the JSON beside it. Returns a
+        ``ddl_mask2former.deploy.ExportedPredictor`` (the torch-free runtime of
+        ``ddl_mask2former_serve``); no config, model build or checkpoint is involved.
 
         ``providers``, ``num_threads``: ONNX Runtime's execution providers (default CPU) and
-        intra-op threads. No config, model build or checkpoint is involved.
+        intra-op threads.
         """
-        from .deploy import ExportedModel
+        from .deploy import load_exported
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        predictor = cls.__new__(cls)
-        predictor.cfg = None
-        predictor.batch_size = batch_size
-        predictor.model = ExportedModel(path, providers=providers, num_threads=num_threads)
-        resize = predictor.model.test_resize
-        predictor.augmentations = T.AugmentationList(
-            [] if resize is None else [BaseScaleResize(tuple(resize["base_scale"]), enlarge=resize["enlarge"])])
-        predictor.input_format = predictor.model.input_format
-        predictor._warn_if_uncalibrated(os.fspath(path))
+        predictor = load_exported(path, providers=providers, num_threads=num_threads)
+        if predictor.model.verdict is not None and not predictor.calibrated:
+            logger.warning("%s holds no verdict calibration: fake_prob is the uncalibrated '%s' score and "
+                           "the verdict threshold is 0.5", os.fspath(path), predictor.model.verdict["rule"])
         return predictor
 
     def _warn_if_uncalibrated(self, name):

@@ -28,28 +28,14 @@ from detectron2.data import transforms as T
 from fvcore.transforms.transform import PadTransform
 from PIL import Image
 
+from ddl_mask2former_serve.images import base_scale_size
+
 from .perturbations import gaussian_blur, jpeg_compress, resized_size
 
 __all__ = ["BaseScaleResize", "BaseScaleResizeCrop", "CategoryAreaCrop", "ResizedCropTransform",
            "PhotometricDistortion", "PadToSize", "base_scale_size", "RandomDegradation",
            "DegradationBeforeCrop", "DegradationAfterCrop", "RescaleTransform",
            "GaussianBlurTransform", "GaussianNoiseTransform", "JpegTransform"]
-
-
-def base_scale_size(height, width, base_scale, ratio=1.0, enlarge=True):
-    """Output (height, width) of a keep-ratio resize to ``base_scale`` times ``ratio``.
-
-    ``base_scale`` = (long, short): the long side becomes at most long*ratio and the short
-    side at most short*ratio, whichever is reached first (MMSegmentation's "scale" for
-    keep_ratio=True, which may enlarge small images). With ``enlarge=False`` an image already
-    within the base scale keeps its size before the ratio applies: no resampling blurs the
-    pixel-level traces of a forgery that needs none.
-    """
-    factor = min(max(base_scale) / max(height, width), min(base_scale) / min(height, width))
-    if not enlarge:
-        factor = min(factor, 1.0)
-    factor *= ratio
-    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 class BaseScaleResize(T.Augmentation):

@@ -4,13 +4,13 @@
   ``<output>.json``: the preprocessing it expects (pixel mean/std, channel order), the test
   resize, tiling and flip settings and the verdict (rule, coefficients, threshold, target FPR,
   mask policy), so the file alone reproduces ``DDLMask2Former.predict``.
-* ``runtime.ExportedModel(file)`` runs it (ONNX Runtime or the exported program) with the
-  same tiling, flip and verdict code as the PyTorch model; ``ForgeryPredictor.from_exported``
-  wraps it in the predictor's call.
+* ``ddl_mask2former_serve.runtime.ExportedModel(file)`` runs an ONNX file with the JSON's
+  rules (numpy and ONNX Runtime, no torch); ``runtime.load_exported(file)`` (what
+  ``ForgeryPredictor.from_exported`` returns) also runs a ``.pt2`` program through it.
 
 ``tools/export_model.py`` is the command line.
 """
 from .export import FORMATS, export_model, metadata_path
-from .runtime import ExportedModel
+from .runtime import ExportedModel, ExportedPredictor, load_exported
 
-__all__ = ["FORMATS", "ExportedModel", "export_model", "metadata_path"]
+__all__ = ["FORMATS", "ExportedModel", "ExportedPredictor", "export_model", "load_exported", "metadata_path"]

@@ -19,6 +19,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ddl_mask2former_serve.runtime import SETTINGS_VERSION, settings_path
+
 from .. import __version__
 from .network import ExportableNetwork
 
@@ -31,12 +33,9 @@ FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
 # GridSample entered the standard ONNX operator set in opset 16.
 ONNX_OPSET = 17
 INPUT_NAME = "normalized"
-METADATA_VERSION = 1
-
-
-def metadata_path(exported_file) -> str:
-    """The JSON written beside an exported file: ``<file>.json``."""
-    return os.fspath(exported_file) + ".json"
+METADATA_VERSION = SETTINGS_VERSION
+# The JSON written beside an exported file: ``<file>.json`` (the serving runtime reads it).
+metadata_path = settings_path
 
 
 def _check_format(fmt: str) -> None:
@@ -55,7 +54,8 @@ def default_size(cfg) -> Tuple[int, int]:
 
 
 def build_metadata(model, cfg, fmt: str, exported_file: str, size: Optional[Tuple[int, int]]) -> Dict:
-    """What the runtime needs besides the network (see the module docstring of ``runtime.py``)."""
+    """What the runtime needs besides the network: every rule of ``DDLMask2Former.predict``
+    (``ddl_mask2former_serve.runtime`` reads it; nothing there is a default)."""
     tiling = model.tiling
     verdict = model.verdict
     return {

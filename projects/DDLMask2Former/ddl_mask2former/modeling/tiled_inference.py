@@ -26,7 +26,6 @@ The model's own per-input prediction (``predict_views``: one batch of inputs, op
 flip test-time augmentation) is passed in, so this module knows nothing of the network.
 """
 import logging
-import math
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
@@ -34,16 +33,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.utils.logger import log_first_n
 
-__all__ = ["FAKE_PROB_RULES", "TiledInference", "TiledPrediction", "tile_starts", "tile_weights"]
+# The placement, the ramp and the fake_prob rules are defined once, with the serving runtime's
+# numpy rules (which runs exported files by the same definitions).
+from ddl_mask2former_serve import rules as _rules
+from ddl_mask2former_serve.rules import FAKE_PROB_RULES, RULES_WITH_GLOBAL_VIEW, tile_starts
 
-# How the image's fake_prob is made from the tiles' fake_probs and the global view's.
-FAKE_PROB_RULES = {
-    "tile_max": lambda tiles, whole: tiles.max(),
-    "tile_mean": lambda tiles, whole: tiles.mean(),
-    "global": lambda tiles, whole: whole,
-    "global_tile_max": lambda tiles, whole: 0.5 * (whole + tiles.max()),
-}
-_RULES_WITH_GLOBAL_VIEW = ("global", "global_tile_max")
+__all__ = ["FAKE_PROB_RULES", "TiledInference", "TiledPrediction", "tile_starts", "tile_weights"]
 
 PredictViews = Callable[[List[Dict]], List[Dict]]
 
@@ -58,28 +53,10 @@ class TiledPrediction(NamedTuple):
     global_fake_prob: Optional[torch.Tensor]
 
 
-def tile_starts(length: int, tile_size: int, overlap: int) -> List[int]:
-    """Start offsets of the tiles along an axis of ``length`` pixels (see the module docstring)."""
-    if length <= tile_size:
-        return [0]
-    stride = tile_size - overlap
-    return list(range(0, length - tile_size, stride)) + [length - tile_size]
-
-
 def tile_weights(length: int, start: int, tile_length: int, overlap: int) -> torch.Tensor:
-    """1-D blending weights of the tile ``[start, start + tile_length)`` on an axis of ``length``:
-    a sin^2 ramp over ``overlap`` pixels at each end that has a neighbouring tile, 1 elsewhere."""
-    weights = torch.ones(tile_length, dtype=torch.float64)
-    ramp_length = min(overlap, tile_length)
-    if ramp_length == 0:
-        return weights.float()
-    position = (torch.arange(ramp_length, dtype=torch.float64) + 0.5) / ramp_length
-    ramp = torch.sin(0.5 * math.pi * position) ** 2
-    if start > 0:
-        weights[:ramp_length] = torch.minimum(weights[:ramp_length], ramp)
-    if start + tile_length < length:
-        weights[-ramp_length:] = torch.minimum(weights[-ramp_length:], ramp.flip(0))
-    return weights.float()
+    """1-D blending weights of the tile ``[start, start + tile_length)`` on an axis of ``length``
+    (``ddl_mask2former_serve.rules.tile_weights``), as a float32 tensor."""
+    return torch.from_numpy(_rules.tile_weights(length, start, tile_length, overlap))
 
 
 class TiledInference:
@@ -126,7 +103,7 @@ class TiledInference:
 
     @property
     def uses_global_view(self) -> bool:
-        return self.fake_prob_rule in _RULES_WITH_GLOBAL_VIEW
+        return self.fake_prob_rule in RULES_WITH_GLOBAL_VIEW
 
     def __call__(self, record: Dict, predict_views: PredictViews) -> Dict:
         """One input dict -> the model's output dict (``fake_prob``, ``mask_prob``, ``mask``)."""

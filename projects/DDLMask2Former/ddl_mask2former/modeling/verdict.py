@@ -38,30 +38,19 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+# The features, rules, mask policies and constants are defined once, with the serving runtime's
+# numpy rules; exports write them into the settings JSON.
+from ddl_mask2former_serve.rules import AREA_FLOOR, EPS, FEATURES, MASK_POLICIES, RULES, TOP_FRACTION
+
 __all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "Verdict",
            "verdict_features"]
 
-FEATURES = ("head", "map_max", "map_top", "map_area")
-# rule -> the features it reads (the first one is the uncalibrated default's)
-RULES = {
-    "head": ("head",),
-    "map_max": ("map_max",),
-    "map_top": ("map_top",),
-    "fusion": ("head", "map_max", "map_top", "map_area"),
-}
-MASK_POLICIES = ("gate", "independent")
-# map_top: the share of the map's pixels averaged (at least one pixel).
-TOP_FRACTION = 0.005
-# map_area: added to the marked share before the log, so an empty map has a finite feature.
-AREA_FLOOR = 1e-4
 # target_fprs of a rule that calibration has not fitted.
 _NOT_FITTED = -1.0
-# Probabilities are clamped to [EPS, 1 - EPS] before the logit (float32 sigmoids saturate).
-_EPS = 1e-6
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.double().clamp(_EPS, 1.0 - _EPS)
+    p = p.double().clamp(EPS, 1.0 - EPS)
     return torch.log(p) - torch.log1p(-p)
 
 
@@ -166,6 +155,10 @@ class Verdict(nn.Module):
             "target_fpr": None if float(self.target_fprs[index]) == _NOT_FITTED else float(self.target_fprs[index]),
             "calibrated": self.calibrated,
             "mask_policy": self.mask_policy,
+            # The features' constants, so an exported file's runtime reads them from its settings.
+            "top_fraction": TOP_FRACTION,
+            "area_floor": AREA_FLOOR,
+            "eps": EPS,
         }
 
     def probability(self, features: torch.Tensor, rule: Optional[str] = None) -> torch.Tensor:
