@@ -207,7 +207,7 @@ def write_perturbed_split(dataset_dicts, out_dir, kind, level, seed, mask_thresh
     """Write the images of ``dataset_dicts`` (labeled DDL dicts) perturbed, in DDL layout under
     ``out_dir`` (PNG, named by stem); this process writes every ``world_size``-th image from
     ``rank``. A fake's mask is copied, or, when the image changed size, read (pixels above
-    ``mask_threshold`` forged) and resized with nearest neighbour."""
+    ``mask_threshold`` forged) and resized by ``resize_mask`` (nearest neighbour, pixel centres)."""
     for folder in ("real", "fake", "masks"):
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
     for index in range(rank, len(dataset_dicts), world_size):

@@ -16,8 +16,15 @@ HxWx3 RGB (or HxW gray), and never changes its input:
   23 (IMDL-BenCo). The noise comes from the ``rng`` given (``numpy.random.Generator``).
 * ``resize`` f: scale both sides by f to ``resized_size`` (round half up, at least 1 pixel), with
   ``cv2.INTER_AREA`` when shrinking (``cv2.INTER_LINEAR`` when enlarging). Masks follow with
-  nearest neighbour (``perturb_mask``). Levels 0.78, 0.5, 0.25.
+  ``resize_mask`` (``perturb_mask``). Levels 0.78, 0.5, 0.25.
 * ``chain`` "resize0.5+jpeg75": resize 0.5, then JPEG at quality 75 (``CHAINS``).
+
+``resize_mask`` is the one rule by which a forgery mask follows a resized image, here and in
+training (``RescaleTransform``): nearest neighbour at pixel centres (``cv2.INTER_NEAREST_EXACT``;
+Pillow's NEAREST, which detectron2's ``ResizeTransform`` uses, samples the same pixels). Output
+pixel i takes input pixel floor((i + 0.5) * old / new), the centre of the block that INTER_AREA
+averages into it; plain ``INTER_NEAREST`` takes the block's top-left pixel instead, which
+shifts a shrunk mask by up to half a block against its image.
 
 ``SWEEPS`` maps each kind to its levels, mildest first. ``perturb(image, kind, level, rng)``
 accepts any valid level of a kind (training augmentation may use others); the benchmark sticks
@@ -38,6 +45,7 @@ __all__ = [
     "gaussian_blur",
     "gaussian_noise",
     "resize_image",
+    "resize_mask",
     "resized_size",
     "output_size",
     "parse_level",
@@ -119,6 +127,19 @@ def resize_image(image, factor):
     return resized.reshape((height, width) + image.shape[2:])
 
 
+def resize_mask(mask, height, width):
+    """``mask`` (HxW, any dtype, bool included) resampled to (height, width) by nearest neighbour
+    at pixel centres, so its values stay the ones it had and it stays aligned with its image."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask is an HxW array, got shape {mask.shape}")
+    if (height, width) == mask.shape:
+        return mask.copy()
+    data = mask.astype(np.uint8) if mask.dtype == bool else mask
+    resized = cv2.resize(data, (int(width), int(height)), interpolation=cv2.INTER_NEAREST_EXACT)
+    return resized.astype(bool) if mask.dtype == bool else resized
+
+
 def _check_kind(kind):
     if kind not in SWEEPS:
         raise ValueError(f"unknown perturbation {kind!r} (known: {', '.join(SWEEPS)})")
@@ -164,7 +185,7 @@ def perturb_mask(mask, kind, level, size=None):
     """A forgery mask that follows ``perturb(image, kind, level)``.
 
     Photometric perturbations leave it as it is (a copy); resizing (``resize`` and the chain)
-    scales it with nearest neighbour to ``size`` = (height, width) of the perturbed image
+    scales it with ``resize_mask`` to ``size`` = (height, width) of the perturbed image
     (default: ``output_size``), so its values stay the ones it had (a binary mask stays binary).
     Keeps the dtype (bool included).
     """
@@ -177,9 +198,7 @@ def perturb_mask(mask, kind, level, size=None):
         return mask.copy()
     if not any(step == "resize" for step, _ in _steps(kind, level)):
         raise ValueError(f"{kind} {level} keeps the image size {mask.shape}, but size {size} was given")
-    data = mask.astype(np.uint8) if mask.dtype == bool else mask
-    resized = cv2.resize(data, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-    return resized.astype(bool) if mask.dtype == bool else resized
+    return resize_mask(mask, *size)
 
 
 def level_key(level):
