@@ -1,11 +1,13 @@
 """The verdict: features, rules, calibration, the mask policy and the calibration split."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 
+from ddl_mask2former.config import load_config
 from ddl_mask2former.data.ddl_dataset import in_calibration_part, register_calibration_holdout
 from ddl_mask2former.evaluation.calibration import (
     VerdictRecord, calibrate_model, fit_logistic, fit_rule, probabilities, rule_metrics,
@@ -17,6 +19,7 @@ from ddl_mask2former.modeling.verdict import AREA_FLOOR, FEATURES, RULES, Verdic
 from model_helpers import build, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
 def _logit(p):
@@ -150,6 +153,19 @@ def test_threshold_at_fpr(fpr, expected):
     assert np.mean(np.asarray(reals) > threshold) <= fpr
 
 
+def test_threshold_at_fpr_just_below_one_is_the_lowest_real():
+    reals = [0.1 * i for i in range(1, 11)]
+    for fpr in (0.999999999999, 1 - 1e-10, 0.95):
+        assert threshold_at_fpr(reals, fpr) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("value", ["5.0", "1.0", "-0.1"])
+def test_target_fpr_out_of_range_is_refused_when_the_config_loads(value):
+    with pytest.raises(ValueError, match=r"MODEL\.DDL\.VERDICT\.TARGET_FPR must be .*\[0, 1\)"):
+        load_config(TINY_CONFIG, ["MODEL.DDL.VERDICT.TARGET_FPR", value])
+    assert load_config(TINY_CONFIG, ["MODEL.DDL.VERDICT.TARGET_FPR", "0.0"]).MODEL.DDL.VERDICT.TARGET_FPR == 0.0
+
+
 def _records(head, maps, labels, counts):
     records = []
     for index, (h, m, label, (tp, fp, fn)) in enumerate(zip(head, maps, labels, counts)):
@@ -204,6 +220,11 @@ def test_calibrate_model_stores_every_rule():
     assert float(model.verdict.thresholds[index]) == pytest.approx(fits[index].threshold)
     with pytest.raises(ValueError, match="real and fake"):
         calibrate_model(model, records[:10], target_fpr=0.1)
+    # A bad rate is an error, not a silently skipped rule (that shipped an uncalibrated model).
+    fresh = build(cfg)
+    with pytest.raises(ValueError, match="TARGET_FPR"):
+        calibrate_model(fresh, records, target_fpr=5)
+    assert not fresh.verdict.calibrated
 
 
 def test_real_false_alarm_metric():

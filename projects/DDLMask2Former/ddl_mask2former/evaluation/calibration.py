@@ -186,16 +186,17 @@ def calibrate_model(model, records: Sequence[VerdictRecord], target_fpr: float,
                          f"{sum(r.label == 0 for r in records)} real and "
                          f"{sum(r.label == 1 for r in records)} fake")
     fits = []
-    for rule in rules or RULES:
-        try:
-            fit = fit_rule(records, rule, target_fpr)
-        except ValueError:
-            if rules:
-                raise
-            continue  # a rule whose branch is off
+    for rule in rules or [rule for rule in RULES if _has_features(records, rule)]:
+        fit = fit_rule(records, rule, target_fpr)
         verdict.set_calibration(rule, fit.coefficients, fit.intercept, fit.threshold, target_fpr)
         fits.append(fit)
     return fits
+
+
+def _has_features(records: Sequence[VerdictRecord], rule: str) -> bool:
+    """Whether every record has the features ``rule`` reads (a branch turned off has NaN)."""
+    columns = [FEATURES.index(f) for f in RULES[rule]]
+    return bool(np.isfinite(np.asarray([r.features for r in records], dtype=np.float64)[:, columns]).all())
 
 
 def rule_metrics(records: Sequence[VerdictRecord], fit: RuleFit, mask_policy: str = "gate") -> Dict[str, float]:
