@@ -172,12 +172,41 @@ def test_calibrate_writes_a_calibrated_checkpoint_that_eval_uses(killed_then_res
     result = _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights,
                           "OUTPUT_DIR", "eval2", "TEST.EXPORT_DIR", "export2",
                           "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
-    assert "holds no verdict calibration: calibrating on ddl_i_train first" in result.stdout + result.stderr
+    assert ("holds no verdict calibration (uncalibrated checkpoint): calibrating on ddl_i_train first"
+            in result.stdout + result.stderr)
     assert json.loads((tmp_path / "export2" / "verdict.json").read_text())["calibrated"]
     missing = _run([CALIBRATE, "--config-file", TINY_CONFIG, "--output", tmp_path / "x.pth",
                     "MODEL.WEIGHTS", weights], ddl_root, tmp_path)
     assert missing.returncode != 0 and "DATASETS.CALIBRATION is empty" in missing.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_uncalibrated_checkpoint_without_calibration_data_says_how_to_go_on(killed_then_resumed, tmp_path):
+    weights = killed_then_resumed["output_dir"] / "model_final.pth"
+    empty_root = tmp_path / "no_datasets"
+    empty_root.mkdir()
+    result = _run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights,
+                   "OUTPUT_DIR", "eval", "DATASETS.CALIBRATION", "('ddl_i_train',)"], empty_root, tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{weights} holds no verdict calibration (uncalibrated checkpoint)" in result.stderr
+    assert "split folder does not exist" in result.stderr
+    assert "tools/calibrate.py" in result.stderr and 'DATASETS.CALIBRATION "()"' in result.stderr
+
+
+def test_every_checkpoint_carries_a_fit_of_its_own_weights(ddl_root, tmp_path):
+    # Calibration runs before the periodic checkpointer: model_0000001.pth holds the fit of the
+    # weights of iteration 1, not of an older evaluation's (or none).
+    _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "OUTPUT_DIR", "run", "SOLVER.MAX_ITER", "4",
+                 "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
+    for name, iteration in (("model_0000001.pth", 1), ("model_final.pth", 3)):
+        checkpoint = torch.load(tmp_path / "run" / name, map_location="cpu", weights_only=False)
+        assert checkpoint["iteration"] == iteration
+        assert int(checkpoint["model"]["verdict.calibration_iteration"]) == iteration
+        assert float(checkpoint["model"]["verdict.target_fprs"][1]) == 0.05
+    result = _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "OUTPUT_DIR", "eval",
+                          "MODEL.WEIGHTS", tmp_path / "run" / "model_0000001.pth",
+                          "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
+    assert "calibrating on" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

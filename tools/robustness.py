@@ -41,7 +41,6 @@ import ddl_mask2former  # first: it hides detectron2's import-time torch.jit dep
 import cv2
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_setup
 from detectron2.utils import comm
@@ -50,7 +49,8 @@ from detectron2.utils.logger import setup_logger
 from ddl_mask2former.config import load_config
 from ddl_mask2former.data.ddl_dataset import default_cache_dir, load_ddl_split, register_ddl_split
 from ddl_mask2former.data.image_io import DDLDataError, read_forgery_mask, read_image
-from ddl_mask2former.engine import Trainer, launch
+from ddl_mask2former.engine import Trainer, check_evaluation_verdict, launch, load_evaluation_model
+from ddl_mask2former.evaluation.calibration import VerdictCalibrationError
 from ddl_mask2former.data.perturbations import (
     SWEEPS, level_key, parse_level, perturb, perturb_mask)
 
@@ -276,16 +276,16 @@ def _quiet_console():
                 handler.setLevel(logging.WARNING)
 
 
-def load_model(cfg):
-    """The model with its weights, calibrated as tools/train_net.py --eval-only would be."""
-    model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    if cfg.DATASETS.CALIBRATION and model.verdict.enabled and not model.verdict.calibrated:
-        logging.getLogger("ddl_mask2former").info(
-            "%s holds no verdict calibration: calibrating on %s first", cfg.MODEL.WEIGHTS,
-            ", ".join(cfg.DATASETS.CALIBRATION))
-        Trainer.calibrate(cfg, model)
-    return model
+def load_model(cfg, opts=(), check_only=False):
+    """The model with its weights and a verdict fit for evaluation, as tools/train_net.py
+    --eval-only has it (``engine.load_evaluation_model``; ``check_only``: the checks alone, before
+    launch); SystemExit saying how to go on when the verdict cannot be calibrated."""
+    try:
+        if check_only:
+            return check_evaluation_verdict(cfg, opts)
+        return load_evaluation_model(cfg, opts)
+    except VerdictCalibrationError as exc:
+        raise SystemExit(f"{TOOL}: {exc}") from None
 
 
 def evaluate(cfg, model, dataset_name):
@@ -300,7 +300,7 @@ def run(args, plan):
     """One process of the benchmark: every evaluation in turn; the main process writes the results."""
     cfg = setup(args)
     _share_cpu_threads(cfg)
-    model = load_model(cfg)
+    model = load_model(cfg, args.opts)
     rank, world_size, main = comm.get_rank(), comm.get_world_size(), comm.is_main_process()
     output = cfg.OUTPUT_DIR
     clean_name = "robustness_clean"
@@ -424,8 +424,9 @@ def main(argv=None):
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise SystemExit(f"{TOOL}: --output {args.output} exists and is not a folder")
     # Checked before launch: a bad input fails once, before anything is written.
-    load_checked_config(args)
+    cfg = load_checked_config(args)
     dicts = check_split(args.split)
+    load_model(cfg, args.opts, check_only=True)
     total = 1 + sum(len(levels) for levels in plan.values())
     print(f"{len(dicts)} images of {os.path.abspath(args.split)}, {total} evaluations: clean, "
           + ", ".join(f"{kind} {' '.join(map(level_key, levels))}" for kind, levels in plan.items()),

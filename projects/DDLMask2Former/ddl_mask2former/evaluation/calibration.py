@@ -14,18 +14,18 @@
 import itertools
 import logging
 import math
-from typing import Dict, Iterable, List, NamedTuple, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..modeling.verdict import FEATURES, RULES, verdict_features
+from ..modeling.verdict import FEATURES, RULES, UNKNOWN_ITERATION, verdict_features
 from .conventions import threshold_at_fpr
 from .ground_truth import count_against_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, iou_from_counts
 
-__all__ = ["VerdictRecord", "VerdictCollector", "RuleFit", "fit_logistic", "threshold_at_fpr",
+__all__ = ["VerdictCalibrationError", "VerdictRecord", "VerdictCollector", "RuleFit", "fit_logistic", "threshold_at_fpr",
            "fit_rule", "calibrate_model", "rule_metrics", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 # L2 penalty on the standardized weights (sklearn's default C = 1): keeps the fit finite when
 # a calibration split is separable, as a small one often is.
 L2_PENALTY = 1.0
+
+
+class VerdictCalibrationError(RuntimeError):
+    """A checkpoint's verdict cannot be made fit for evaluation; the message says how to go on."""
 
 
 class VerdictRecord(NamedTuple):
@@ -176,9 +180,10 @@ def collect_records(model, data_loader, gt_mask_threshold: int = 127) -> List[Ve
 
 
 def calibrate_model(model, records: Sequence[VerdictRecord], target_fpr: float,
-                    rules: Iterable[str] = None) -> List[RuleFit]:
+                    rules: Iterable[str] = None, iteration: Optional[int] = None) -> List[RuleFit]:
     """Fit every rule the model's outputs allow (default: all that ``records`` have the
-    features for) on ``records`` and store the fits in the model's verdict."""
+    features for) on ``records`` and store the fits in the model's verdict, marked as fitted on
+    the weights of training ``iteration`` (None: unknown)."""
     verdict = unwrap_model(model).verdict
     labels = {r.label for r in records}
     if labels != {0, 1}:
@@ -190,6 +195,7 @@ def calibrate_model(model, records: Sequence[VerdictRecord], target_fpr: float,
         fit = fit_rule(records, rule, target_fpr)
         verdict.set_calibration(rule, fit.coefficients, fit.intercept, fit.threshold, target_fpr)
         fits.append(fit)
+    verdict.calibration_iteration.fill_(UNKNOWN_ITERATION if iteration is None else int(iteration))
     return fits
 
 

@@ -23,7 +23,9 @@ fits w and b by L2-regularized logistic regression on a calibration split that n
 figure comes from (one input feature: Platt scaling), and sets the threshold so that at most
 ``TARGET_FPR`` of that split's real images score above it. All rules are fitted at once and
 kept in this module's buffers, so they travel inside the checkpoint with the weights and a
-config may switch rules without recalibrating.
+config may switch rules without recalibrating. ``calibration_iteration`` records the training
+iteration whose weights the fit belongs to (the checkpoint's ``iteration``; -1 when unknown), so
+that evaluation can tell a fit made on other weights (``engine.prepare_verdict``).
 
 The verdict is FAKE exactly when ``fake_prob > threshold``. Mask policy
 (``MODEL.DDL.VERDICT.MASK_POLICY``):
@@ -38,8 +40,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "Verdict",
-           "verdict_features"]
+__all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "UNKNOWN_ITERATION",
+           "Verdict", "verdict_features"]
 
 FEATURES = ("head", "map_max", "map_top", "map_area")
 # rule -> the features it reads (the first one is the uncalibrated default's)
@@ -54,6 +56,8 @@ MASK_POLICIES = ("gate", "independent")
 TOP_FRACTION = 0.005
 # map_area: added to the marked share before the log, so an empty map has a finite feature.
 AREA_FLOOR = 1e-4
+# calibration_iteration when the weights' iteration is not known.
+UNKNOWN_ITERATION = -1
 # target_fprs of a rule that calibration has not fitted.
 _NOT_FITTED = -1.0
 # Probabilities are clamped to [EPS, 1 - EPS] before the logit (float32 sigmoids saturate).
@@ -86,7 +90,11 @@ class Verdict(nn.Module):
     """Turns one raw output dict into the final one: calibrated ``fake_prob``, ``is_fake`` and
     the mask policy (see the module docstring). Buffers (saved with the weights):
     ``coefficients`` (rules x features), ``intercepts`` and ``thresholds`` (one per rule),
-    ``target_fprs`` (the rate each threshold was set at; -1 for a rule not fitted)."""
+    ``target_fprs`` (the rate each threshold was set at; -1 for a rule not fitted) and
+    ``calibration_iteration`` (the weights' training iteration the fits belong to; -1 unknown)."""
+
+    # 2: calibration_iteration added (a version-1 checkpoint loads with -1, "unknown").
+    _version = 2
 
     def __init__(self, rule: str = "head", mask_policy: str = "gate",
                  has_detection: bool = True, has_localization: bool = True):
@@ -119,6 +127,15 @@ class Verdict(nn.Module):
         self.register_buffer("intercepts", torch.zeros(len(RULES), dtype=torch.float64))
         self.register_buffer("thresholds", torch.full((len(RULES),), 0.5, dtype=torch.float64))
         self.register_buffer("target_fprs", torch.full((len(RULES),), _NOT_FITTED, dtype=torch.float64))
+        self.register_buffer("calibration_iteration", torch.tensor(UNKNOWN_ITERATION, dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "calibration_iteration"
+        if local_metadata.get("version", 1) < 2 and key not in state_dict:
+            state_dict[key] = torch.tensor(UNKNOWN_ITERATION, dtype=torch.int64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @classmethod
     def from_config(cls, cfg) -> "Verdict":
@@ -155,6 +172,18 @@ class Verdict(nn.Module):
         """Whether the rule in use has been fitted by calibration."""
         return float(self.target_fprs[self.rule_index]) != _NOT_FITTED
 
+    @property
+    def fitted_at_iteration(self) -> Optional[int]:
+        """The training iteration of the weights the calibration was fitted on (None: unknown)."""
+        iteration = int(self.calibration_iteration)
+        return None if iteration == UNKNOWN_ITERATION else iteration
+
+    @property
+    def target_fpr(self) -> Optional[float]:
+        """The false-positive rate the rule in use was calibrated at (None: not calibrated)."""
+        target = float(self.target_fprs[self.rule_index])
+        return None if target == _NOT_FITTED else target
+
     def describe(self) -> Dict:
         """The rule in use and its parameters, as plain numbers (exports write it as JSON)."""
         index = self.rule_index
@@ -163,8 +192,9 @@ class Verdict(nn.Module):
             "features": {f: float(self.coefficients[index, FEATURES.index(f)]) for f in RULES[self.rule]},
             "intercept": float(self.intercepts[index]),
             "threshold": self.threshold,
-            "target_fpr": None if float(self.target_fprs[index]) == _NOT_FITTED else float(self.target_fprs[index]),
+            "target_fpr": self.target_fpr,
             "calibrated": self.calibrated,
+            "calibration_iteration": self.fitted_at_iteration,
             "mask_policy": self.mask_policy,
         }
 
