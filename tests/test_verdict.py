@@ -87,6 +87,39 @@ def test_calibration_is_used_and_survives_a_state_dict_round_trip():
     assert float(restored(output)["fake_prob"]) == pytest.approx(0.3)
 
 
+def test_is_fake_is_the_exported_float32_fake_prob_above_the_threshold():
+    # The float64 probability 0.730000005 is below the threshold 0.73000001; its float32, which
+    # prediction.txt and the contact sheet read, 0.7300000190734863, is above it.
+    verdict = Verdict("head", "gate")
+    verdict.set_calibration("head", {"head": 1.0}, 0.0, 0.73000001, 0.05)
+    raw = dict(_output(0.5, [[0.9, 0.1]]), fake_prob=torch.tensor(0.730000005, dtype=torch.float64))
+    output = verdict(raw)
+    exported = float(output["fake_prob"])
+    assert output["fake_prob"].dtype == torch.float32 and exported == 0.7300000190734863
+    assert bool(output["is_fake"]) == (exported > verdict.threshold) is True
+    assert output["mask"].any()  # not gated: the image is called fake
+
+
+def test_calibration_scores_are_the_models_bits():
+    # The threshold is one of the calibration reals' scores as the model computes them, so the
+    # real that sets it is called real by the model too, and every call agrees with the fit's.
+    rng = np.random.default_rng(5)
+    labels = [0] * 300 + [1] * 300
+    heads = rng.uniform(0.01, 0.99, 600).tolist()
+    maps = [[[float(p), float(q)]] for p, q in rng.uniform(0, 1, (600, 2))]
+    records = _records(heads, maps, labels, [(0, 0, 0)] * 600)
+    for rule in ("fusion", "map_max"):
+        fit = fit_rule(records, rule, target_fpr=0.1)
+        verdict = Verdict(rule)
+        verdict.set_calibration(rule, fit.coefficients, fit.intercept, fit.threshold, 0.1)
+        probs = probabilities(records, fit)
+        for head, m, expected in zip(heads, maps, probs):
+            output = verdict(_output(head, m))
+            assert float(output["fake_prob"]) == expected
+            assert bool(output["is_fake"]) == (expected > fit.threshold)
+        assert fit.threshold in set(probs[:300].tolist())
+
+
 def test_rules_that_need_a_missing_branch_are_refused():
     with pytest.raises(ValueError, match="lacks the branch"):
         Verdict("map_max", has_localization=False)

@@ -20,7 +20,7 @@ import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..modeling.verdict import FEATURES, RULES, UNKNOWN_ITERATION, verdict_features
+from ..modeling.verdict import FEATURES, RULES, UNKNOWN_ITERATION, rule_probability, verdict_features
 from .conventions import threshold_at_fpr
 from .ground_truth import count_against_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, iou_from_counts
@@ -139,10 +139,11 @@ def _features_of(records: Sequence[VerdictRecord], rule: str) -> np.ndarray:
 
 
 def probabilities(records: Sequence[VerdictRecord], fit: RuleFit) -> np.ndarray:
-    """fake_prob of each record under a fitted rule (as ``Verdict.probability`` computes it)."""
+    """fake_prob of each record under a fitted rule: the float32 values the model outputs
+    (``rule_probability``, the function ``Verdict`` uses), as float64."""
     x = _features_of(records, fit.rule)
-    weights = np.asarray([fit.coefficients[f] for f in RULES[fit.rule]])
-    return 1.0 / (1.0 + np.exp(-(x @ weights + fit.intercept)))
+    weights = [fit.coefficients[f] for f in RULES[fit.rule]]
+    return np.asarray([rule_probability(row, weights, fit.intercept) for row in x.tolist()], dtype=np.float64)
 
 
 def fit_rule(records: Sequence[VerdictRecord], rule: str, target_fpr: float) -> RuleFit:

@@ -27,7 +27,8 @@ config may switch rules without recalibrating. ``calibration_iteration`` records
 iteration whose weights the fit belongs to (the checkpoint's ``iteration``; -1 when unknown), so
 that evaluation can tell a fit made on other weights (``engine.prepare_verdict``).
 
-The verdict is FAKE exactly when ``fake_prob > threshold``. Mask policy
+The verdict is FAKE exactly when ``fake_prob > threshold``, with ``fake_prob`` the float32 value
+that outputs and exports carry (``rule_probability``; calibration scores with the same function). Mask policy
 (``MODEL.DDL.VERDICT.MASK_POLICY``):
 
 * ``"gate"``: an image called real gets an all-zero ``mask_prob`` and an empty ``mask``, so
@@ -37,11 +38,12 @@ The verdict is FAKE exactly when ``fake_prob > threshold``. Mask policy
 import math
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "UNKNOWN_ITERATION",
-           "Verdict", "verdict_features"]
+           "Verdict", "rule_probability", "verdict_features"]
 
 FEATURES = ("head", "map_max", "map_top", "map_area")
 # rule -> the features it reads (the first one is the uncalibrated default's)
@@ -199,26 +201,48 @@ class Verdict(nn.Module):
         }
 
     def probability(self, features: torch.Tensor, rule: Optional[str] = None) -> torch.Tensor:
-        """fake_prob of (..., len(FEATURES)) features under ``rule`` (default: the rule in use);
-        features the rule does not read may be NaN."""
+        """float32 fake_prob of (..., len(FEATURES)) features under ``rule`` (default: the rule in
+        use), each row by ``rule_probability``; features the rule does not read may be NaN."""
         index = list(RULES).index(rule or self.rule)
         used = [FEATURES.index(f) for f in RULES[rule or self.rule]]
-        x = features.double()[..., used]
-        z = x @ self.coefficients[index, used].to(x.device) + self.intercepts[index].to(x.device)
-        return torch.sigmoid(z)
+        weights = self.coefficients[index, used].tolist()
+        intercept = float(self.intercepts[index])
+        rows = features.detach().double().cpu().reshape(-1, len(FEATURES))[:, used].tolist()
+        probs = [rule_probability(row, weights, intercept) for row in rows]
+        return torch.tensor(probs, dtype=torch.float32).reshape(features.shape[:-1])
 
     def forward(self, output: Dict) -> Dict:
         if not (self.active and self.enabled):
             return output
         fake_prob = self.probability(verdict_features(output))
         device = output["fake_prob"].device if "fake_prob" in output else output["mask_prob"].device
-        result = dict(output, fake_prob=fake_prob.float().to(device))
-        is_fake = bool(fake_prob > self.threshold)
+        result = dict(output, fake_prob=fake_prob.to(device))
+        # The float32 value that outputs and exports carry is the one compared.
+        is_fake = float(fake_prob) > self.threshold
         result["is_fake"] = torch.tensor(is_fake, device=device)
         if self.mask_policy == "gate" and not is_fake and "mask_prob" in output:
             result["mask_prob"] = torch.zeros_like(output["mask_prob"])
             result["mask"] = torch.zeros_like(output["mask"])
         return result
+
+
+def rule_probability(features: Sequence[float], weights: Sequence[float], intercept: float) -> float:
+    """One image's fake_prob, sigmoid(w . x + b), as a Python float that is exactly a float32.
+
+    Python's own float64 arithmetic, term by term, so that the model, its calibration
+    (``evaluation/calibration.py``) and the exported runtime get the same bits; then rounded to
+    float32, the precision of ``fake_prob`` in outputs and exports, so that ``is_fake`` equals
+    ``exported fake_prob > threshold`` everywhere.
+    """
+    z = float(intercept)
+    for value, weight in zip(features, weights):
+        z += float(value) * float(weight)
+    if z >= 0:
+        p = 1.0 / (1.0 + math.exp(-z))
+    else:
+        e = math.exp(z)
+        p = e / (1.0 + e)
+    return float(np.float32(p))
 
 
 def _available(feature: str, has_detection: bool, has_localization: bool) -> bool:
