@@ -1,4 +1,5 @@
 """The verdict: features, rules, calibration, the mask policy and the calibration split."""
+import logging
 import math
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from ddl_mask2former.evaluation.calibration import (
     threshold_at_fpr)
 from ddl_mask2former.evaluation.metrics import compute_ddl_metrics_from_arrays
 from ddl_mask2former.modeling.meta_arch import DDLMask2Former
-from ddl_mask2former.modeling.verdict import AREA_FLOOR, FEATURES, RULES, Verdict, verdict_features
+from ddl_mask2former.modeling.verdict import (AREA_FLOOR, FEATURES, LOGIT_BOUNDS, RULES, Verdict,
+                                              verdict_features)
 
 from model_helpers import build, tiny_cfg
 
@@ -41,6 +43,37 @@ def test_features_of_head_and_map():
     assert features[FEATURES.index("map_max")] == pytest.approx(_logit(0.9), rel=1e-6)
     assert features[FEATURES.index("map_top")] == pytest.approx(_logit(0.8), rel=1e-6)
     assert features[FEATURES.index("map_area")] == pytest.approx(math.log(2 / 400 + AREA_FLOOR))
+
+
+def test_saturated_maps_do_not_tie():
+    # The map's float32 probability at logits 15 and 16 is 1 - 3.6e-7 and 1 - 1.2e-7: a clamp
+    # at 1 - 1e-6 gave both log odds 13.8. Only an exact float32 1 takes the bound.
+    def map_max(logit):
+        return float(verdict_features(_output(0.5, torch.sigmoid(torch.tensor([[logit, -3.0]]))))[1])
+
+    values = [map_max(logit) for logit in (13.0, 15.0, 16.0, 17.0)]
+    assert values == sorted(values) and len(set(values)) == 4
+    assert values[-1] == LOGIT_BOUNDS[1] and map_max(30.0) == LOGIT_BOUNDS[1]
+
+
+def test_calibration_separates_maps_beyond_the_old_clamp(caplog):
+    # 4 of 32 calibration reals at map logit 15, the fakes at 16, target 10 %: the threshold sits
+    # at the reals' 15 and the fakes are called fake (at the old clamp all tied: TPR 0).
+    rng = np.random.default_rng(4)
+    real_logits = np.concatenate([rng.uniform(-6, 2, 28), [15.0] * 4])
+    fake_logits = np.concatenate([rng.uniform(-1, 8, 16), [16.0] * 16])
+    maps = [torch.sigmoid(torch.tensor([[float(v), -3.0]])) for v in np.concatenate([real_logits, fake_logits])]
+    records = _records([0.5] * 64, maps, [0] * 32 + [1] * 32, [(0, 0, 0)] * 64)
+    with caplog.at_level(logging.WARNING):
+        fit = fit_rule(records, "map_max", target_fpr=0.1)
+    assert fit.fpr <= 0.1 and fit.tpr >= 0.5
+    assert "saturated" not in caplog.text
+    # Maps saturated at exactly 1 in float32 do tie: the threshold lands there, with a warning.
+    saturated = [torch.ones(1, 2) if i in (28, 29, 30, 31) or i >= 48 else m for i, m in enumerate(maps)]
+    records = _records([0.5] * 64, saturated, [0] * 32 + [1] * 32, [(0, 0, 0)] * 64)
+    with caplog.at_level(logging.WARNING):
+        fit_rule(records, "map_max", target_fpr=0.1)
+    assert "sits at a saturated feature (4 calibration reals and 16 fakes" in caplog.text
 
 
 def test_features_of_a_missing_branch_are_nan():
@@ -87,17 +120,22 @@ def test_calibration_is_used_and_survives_a_state_dict_round_trip():
     assert float(restored(output)["fake_prob"]) == pytest.approx(0.3)
 
 
-def test_is_fake_is_the_exported_float32_fake_prob_above_the_threshold():
-    # The float64 probability 0.730000005 is below the threshold 0.73000001; its float32, which
-    # prediction.txt and the contact sheet read, 0.7300000190734863, is above it.
+def test_is_fake_is_the_exported_fake_prob_above_the_threshold(tmp_path):
+    # At a threshold of 0.73000001 a probability of 0.730000005 is real; a float32 export of it
+    # (0.7300000190734863) read back above the threshold and captioned it FAKE. Outputs now carry
+    # the float64 value that is compared, and prediction.txt writes it exactly.
+    from ddl_mask2former.evaluation.export import read_predictions, write_predictions
+
     verdict = Verdict("head", "gate")
     verdict.set_calibration("head", {"head": 1.0}, 0.0, 0.73000001, 0.05)
-    raw = dict(_output(0.5, [[0.9, 0.1]]), fake_prob=torch.tensor(0.730000005, dtype=torch.float64))
-    output = verdict(raw)
-    exported = float(output["fake_prob"])
-    assert output["fake_prob"].dtype == torch.float32 and exported == 0.7300000190734863
-    assert bool(output["is_fake"]) == (exported > verdict.threshold) is True
-    assert output["mask"].any()  # not gated: the image is called fake
+    for head_prob in (0.730000005, 0.730000015):
+        raw = dict(_output(0.5, [[0.9, 0.1]]), fake_prob=torch.tensor(head_prob, dtype=torch.float64))
+        output = verdict(raw)
+        write_predictions(str(tmp_path / "prediction.txt"), [("a.png", output["fake_prob"])])
+        exported = read_predictions(str(tmp_path / "prediction.txt"))["a.png"]
+        assert exported == float(output["fake_prob"]) == pytest.approx(head_prob, abs=1e-15)
+        assert bool(output["is_fake"]) == (exported > verdict.threshold) == (head_prob > 0.73000001)
+        assert bool(output["mask"].any()) == bool(output["is_fake"])  # gated exactly when called real
 
 
 def test_calibration_scores_are_the_models_bits():

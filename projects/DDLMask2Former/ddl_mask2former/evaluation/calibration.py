@@ -20,7 +20,8 @@ import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..modeling.verdict import FEATURES, RULES, UNKNOWN_ITERATION, rule_probability, verdict_features
+from ..modeling.verdict import (FEATURES, LOGIT_BOUNDS, RULES, UNKNOWN_ITERATION, rule_probability,
+                                verdict_features)
 from .conventions import threshold_at_fpr
 from .ground_truth import count_against_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, iou_from_counts
@@ -139,8 +140,8 @@ def _features_of(records: Sequence[VerdictRecord], rule: str) -> np.ndarray:
 
 
 def probabilities(records: Sequence[VerdictRecord], fit: RuleFit) -> np.ndarray:
-    """fake_prob of each record under a fitted rule: the float32 values the model outputs
-    (``rule_probability``, the function ``Verdict`` uses), as float64."""
+    """fake_prob of each record under a fitted rule: the values the model outputs, bit for bit
+    (``rule_probability``, the function ``Verdict`` uses)."""
     x = _features_of(records, fit.rule)
     weights = [fit.coefficients[f] for f in RULES[fit.rule]]
     return np.asarray([rule_probability(row, weights, fit.intercept) for row in x.tolist()], dtype=np.float64)
@@ -155,9 +156,25 @@ def fit_rule(records: Sequence[VerdictRecord], rule: str, target_fpr: float) -> 
     probs = probabilities(records, provisional)
     threshold = threshold_at_fpr(probs[labels == 0], target_fpr)
     called_fake = probs > threshold
+    _warn_if_at_a_bound(records, rule, probs, labels, threshold, target_fpr)
     return provisional._replace(threshold=threshold,
                                 fpr=float(called_fake[labels == 0].mean()),
                                 tpr=float(called_fake[labels == 1].mean()))
+
+
+def _warn_if_at_a_bound(records, rule, probs, labels, threshold, target_fpr):
+    """Warn when the threshold is set by calibration reals whose log-odds features are saturated
+    (``LOGIT_BOUNDS``): they tie there, so every image that saturates too is called real."""
+    x = _features_of(records, rule)
+    logit_columns = [i for i, f in enumerate(RULES[rule]) if f != "map_area"]
+    saturated = np.isin(x[:, logit_columns], LOGIT_BOUNDS).any(axis=1) if logit_columns else np.zeros(len(x), bool)
+    at_threshold = (probs == threshold) & saturated & (labels == 0)
+    if at_threshold.any():
+        logger.warning(
+            "Verdict rule %r: the threshold %.6g at TARGET_FPR %g sits at a saturated feature (%d calibration "
+            "reals and %d fakes score exactly there, their float32 probability at 0 or 1); every image "
+            "that saturates is called real", rule, threshold, target_fpr, int(at_threshold.sum()),
+            int(((probs == threshold) & (labels == 1)).sum()))
 
 
 def unwrap_model(model):

@@ -4,7 +4,10 @@ calibrated, with a threshold at a stated false-positive rate, and one mask polic
 The network gives two pieces of evidence per image (after tiling and flip, at the original
 size): the detection head's probability ``p_head`` and the forgery map ``M = mask_prob``.
 From them come four verdict features (natural-log odds, so that a linear model of them is a
-logistic regression):
+logistic regression; computed in float64 from the float32 values without a clamp, so two
+different outputs never tie; only a sigmoid saturated at exactly 0 or 1 in float32, beyond
+log odds of about -103 or 16.6, takes a bound, ``LOGIT_BOUNDS``, and calibration warns when a
+threshold lands there):
 
 ====================  ==================================================================
 ``head``              logit(p_head), the paper's linear head
@@ -27,7 +30,7 @@ config may switch rules without recalibrating. ``calibration_iteration`` records
 iteration whose weights the fit belongs to (the checkpoint's ``iteration``; -1 when unknown), so
 that evaluation can tell a fit made on other weights (``engine.prepare_verdict``).
 
-The verdict is FAKE exactly when ``fake_prob > threshold``, with ``fake_prob`` the float32 value
+The verdict is FAKE exactly when ``fake_prob > threshold``, with ``fake_prob`` the float64 value
 that outputs and exports carry (``rule_probability``; calibration scores with the same function). Mask policy
 (``MODEL.DDL.VERDICT.MASK_POLICY``):
 
@@ -38,11 +41,10 @@ that outputs and exports carry (``rule_probability``; calibration scores with th
 import math
 from typing import Dict, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "UNKNOWN_ITERATION",
+__all__ = ["FEATURES", "RULES", "MASK_POLICIES", "TOP_FRACTION", "AREA_FLOOR", "LOGIT_BOUNDS", "UNKNOWN_ITERATION",
            "Verdict", "rule_probability", "verdict_features"]
 
 FEATURES = ("head", "map_max", "map_top", "map_area")
@@ -62,13 +64,21 @@ AREA_FLOOR = 1e-4
 UNKNOWN_ITERATION = -1
 # target_fprs of a rule that calibration has not fitted.
 _NOT_FITTED = -1.0
-# Probabilities are clamped to [EPS, 1 - EPS] before the logit (float32 sigmoids saturate).
-_EPS = 1e-6
+# A float32 probability of exactly 0 or 1 (a saturated sigmoid) takes these, just beyond every
+# other float32 value (the smallest subnormal 2**-149, the largest below 1, 1 - 2**-24), so the
+# log odds are strictly increasing in the float32 value: distinct outputs never tie.
+PROB_FLOOR = 2.0 ** -150
+PROB_CEILING = 1.0 - 2.0 ** -25
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
-    p = p.double().clamp(_EPS, 1.0 - _EPS)
+    """Log odds in float64 of a float32 probability, exact (log and log1p of the float32 value)."""
+    p = p.double().clamp(PROB_FLOOR, PROB_CEILING)
     return torch.log(p) - torch.log1p(-p)
+
+
+# The log odds a saturated probability (0 or 1) gets: the bounds of the logit features.
+LOGIT_BOUNDS = (float(_logit(torch.tensor(PROB_FLOOR))), float(_logit(torch.tensor(PROB_CEILING))))
 
 
 def verdict_features(output: Dict) -> torch.Tensor:
@@ -201,7 +211,7 @@ class Verdict(nn.Module):
         }
 
     def probability(self, features: torch.Tensor, rule: Optional[str] = None) -> torch.Tensor:
-        """float32 fake_prob of (..., len(FEATURES)) features under ``rule`` (default: the rule in
+        """float64 fake_prob of (..., len(FEATURES)) features under ``rule`` (default: the rule in
         use), each row by ``rule_probability``; features the rule does not read may be NaN."""
         index = list(RULES).index(rule or self.rule)
         used = [FEATURES.index(f) for f in RULES[rule or self.rule]]
@@ -209,7 +219,7 @@ class Verdict(nn.Module):
         intercept = float(self.intercepts[index])
         rows = features.detach().double().cpu().reshape(-1, len(FEATURES))[:, used].tolist()
         probs = [rule_probability(row, weights, intercept) for row in rows]
-        return torch.tensor(probs, dtype=torch.float32).reshape(features.shape[:-1])
+        return torch.tensor(probs, dtype=torch.float64).reshape(features.shape[:-1])
 
     def forward(self, output: Dict) -> Dict:
         if not (self.active and self.enabled):
@@ -217,7 +227,7 @@ class Verdict(nn.Module):
         fake_prob = self.probability(verdict_features(output))
         device = output["fake_prob"].device if "fake_prob" in output else output["mask_prob"].device
         result = dict(output, fake_prob=fake_prob.to(device))
-        # The float32 value that outputs and exports carry is the one compared.
+        # The value that outputs and exports carry (float64) is the one compared.
         is_fake = float(fake_prob) > self.threshold
         result["is_fake"] = torch.tensor(is_fake, device=device)
         if self.mask_policy == "gate" and not is_fake and "mask_prob" in output:
@@ -227,22 +237,17 @@ class Verdict(nn.Module):
 
 
 def rule_probability(features: Sequence[float], weights: Sequence[float], intercept: float) -> float:
-    """One image's fake_prob, sigmoid(w . x + b), as a Python float that is exactly a float32.
-
-    Python's own float64 arithmetic, term by term, so that the model, its calibration
-    (``evaluation/calibration.py``) and the exported runtime get the same bits; then rounded to
-    float32, the precision of ``fake_prob`` in outputs and exports, so that ``is_fake`` equals
-    ``exported fake_prob > threshold`` everywhere.
-    """
+    """One image's fake_prob, sigmoid(w . x + b), in Python's own float64 arithmetic, term by
+    term, so that the model, its calibration (``evaluation/calibration.py``) and the exported
+    runtime get the same bits, and outputs and exports carry that float64 value (a float32 one
+    would round every score above 1 - 6e-8 to 1 and tie them)."""
     z = float(intercept)
     for value, weight in zip(features, weights):
         z += float(value) * float(weight)
     if z >= 0:
-        p = 1.0 / (1.0 + math.exp(-z))
-    else:
-        e = math.exp(z)
-        p = e / (1.0 + e)
-    return float(np.float32(p))
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
 
 
 def _available(feature: str, has_detection: bool, has_localization: bool) -> bool:
