@@ -9,7 +9,8 @@ import torch
 from detectron2.data import DatasetCatalog
 
 from ddl_mask2former.config import load_config
-from ddl_mask2former.data.ddl_dataset import in_calibration_part, register_calibration_holdout
+from ddl_mask2former.data.ddl_dataset import (calibration_key, in_calibration_part,
+                                              register_calibration_holdout)
 from ddl_mask2former.evaluation.calibration import (
     VerdictRecord, calibrate_model, fit_logistic, fit_rule, probabilities, rule_metrics,
     threshold_at_fpr)
@@ -317,8 +318,29 @@ def test_calibration_holdout_is_a_fixed_disjoint_tenth():
         assert len(fit) + len(calib) == 2000
         assert {d["image_id"] for d in fit}.isdisjoint(d["image_id"] for d in calib)
         assert 150 <= len(calib) <= 250
-        assert all(in_calibration_part(d["image_id"]) for d in calib)
+        assert all(in_calibration_part(calibration_key(d)) for d in calib)
     finally:
         for name in ("test_holdout_base", "test_holdout_base_fit", "test_holdout_base_calib"):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
+
+
+def test_calibration_holdout_keeps_a_fake_and_its_source_on_one_side():
+    # A release that pairs each fake with the real image it came from under the same stem: split
+    # by file name, 3,534 of 20,000 pairs landed on opposite sides.
+    dicts = [{"image_id": f"{folder}/{i:05d}.png", "label": int(folder == "fake")}
+             for folder in ("real", "fake") for i in range(20000)]
+    DatasetCatalog.register("test_pairs_base", lambda: dicts)
+    try:
+        fit_name, calib_name = register_calibration_holdout("test_pairs_base")
+        fit_stems = {calibration_key(d) for d in DatasetCatalog.get(fit_name)}
+        calib_stems = {calibration_key(d) for d in DatasetCatalog.get(calib_name)}
+        assert fit_stems.isdisjoint(calib_stems) and len(fit_stems | calib_stems) == 20000
+        assert 1800 <= len(calib_stems) <= 2200
+    finally:
+        for name in ("test_pairs_base", "test_pairs_base_fit", "test_pairs_base_calib"):
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+    # A source id, where the data has one, decides instead of the stem.
+    assert calibration_key({"image_id": "fake/a_swap.png", "source_id": "src42"}) == "src42"
+    assert calibration_key({"image_id": "real/0007.jpg"}) == "0007"

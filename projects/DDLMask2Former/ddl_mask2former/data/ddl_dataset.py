@@ -39,6 +39,7 @@ __all__ = [
     "register_calibration_holdout",
     "in_calibration_part",
     "CALIBRATION_FRACTION",
+    "calibration_key",
     "resolve_split_dir",
     "default_cache_dir",
     "BUILTIN_SPLITS",
@@ -366,25 +367,36 @@ def register_ddl_split(name, split_dir, cache_dir="default", check_end=True):
     return name
 
 
-def in_calibration_part(image_id, fraction=CALIBRATION_FRACTION):
-    """Whether an image belongs to the calibration part: a hash of its ``image_id`` (e.g.
-    "fake/0001.png"), so the split is the same in every process, on every machine and whatever
-    other files the folder holds."""
-    digest = hashlib.sha1(str(image_id).encode("utf-8")).digest()
+def calibration_key(record):
+    """What decides an image's side of the calibration split: its ``source_id`` where the data
+    has one, else the stem of its ``image_id`` without the folder ("fake/0001.png" -> "0001"),
+    so that a fake and the real image it came from, released under the same stem, stay on one
+    side (split by each file name, near-duplicates landed on opposite sides)."""
+    if record.get("source_id") is not None:
+        return str(record["source_id"])
+    return os.path.splitext(os.path.basename(str(record["image_id"])))[0]
+
+
+def in_calibration_part(key, fraction=CALIBRATION_FRACTION):
+    """Whether an image belongs to the calibration part: a hash of its ``calibration_key``, so
+    the split is the same in every process, on every machine and whatever other files the
+    folder holds."""
+    digest = hashlib.sha1(str(key).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
 
 
 def register_calibration_holdout(base_name, fraction=CALIBRATION_FRACTION):
     """Register ``<base_name>_fit`` and ``<base_name>_calib``: the registered dataset
-    ``base_name`` split by ``in_calibration_part`` into a training part (1 - ``fraction``) and
-    a calibration part (``fraction``) that training never sees. Returns both names."""
+    ``base_name`` split by ``in_calibration_part`` of each image's ``calibration_key`` (its
+    stem, or its ``source_id``) into a training part (1 - ``fraction``) and a calibration part
+    (``fraction``) that training never sees, nor any image under the same stem. Returns both names."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     names = (f"{base_name}_fit", f"{base_name}_calib")
     for name, calibration in zip(names, (False, True)):
         def load(calibration=calibration):
             return [d for d in DatasetCatalog.get(base_name)
-                    if in_calibration_part(d["image_id"], fraction) == calibration]
+                    if in_calibration_part(calibration_key(d), fraction) == calibration]
 
         if name in DatasetCatalog.list():  # registering again (another root) replaces it
             DatasetCatalog.remove(name)
