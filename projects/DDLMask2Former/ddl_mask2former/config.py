@@ -277,7 +277,9 @@ def _add_data_config(cfg):
     # and evaluation data, e.g. ("ddl_i_train_calib",) with DATASETS.TRAIN ("ddl_i_train_fit",).
     # Empty: no calibration (fake_prob is the rule's uncalibrated score, threshold 0.5).
     cfg.DATASETS.CALIBRATION = ()
-    # Training drops samples whose files are unreadable (each logged with its file, and counted).
+    # Training leaves unreadable files out of its index and drops samples that fail to decode
+    # later, listing both in OUTPUT_DIR/bad_files.txt and counting them at the end (False: the
+    # index stops, naming every unreadable file).
     cfg.DATALOADER.SKIP_BAD_SAMPLES = False
     # Training keeps decoded images and masks in memory up to this many MiB per data-loader
     # worker (0: decode every sample). For small datasets such as the CPU quickstart's.

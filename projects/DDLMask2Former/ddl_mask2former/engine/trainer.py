@@ -141,6 +141,8 @@ class Trainer(DefaultTrainer):
             if isinstance(hook, hooks.PeriodicWriter):
                 # Reuse its writers: building new ones would open a second TensorBoard file.
                 ret[i] = hooks.PeriodicWriter(hook._writers, period=self.cfg.SOLVER.LOG_PERIOD)
+        if self.cfg.DATALOADER.SKIP_BAD_SAMPLES:
+            ret.append(BadFilesReport(self.cfg.OUTPUT_DIR))
         if self.cfg.DATASETS.CALIBRATION:
             # Only the main process has a checkpointer; every process calibrates (it gathers).
             position = next((i for i, hook in enumerate(ret)
@@ -155,8 +157,12 @@ class Trainer(DefaultTrainer):
         and log them. Leaves torch's random state as it was."""
         from ..evaluation.calibration import calibrate_model, collect_records
 
+        from ..data.ddl_dataset import bad_file_policy
+
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        # The calibration split is training data: SKIP_BAD_SAMPLES leaves its unreadable files out too.
+        with torch.random.fork_rng(devices=devices), \
+                bad_file_policy(cfg.DATALOADER.SKIP_BAD_SAMPLES, cfg.OUTPUT_DIR):
             records = []
             for dataset_name in cfg.DATASETS.CALIBRATION:
                 if not DatasetCatalog.get(dataset_name):
@@ -183,9 +189,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """The DDL mapper's loader; with DATALOADER.SKIP_BAD_SAMPLES the index leaves unreadable
+        files out and lists them in OUTPUT_DIR (else it stops, naming them all)."""
         from ..data import DDLDatasetMapper
+        from ..data.ddl_dataset import bad_file_policy
 
-        return build_detection_train_loader(cfg, mapper=DDLDatasetMapper(cfg, is_train=True))
+        with bad_file_policy(cfg.DATALOADER.SKIP_BAD_SAMPLES, cfg.OUTPUT_DIR):
+            return build_detection_train_loader(cfg, mapper=DDLDatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -249,6 +259,26 @@ class CalibrationHook(hooks.HookBase):
         next_iter = self.trainer.iter + 1
         if next_iter == self.trainer.max_iter or any(next_iter % p == 0 for p in self._periods):
             Trainer.calibrate(self._cfg, self.trainer.model, iteration=self.trainer.iter)
+
+
+class BadFilesReport(hooks.HookBase):
+    """At the end of training (DATALOADER.SKIP_BAD_SAMPLES), says how many unreadable files the
+    index left out and how many samples every process and worker skipped while training, from
+    OUTPUT_DIR/bad_files.txt, where both are listed."""
+
+    def __init__(self, output_dir):
+        self._output_dir = output_dir
+
+    def after_train(self):
+        from ..data.ddl_dataset import BAD_FILES_NAME, read_bad_files
+
+        if not comm.is_main_process():
+            return
+        found = read_bad_files(self._output_dir)
+        if found:
+            logger.warning("Left out as unreadable (DATALOADER.SKIP_BAD_SAMPLES): %d file(s) when indexing, %d "
+                           "sample(s) during training; listed in %s", len(found.get("index", ())),
+                           len(found.get("training", ())), os.path.join(self._output_dir, BAD_FILES_NAME))
 
 
 def checkpoint_iteration(checkpoint):
