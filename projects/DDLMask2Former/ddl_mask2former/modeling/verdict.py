@@ -35,7 +35,9 @@ that outputs and exports carry (``rule_probability``; calibration scores with th
 (``MODEL.DDL.VERDICT.MASK_POLICY``):
 
 * ``"gate"``: an image called real gets an all-zero ``mask_prob`` and an empty ``mask``, so
-  an image called real carries no region and every region belongs to an image called fake;
+  an image called real carries no region and every region belongs to an image called fake
+  (the map before the gate stays in ``ungated_mask_prob``, and the head's probability in
+  ``head_prob``, for exports that an ensemble fuses, ``evaluation/fusion.py``);
 * ``"independent"``: the map is returned as the localization branch made it (the paper).
 """
 import math
@@ -227,12 +229,16 @@ class Verdict(nn.Module):
         fake_prob = self.probability(verdict_features(output))
         device = output["fake_prob"].device if "fake_prob" in output else output["mask_prob"].device
         result = dict(output, fake_prob=fake_prob.to(device))
+        if "fake_prob" in output:
+            # The evidence before the verdict, for exports that an ensemble fuses (raw scores).
+            result["head_prob"] = output["fake_prob"]
         # The value that outputs and exports carry (float64) is the one compared.
         is_fake = float(fake_prob) > self.threshold
         result["is_fake"] = torch.tensor(is_fake, device=device)
         if self.mask_policy == "gate" and not is_fake and "mask_prob" in output:
             result["mask_prob"] = torch.zeros_like(output["mask_prob"])
             result["mask"] = torch.zeros_like(output["mask"])
+            result["ungated_mask_prob"] = output["mask_prob"]
         return result
 
 
