@@ -28,6 +28,8 @@ CALIBRATE = REPO / "tools" / "calibrate.py"
 # Values from tests/configs/tiny.yaml, used to recompute the learning-rate schedule.
 BASE_LR, WARMUP_ITERS, WARMUP_FACTOR, POLY_POWER = 0.0005, 2, 0.1, 0.9
 RESUME_MAX_ITER, KILL_AFTER_CHECKPOINT = 20, "model_0000005.pth"
+# Batches hold consecutive draws only without aspect-ratio grouping (the DDL configs' setting).
+RESUME_OPTS = ["SOLVER.MAX_ITER", str(RESUME_MAX_ITER), "DATALOADER.ASPECT_RATIO_GROUPING", "False"]
 COMMAND_TIMEOUT_S = 600
 
 
@@ -80,7 +82,7 @@ def killed_then_resumed(ddl_root, tmp_path_factory):
     """Train, kill -9 right after a checkpoint, then --resume to the end."""
     workdir = tmp_path_factory.mktemp("train_workdir")
     output_dir = workdir / "run"
-    opts = ["OUTPUT_DIR", "run", "SOLVER.MAX_ITER", str(RESUME_MAX_ITER)]
+    opts = RESUME_OPTS + ["OUTPUT_DIR", "run"]
     command = [sys.executable, str(TRAIN_NET), "--config-file", str(TINY_CONFIG)]
     with open(workdir / "killed.log", "w") as log:
         proc = subprocess.Popen(command + opts, cwd=workdir, env=_env(ddl_root), stdout=log,
@@ -129,6 +131,21 @@ def test_resume_after_kill_continues_iterations_and_schedule(killed_then_resumed
         assert np.isfinite(row["total_loss"])
     assert list(output_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "eta:" in (output_dir / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_the_uninterrupted_one(killed_then_resumed, ddl_root, tmp_path):
+    # Killed with SIGKILL after iteration 5's checkpoint and resumed, the run must end with the
+    # weights of a run that was never interrupted: the data order, the crops and every random
+    # draw continue (data/training_order.py) instead of starting over.
+    _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, *RESUME_OPTS, "OUTPUT_DIR", "straight"],
+                ddl_root, tmp_path))
+    resumed = torch.load(killed_then_resumed["output_dir"] / "model_final.pth", map_location="cpu",
+                         weights_only=False)["model"]
+    straight = torch.load(tmp_path / "straight" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert resumed.keys() == straight.keys()
+    differing = [key for key in straight if not torch.equal(resumed[key], straight[key])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
 
 
 def test_eval_only_writes_metrics_and_export(killed_then_resumed, ddl_root, tmp_path):

@@ -117,6 +117,7 @@ class Trainer(DefaultTrainer):
             model, data_loader, optimizer, amp_dtype=amp_dtype_from_cfg(cfg),
             device_type=torch.device(cfg.MODEL.DEVICE).type, early_loss_copy=cfg.SOLVER.EARLY_LOSS_COPY,
             mark_cudagraph_steps=bool(cfg.SOLVER.COMPILE.MODULES) and cfg.SOLVER.COMPILE.MODE == "reduce-overhead",
+            seed=_run_seed(cfg),
         )
         self.non_finite_loss_hook = NonFiniteLossHook(model)
         # after_backward is called by the inner trainer's run_step, so the hook lives there.
@@ -191,11 +192,32 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         """The DDL mapper's loader; with DATALOADER.SKIP_BAD_SAMPLES the index leaves unreadable
         files out and lists them in OUTPUT_DIR (else it stops, naming them all)."""
+        from detectron2.data import get_detection_dataset_dicts
+        from detectron2.data.common import DatasetFromList
+
         from ..data import DDLDatasetMapper
         from ..data.ddl_dataset import bad_file_policy
+        from ..data.training_order import DrawSampler, SeededDrawDataset
 
         with bad_file_policy(cfg.DATALOADER.SKIP_BAD_SAMPLES, cfg.OUTPUT_DIR):
-            return build_detection_train_loader(cfg, mapper=DDLDatasetMapper(cfg, is_train=True))
+            dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        # Draws seeded by the run's seed (data/training_order.py), so that --resume continues them.
+        world_size = comm.get_world_size()
+        sampler = DrawSampler(comm.get_rank(), world_size, cfg.SOLVER.IMS_PER_BATCH // world_size)
+        dataset = SeededDrawDataset(DatasetFromList(dicts, copy=False), DDLDatasetMapper(cfg, is_train=True),
+                                    _run_seed(cfg))
+        loader = build_detection_train_loader(
+            dataset, mapper=None, sampler=sampler, total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING, num_workers=cfg.DATALOADER.NUM_WORKERS)
+        loader.draw_sampler = sampler
+        return loader
+
+    def resume_or_load(self, resume=True):
+        """detectron2's, then the data stream set to continue at the resumed iteration."""
+        super().resume_or_load(resume=resume)
+        sampler = getattr(self._trainer.data_loader, "draw_sampler", None)
+        if sampler is not None:
+            sampler.start_at(self.start_iter)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -242,6 +264,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+
+def _run_seed(cfg):
+    """The seed of the data stream and of each iteration's random state: SEED, or (SEED < 0) one
+    random seed shared by every process (then a resumed run cannot repeat the interrupted one)."""
+    return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
 
 class CalibrationHook(hooks.HookBase):
