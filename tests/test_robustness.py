@@ -193,6 +193,31 @@ def test_one_mask_resizing_rule_in_training_and_benchmark():
         assert np.array_equal(np.asarray(Image.fromarray(mask).resize((new_w, new_h), Image.NEAREST)), ours)
 
 
+def test_imdl_benco_convention_reproduces_its_jpeg_and_noise():
+    image = _gradient(64, 80)
+    # JPEG: quality q - 1 or q, drawn from the generator; the RGB array goes to the BGR encoder as it is.
+    qualities = set()
+    for seed in range(12):
+        out = perturb(image, "jpeg", 90, np.random.default_rng(seed), convention="imdl-benco")
+        quality = int(np.random.default_rng(seed).integers(89, 91))
+        qualities.add(quality)
+        ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        assert np.array_equal(out, cv2.imdecode(encoded, cv2.IMREAD_COLOR))
+    assert qualities == {89, 90}
+    assert not np.array_equal(perturb(image, "jpeg", 90, np.random.default_rng(0), convention="imdl-benco"),
+                              perturb(image, "jpeg", 90))
+    # Noise: truncated, not rounded: about half a grey level darker on a flat image.
+    flat = np.full((200, 200, 3), 128, np.uint8)
+    ours = perturb(flat, "noise", 11, np.random.default_rng(1)).astype(float).mean()
+    benco = perturb(flat, "noise", 11, np.random.default_rng(1), convention="imdl-benco").astype(float).mean()
+    assert abs(ours - 128) < 0.05 and 0.4 < ours - benco < 0.6
+    # Blur and resize are the same definitions.
+    for kind, level in (("blur", 7), ("resize", 0.5)):
+        assert np.array_equal(perturb(image, kind, level, convention="imdl-benco"), perturb(image, kind, level))
+    with pytest.raises(ValueError, match="unknown perturbation convention"):
+        perturb(image, "blur", 3, convention="albumentations")
+
+
 def test_chain_is_resize_half_then_jpeg_75():
     image = _gradient(63, 81)
     expected = jpeg_compress(resize_image(image, 0.5), 75)

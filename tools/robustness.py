@@ -52,7 +52,7 @@ from ddl_mask2former.data.image_io import DDLDataError, read_forgery_mask, read_
 from ddl_mask2former.engine import Trainer, check_evaluation_verdict, launch, load_evaluation_model
 from ddl_mask2former.evaluation.calibration import VerdictCalibrationError
 from ddl_mask2former.data.perturbations import (
-    SWEEPS, level_key, parse_level, perturb, perturb_mask)
+    CONVENTIONS, SWEEPS, level_key, parse_level, perturb, perturb_mask)
 
 TOOL = "robustness.py"
 # robustness.json metric keys -> DDLEvaluator result keys (percent)
@@ -91,6 +91,10 @@ def parse_args(argv=None):
                         help="processes (GPUs, or CPU processes when MODEL.DEVICE is cpu)")
     parser.add_argument("--dist-url", default="auto", help="rendezvous address with --num-gpus > 1")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise perturbation (>= 0)")
+    parser.add_argument("--convention", choices=CONVENTIONS, default="ours",
+                        help="perturbation definitions: ours (docs/EVALUATION.md) or imdl-benco (its JPEG "
+                             "quality draw and channel order, and its truncated noise), so that a table can "
+                             "sit beside IMDL-BenCo's")
     parser.add_argument("--keep-images", action="store_true",
                         help="keep every perturbed copy under OUT/images/ (default: delete once scored)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -203,7 +207,8 @@ def noise_rng(seed, kind, image_id):
     return np.random.default_rng([seed, zlib.crc32(f"{kind}/{image_id}".encode("utf-8"))])
 
 
-def write_perturbed_split(dataset_dicts, out_dir, kind, level, seed, mask_threshold, rank=0, world_size=1):
+def write_perturbed_split(dataset_dicts, out_dir, kind, level, seed, mask_threshold, rank=0, world_size=1,
+                          convention="ours"):
     """Write the images of ``dataset_dicts`` (labeled DDL dicts) perturbed, in DDL layout under
     ``out_dir`` (PNG, named by stem); this process writes every ``world_size``-th image from
     ``rank``. A fake's mask is copied, or, when the image changed size, read (pixels above
@@ -214,7 +219,7 @@ def write_perturbed_split(dataset_dicts, out_dir, kind, level, seed, mask_thresh
         record = dataset_dicts[index]
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
         image = read_image(record["file_name"], format="RGB")
-        perturbed = perturb(image, kind, level, noise_rng(seed, kind, record["image_id"]))
+        perturbed = perturb(image, kind, level, noise_rng(seed, kind, record["image_id"]), convention)
         fake = record["label"] == 1
         _write_png(os.path.join(out_dir, "fake" if fake else "real", stem + ".png"), perturbed)
         if not fake:
@@ -319,7 +324,7 @@ def run(args, plan):
             comm.synchronize()
             try:
                 write_perturbed_split(clean_dicts, scratch, kind, level, args.seed, cfg.INPUT.MASK_THRESHOLD,
-                                      rank, world_size)
+                                      rank, world_size, args.convention)
                 comm.synchronize()
                 name = f"robustness_{_tag(kind, level)}"
                 _register(name, scratch, None)
@@ -429,8 +434,8 @@ def main(argv=None):
     load_model(cfg, args.opts, check_only=True)
     total = 1 + sum(len(levels) for levels in plan.values())
     print(f"{len(dicts)} images of {os.path.abspath(args.split)}, {total} evaluations: clean, "
-          + ", ".join(f"{kind} {' '.join(map(level_key, levels))}" for kind, levels in plan.items()),
-          flush=True)
+          + ", ".join(f"{kind} {' '.join(map(level_key, levels))}" for kind, levels in plan.items())
+          + ("" if args.convention == "ours" else f" ({args.convention} definitions)"), flush=True)
     launch(run, args.num_gpus, dist_url=args.dist_url, args=(args, plan))
 
 
