@@ -165,6 +165,9 @@ def test_eval_only_writes_metrics_and_export(killed_then_resumed, ddl_root, tmp_
     val_images = [p for p in val_images if p.parent.name in ("real", "fake")]
     lines = (tmp_path / "export" / "prediction.txt").read_text().split()
     assert sorted(line.split(",")[0] for line in lines) == sorted(p.name for p in val_images)
+    # The head's scores before the verdict go along, for ensembles (docs/EVALUATION.md).
+    head_lines = (tmp_path / "export" / "head_prediction.txt").read_text().split()
+    assert sorted(line.split(",")[0] for line in head_lines) == sorted(p.name for p in val_images)
     assert all(0.0 <= float(line.split(",")[1]) <= 1.0 for line in lines)
     for image_path in val_images:
         mask = cv2.imread(str(tmp_path / "export" / "mask" / image_path.name), cv2.IMREAD_UNCHANGED)

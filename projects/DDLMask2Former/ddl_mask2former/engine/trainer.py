@@ -232,14 +232,23 @@ class Trainer(DefaultTrainer):
         """detectron2's evaluation, leaving torch's random state as training had it: building a
         test data loader draws a seed from torch's generator, so without this the evaluation
         schedule (TEST.EVAL_PERIOD) would change every later random draw of training."""
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            results = super().test(cfg, model, evaluators)
-        if cfg.TEST.EXPORT_DIR and comm.is_main_process():
-            from ..evaluation.export import write_verdict_description
-            from ..evaluation.calibration import unwrap_model
+        from ..evaluation.calibration import unwrap_model
 
-            verdict = unwrap_model(model).verdict
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        verdict = getattr(unwrap_model(model), "verdict", None)
+        # An export also writes the evidence before the verdict, which ensembles fuse.
+        previous = verdict.keep_evidence if verdict is not None else None
+        if verdict is not None:
+            verdict.keep_evidence = bool(cfg.TEST.EXPORT_DIR)
+        try:
+            with torch.random.fork_rng(devices=devices):
+                results = super().test(cfg, model, evaluators)
+        finally:
+            if verdict is not None:
+                verdict.keep_evidence = previous
+        if cfg.TEST.EXPORT_DIR and comm.is_main_process() and verdict is not None:
+            from ..evaluation.export import write_verdict_description
+
             for dataset_name in cfg.DATASETS.TEST:
                 export_dir = cfg.TEST.EXPORT_DIR
                 if len(cfg.DATASETS.TEST) > 1:

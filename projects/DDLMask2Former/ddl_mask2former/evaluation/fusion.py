@@ -218,7 +218,7 @@ def fuse_exports(export_dirs: Sequence[str], out_dir: str,
         if verdict is not None:
             result = verdict(_raw_output(None if fused_scores is None else fused_scores[name], codes))
             fake_prob = float(result["fake_prob"]) if "fake_prob" in result else None
-            if codes is not None and "ungated_mask_prob" in result:
+            if codes is not None and verdict.mask_policy == "gate" and not bool(result["is_fake"]):
                 write_png(os.path.join(out_dir, UNGATED_PROB_DIR, file_name), codes)
                 codes = np.zeros_like(codes)
         if codes is not None:

@@ -36,8 +36,9 @@ that outputs and exports carry (``rule_probability``; calibration scores with th
 
 * ``"gate"``: an image called real gets an all-zero ``mask_prob`` and an empty ``mask``, so
   an image called real carries no region and every region belongs to an image called fake
-  (the map before the gate stays in ``ungated_mask_prob``, and the head's probability in
-  ``head_prob``, for exports that an ensemble fuses, ``evaluation/fusion.py``);
+  (with ``keep_evidence``, set while an evaluation exports, the map before the gate stays in
+  ``ungated_mask_prob`` and the head's probability in ``head_prob``, for the ensembles of
+  ``evaluation/fusion.py``);
 * ``"independent"``: the map is returned as the localization branch made it (the paper).
 """
 import math
@@ -130,6 +131,9 @@ class Verdict(nn.Module):
         self.has_localization = has_localization
         # False: outputs pass through unchanged (calibration reads the raw outputs).
         self.active = True
+        # True: outputs also carry the evidence before the verdict, head_prob and (for a map the
+        # gate emptied) ungated_mask_prob, which exports write for ensembles (Trainer.test).
+        self.keep_evidence = False
         # Uncalibrated: the rule's first feature as it is; fusion: the mean of the head's and
         # the map maximum's log odds.
         coefficients = torch.zeros(len(RULES), len(FEATURES), dtype=torch.float64)
@@ -229,8 +233,7 @@ class Verdict(nn.Module):
         fake_prob = self.probability(verdict_features(output))
         device = output["fake_prob"].device if "fake_prob" in output else output["mask_prob"].device
         result = dict(output, fake_prob=fake_prob.to(device))
-        if "fake_prob" in output:
-            # The evidence before the verdict, for exports that an ensemble fuses (raw scores).
+        if self.keep_evidence and "fake_prob" in output:
             result["head_prob"] = output["fake_prob"]
         # The value that outputs and exports carry (float64) is the one compared.
         is_fake = float(fake_prob) > self.threshold
@@ -238,7 +241,8 @@ class Verdict(nn.Module):
         if self.mask_policy == "gate" and not is_fake and "mask_prob" in output:
             result["mask_prob"] = torch.zeros_like(output["mask_prob"])
             result["mask"] = torch.zeros_like(output["mask"])
-            result["ungated_mask_prob"] = output["mask_prob"]
+            if self.keep_evidence:
+                result["ungated_mask_prob"] = output["mask_prob"]
         return result
 
 
