@@ -8,7 +8,8 @@ Writes a split in DDL layout (real/, fake/, masks/; 83.6% fakes, the DDL-I train
 small but complete PNG files: zero-valued images of eight different sizes (256x256 to
 1024x768), each a few KiB, so sizes really come from the headers and the end-of-file check
 really runs. Files are distinct (one inode each), as in the release; ``--links`` hard-links
-one file per size instead (fast to create, little disk, but every open hits the same inode).
+one file per size instead (fast to create, little disk, but every open hits one of a few inodes;
+a fresh copy of a template starts every 60,000 links, under ext4's 65,000 per inode).
 
 Each measurement runs in a fresh Python process and reports wall seconds, CPU seconds (user +
 system, header-reader processes included; less sensitive to other jobs on a shared machine
@@ -53,19 +54,32 @@ def _png_bytes(height, width, channels):
     return encoded.tobytes()
 
 
-def build_tree(split_dir, num, links):
-    """Write ``num`` entries (images; fakes also get a mask); return seconds taken."""
+# Hard links per template file before a fresh copy starts (ext4 allows 65,000 per inode).
+LINKS_PER_TEMPLATE = 60000
+
+
+def build_tree(split_dir, num, links, links_per_template=LINKS_PER_TEMPLATE):
+    """Write ``num`` entries (images; fakes also get a mask); return seconds taken. With
+    ``links``, each file is a hard link to a template of its kind and size, and a template that
+    has ``links_per_template`` links is replaced by a fresh copy (the filesystem caps links per inode)."""
     images = [_png_bytes(h, w, 3) for h, w in SIZES]
     masks = [_png_bytes(h, w, 1) for h, w in SIZES]
     for folder in ("real", "fake", "masks"):
         os.makedirs(os.path.join(split_dir, folder), exist_ok=True)
-    templates = {}
-    if links:
-        for index, (image, mask) in enumerate(zip(images, masks)):
-            templates[("img", index)] = os.path.join(split_dir, f".template_img_{index}.png")
-            templates[("mask", index)] = os.path.join(split_dir, f".template_mask_{index}.png")
-            open(templates[("img", index)], "wb").write(image)
-            open(templates[("mask", index)], "wb").write(mask)
+    payloads_of = {"img": images, "mask": masks}
+    templates = {}  # (kind, size id) -> [template path, links made to it]
+
+    def link(kind, size_id, path):
+        template = templates.get((kind, size_id))
+        if template is None or template[1] >= links_per_template:
+            generation = 0 if template is None else int(template[0].rsplit("_", 1)[1][:-4]) + 1
+            template_path = os.path.join(split_dir, f".template_{kind}_{size_id}_{generation}.png")
+            with open(template_path, "wb") as handle:
+                handle.write(payloads_of[kind][size_id])
+            template = templates[(kind, size_id)] = [template_path, 0]
+        os.link(template[0], path)
+        template[1] += 1
+
     num_fake = int(round(num * FAKE_FRACTION))
     start = time.perf_counter()
     real_dir = os.path.join(split_dir, "real")
@@ -76,15 +90,15 @@ def build_tree(split_dir, num, links):
         name = f"{index:09d}.png"
         # Spread fakes evenly among reals, like a shuffled release.
         is_fake = (index * num_fake) // num != ((index + 1) * num_fake) // num
-        targets = [(os.path.join(fake_dir if is_fake else real_dir, name), "img", images)]
+        targets = [(os.path.join(fake_dir if is_fake else real_dir, name), "img")]
         if is_fake:
-            targets.append((os.path.join(mask_dir, name), "mask", masks))
-        for path, kind, payloads in targets:
+            targets.append((os.path.join(mask_dir, name), "mask"))
+        for path, kind in targets:
             if links:
-                os.link(templates[(kind, size_id)], path)
+                link(kind, size_id, path)
             else:
                 with open(path, "wb") as handle:
-                    handle.write(payloads[size_id])
+                    handle.write(payloads_of[kind][size_id])
     return time.perf_counter() - start
 
 

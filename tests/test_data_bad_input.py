@@ -35,7 +35,8 @@ def test_truncated_png_is_caught_by_the_index_and_by_decoding(split):
     path = os.path.join(split, "real", "img_000.png")
     _truncate(path)
     error = _error(load_ddl_split, split)
-    assert error.path == path and "truncated" in str(error)
+    assert error.bad_files == [(path, error.bad_files[0][1])] and "truncated" in str(error)
+    assert f"{path}: " in str(error)
     assert path in str(_error(read_image, path))
 
 
@@ -224,3 +225,52 @@ def test_rgb_mask_reads_as_luminance(tmp_path):
     rgb_mask[:3] = 255
     path = write_image(str(tmp_path / "rgb_mask.png"), rgb_mask)
     np.testing.assert_array_equal(read_forgery_mask(path), rgb_mask[:, :, 0] > 127)
+
+
+def _two_broken_files(split):
+    """An empty PNG (a real image) and a truncated one (a fake's mask): both unreadable."""
+    empty = os.path.join(split, "real", "img_000.png")
+    open(empty, "wb").close()
+    truncated = os.path.join(split, "masks", "img_003.png")
+    _truncate(truncated)
+    return empty, truncated
+
+
+def test_index_names_every_unreadable_file_at_once(split):
+    empty, truncated = _two_broken_files(split)
+    error = _error(load_ddl_split, split)
+    assert [path for path, _ in error.bad_files] == [empty, truncated]
+    message = str(error)
+    assert "2 unreadable file(s)" in message and empty in message and truncated in message
+    assert "empty file" in message and "truncated" in message
+    assert "DATALOADER.SKIP_BAD_SAMPLES True" in message
+
+
+def test_skip_bad_samples_leaves_unreadable_files_out_of_the_index_and_lists_them(split, tmp_path, caplog):
+    from ddl_mask2former.data.ddl_dataset import BAD_FILES_NAME, bad_file_policy, read_bad_files
+    from ddl_mask2former.engine.trainer import BadFilesReport
+
+    empty, truncated = _two_broken_files(split)
+    report_dir = str(tmp_path / "output")
+    with caplog.at_level(logging.WARNING), bad_file_policy(skip=True, report_dir=report_dir):
+        dicts = load_ddl_split(split)
+    # The real image and the fake whose mask is unreadable are out; the other two stay.
+    assert sorted(d["image_id"] for d in dicts) == ["fake/img_002.png", "real/img_001.png"]
+    assert "2 unreadable file(s) left out" in caplog.text and "2 sample(s) dropped" in caplog.text
+    assert read_bad_files(report_dir) == {"index": sorted([empty, truncated])}
+    # Outside the policy the same split stops again.
+    assert _error(load_ddl_split, split).bad_files
+    # A file that decodes badly later, in training, is counted in the same list and reported at the end.
+    corrupt = write_image(str(tmp_path / "corrupt.png"), random_rgb(np.random.default_rng(0), 32, 32))
+    data = bytearray(open(corrupt, "rb").read())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 200] = b"\x00" * 200
+    open(corrupt, "wb").write(bytes(data))
+    mapper = DDLDatasetMapper(True, augmentations=[], skip_bad_samples=True, bad_files_dir=report_dir)
+    assert mapper({"file_name": corrupt, "label": 0, "height": 32, "width": 32}) is None
+    assert read_bad_files(report_dir)["training"] == [corrupt]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        BadFilesReport(report_dir).after_train()
+    assert "2 file(s) when indexing, 1 sample(s) during training" in caplog.text
+    assert os.path.join(report_dir, BAD_FILES_NAME) in caplog.text

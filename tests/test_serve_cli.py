@@ -52,6 +52,8 @@ def test_predict_writes_json_lines(model_path, folder, tmp_path, capsys):
     records = [json.loads(line) for line in captured.out.splitlines()]
     assert code == 1 and [r.get("verdict") for r in records] == ["REAL", "FAKE", None]
     assert records[0]["threshold"] == records[1]["threshold"] and records[0]["target_fpr"] == 0.05
+    # The line carries the float64 fake_prob that is_fake compares, unrounded.
+    assert all(r["is_fake"] == (r["fake_prob"] > r["threshold"]) for r in records[:2])
     assert "truncated or corrupt" in records[2]["error"] and "truncated.jpg" in captured.err
     assert cv2.imread(records[1]["mask_png"], 0).shape == (130, 130)
     assert f"masks in {masks}" in captured.err and "2 of 3 images predicted" in captured.err
@@ -104,6 +106,8 @@ def test_scan_report_and_resume(model_path, folder, tmp_path, capsys, monkeypatc
     assert html.count("data:image/jpeg;base64,") == 4  # self-contained: thumbnails inline
     ranked = re.findall(r"<code>([^<]+)</code></td><td><span class='(?:FAKE|REAL)'", html)
     scores = {r["file"]: r["fake_prob"] for r in records if r["status"] == "ok"}
+    threshold = exported_model(tmp_path)[1].threshold
+    assert all(r["is_fake"] == (r["fake_prob"] > threshold) for r in records if r["status"] == "ok")
     assert ranked == sorted(scores, key=lambda f: -scores[f])
     assert f"fake_prob &gt; <b>{exported_model(tmp_path)[1].threshold:.4f}</b>" in html
     assert "target false-positive rate of 5 %" in html and "Could not be read (5)" in html

@@ -138,7 +138,8 @@ def test_settings_are_the_single_source(export, tmp_path):
     copy = tmp_path / "copy.onnx"
     shutil.copy(onnx_path, copy)
     settings = read_settings(onnx_path)
-    assert {"top_fraction", "area_floor", "eps", "threshold", "target_fpr"} <= set(settings["verdict"])
+    assert {"top_fraction", "area_floor", "prob_floor", "prob_ceiling", "threshold", "target_fpr"} <= set(
+        settings["verdict"]) and "eps" not in settings["verdict"]
     settings["verdict"]["threshold"] = 2.0  # no image can be called fake
     Path(settings_path(copy)).write_text(json.dumps(settings))
     out = ExportedModel(copy, num_threads=1).predict(photos()["fake"])
@@ -150,6 +151,37 @@ def test_settings_are_the_single_source(export, tmp_path):
     Path(settings_path(copy)).write_text("{not json")
     with pytest.raises(ExportedModelError, match=r"copy\.onnx\.json: not valid JSON"):
         ExportedModel(copy)
+
+
+def test_older_settings_keep_their_clamp_and_newer_ones_are_refused(export, tmp_path):
+    """Version 1 and 2 files were fitted on log odds clamped to [eps, 1 - eps] (version 1: eps
+    1e-6, not written): they load with those bounds; a version this runtime does not know fails."""
+    import shutil
+
+    from ddl_mask2former_serve import ExportedModelError
+    from ddl_mask2former_serve.runtime import SETTINGS_VERSION, read_settings, settings_path
+
+    onnx_path, _ = export
+    copy = tmp_path / "old.onnx"
+    shutil.copy(onnx_path, copy)
+    current = json.loads(Path(settings_path(onnx_path)).read_text())
+    assert current["metadata_version"] == SETTINGS_VERSION == 3
+    old = json.loads(json.dumps(current))
+    for key in ("prob_floor", "prob_ceiling"):
+        del old["verdict"][key]
+    for version, verdict_extra, eps in [(2, {"eps": 1e-5}, 1e-5), (1, {}, 1e-6)]:
+        old["metadata_version"] = version
+        if version == 1:
+            for key in ("top_fraction", "area_floor", "eps"):
+                old["verdict"].pop(key, None)
+        old["verdict"].update(verdict_extra)
+        Path(settings_path(copy)).write_text(json.dumps(old))
+        verdict = read_settings(copy)["verdict"]
+        assert (verdict["prob_floor"], verdict["prob_ceiling"]) == (eps, 1.0 - eps) and "eps" not in verdict
+    old["metadata_version"] = SETTINGS_VERSION + 1
+    Path(settings_path(copy)).write_text(json.dumps(old))
+    with pytest.raises(ExportedModelError, match=r"old\.onnx\.json: metadata_version 4 is newer"):
+        read_settings(copy)
 
 
 def test_map_resize_is_pytorchs_bilinear():

@@ -28,6 +28,8 @@ CALIBRATE = REPO / "tools" / "calibrate.py"
 # Values from tests/configs/tiny.yaml, used to recompute the learning-rate schedule.
 BASE_LR, WARMUP_ITERS, WARMUP_FACTOR, POLY_POWER = 0.0005, 2, 0.1, 0.9
 RESUME_MAX_ITER, KILL_AFTER_CHECKPOINT = 20, "model_0000005.pth"
+# Batches hold consecutive draws only without aspect-ratio grouping (the DDL configs' setting).
+RESUME_OPTS = ["SOLVER.MAX_ITER", str(RESUME_MAX_ITER), "DATALOADER.ASPECT_RATIO_GROUPING", "False"]
 COMMAND_TIMEOUT_S = 600
 
 
@@ -80,7 +82,7 @@ def killed_then_resumed(ddl_root, tmp_path_factory):
     """Train, kill -9 right after a checkpoint, then --resume to the end."""
     workdir = tmp_path_factory.mktemp("train_workdir")
     output_dir = workdir / "run"
-    opts = ["OUTPUT_DIR", "run", "SOLVER.MAX_ITER", str(RESUME_MAX_ITER)]
+    opts = RESUME_OPTS + ["OUTPUT_DIR", "run"]
     command = [sys.executable, str(TRAIN_NET), "--config-file", str(TINY_CONFIG)]
     with open(workdir / "killed.log", "w") as log:
         proc = subprocess.Popen(command + opts, cwd=workdir, env=_env(ddl_root), stdout=log,
@@ -131,6 +133,21 @@ def test_resume_after_kill_continues_iterations_and_schedule(killed_then_resumed
     assert "eta:" in (output_dir / "log.txt").read_text()
 
 
+@pytest.mark.slow
+def test_resumed_run_equals_the_uninterrupted_one(killed_then_resumed, ddl_root, tmp_path):
+    # Killed with SIGKILL after iteration 5's checkpoint and resumed, the run must end with the
+    # weights of a run that was never interrupted: the data order, the crops and every random
+    # draw continue (data/training_order.py) instead of starting over.
+    _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, *RESUME_OPTS, "OUTPUT_DIR", "straight"],
+                ddl_root, tmp_path))
+    resumed = torch.load(killed_then_resumed["output_dir"] / "model_final.pth", map_location="cpu",
+                         weights_only=False)["model"]
+    straight = torch.load(tmp_path / "straight" / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert resumed.keys() == straight.keys()
+    differing = [key for key in straight if not torch.equal(resumed[key], straight[key])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
 def test_eval_only_writes_metrics_and_export(killed_then_resumed, ddl_root, tmp_path):
     weights = killed_then_resumed["output_dir"] / "model_final.pth"
     result = _check(_run(
@@ -148,6 +165,9 @@ def test_eval_only_writes_metrics_and_export(killed_then_resumed, ddl_root, tmp_
     val_images = [p for p in val_images if p.parent.name in ("real", "fake")]
     lines = (tmp_path / "export" / "prediction.txt").read_text().split()
     assert sorted(line.split(",")[0] for line in lines) == sorted(p.name for p in val_images)
+    # The head's scores before the verdict go along, for ensembles (docs/EVALUATION.md).
+    head_lines = (tmp_path / "export" / "head_prediction.txt").read_text().split()
+    assert sorted(line.split(",")[0] for line in head_lines) == sorted(p.name for p in val_images)
     assert all(0.0 <= float(line.split(",")[1]) <= 1.0 for line in lines)
     for image_path in val_images:
         mask = cv2.imread(str(tmp_path / "export" / "mask" / image_path.name), cv2.IMREAD_UNCHANGED)
@@ -172,12 +192,41 @@ def test_calibrate_writes_a_calibrated_checkpoint_that_eval_uses(killed_then_res
     result = _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights,
                           "OUTPUT_DIR", "eval2", "TEST.EXPORT_DIR", "export2",
                           "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
-    assert "holds no verdict calibration: calibrating on ddl_i_train first" in result.stdout + result.stderr
+    assert ("holds no verdict calibration (uncalibrated checkpoint): calibrating on ddl_i_train first"
+            in result.stdout + result.stderr)
     assert json.loads((tmp_path / "export2" / "verdict.json").read_text())["calibrated"]
     missing = _run([CALIBRATE, "--config-file", TINY_CONFIG, "--output", tmp_path / "x.pth",
                     "MODEL.WEIGHTS", weights], ddl_root, tmp_path)
     assert missing.returncode != 0 and "DATASETS.CALIBRATION is empty" in missing.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_uncalibrated_checkpoint_without_calibration_data_says_how_to_go_on(killed_then_resumed, tmp_path):
+    weights = killed_then_resumed["output_dir"] / "model_final.pth"
+    empty_root = tmp_path / "no_datasets"
+    empty_root.mkdir()
+    result = _run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", weights,
+                   "OUTPUT_DIR", "eval", "DATASETS.CALIBRATION", "('ddl_i_train',)"], empty_root, tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{weights} holds no verdict calibration (uncalibrated checkpoint)" in result.stderr
+    assert "split folder does not exist" in result.stderr
+    assert "tools/calibrate.py" in result.stderr and 'DATASETS.CALIBRATION "()"' in result.stderr
+
+
+def test_every_checkpoint_carries_a_fit_of_its_own_weights(ddl_root, tmp_path):
+    # Calibration runs before the periodic checkpointer: model_0000001.pth holds the fit of the
+    # weights of iteration 1, not of an older evaluation's (or none).
+    _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "OUTPUT_DIR", "run", "SOLVER.MAX_ITER", "4",
+                 "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
+    for name, iteration in (("model_0000001.pth", 1), ("model_final.pth", 3)):
+        checkpoint = torch.load(tmp_path / "run" / name, map_location="cpu", weights_only=False)
+        assert checkpoint["iteration"] == iteration
+        assert int(checkpoint["model"]["verdict.calibration_iteration"]) == iteration
+        assert float(checkpoint["model"]["verdict.target_fprs"][1]) == 0.05
+    result = _check(_run([TRAIN_NET, "--config-file", TINY_CONFIG, "--eval-only", "OUTPUT_DIR", "eval",
+                          "MODEL.WEIGHTS", tmp_path / "run" / "model_0000001.pth",
+                          "DATASETS.CALIBRATION", "('ddl_i_train',)"], ddl_root, tmp_path))
+    assert "calibrating on" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

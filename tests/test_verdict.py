@@ -1,22 +1,29 @@
 """The verdict: features, rules, calibration, the mask policy and the calibration split."""
+import json
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 
-from ddl_mask2former.data.ddl_dataset import in_calibration_part, register_calibration_holdout
+from ddl_mask2former.config import load_config
+from ddl_mask2former.data.ddl_dataset import (calibration_key, in_calibration_part,
+                                              register_calibration_holdout)
 from ddl_mask2former.evaluation.calibration import (
     VerdictRecord, calibrate_model, fit_logistic, fit_rule, probabilities, rule_metrics,
     threshold_at_fpr)
 from ddl_mask2former.evaluation.metrics import compute_ddl_metrics_from_arrays
 from ddl_mask2former.modeling.meta_arch import DDLMask2Former
-from ddl_mask2former.modeling.verdict import AREA_FLOOR, FEATURES, RULES, Verdict, verdict_features
+from ddl_mask2former.modeling.verdict import (AREA_FLOOR, FEATURES, LOGIT_BOUNDS, RULES, Verdict,
+                                              verdict_features)
 
 from model_helpers import build, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
 def _logit(p):
@@ -40,9 +47,73 @@ def test_features_of_head_and_map():
     assert features[FEATURES.index("map_area")] == pytest.approx(math.log(2 / 400 + AREA_FLOOR))
 
 
+def test_saturated_maps_do_not_tie():
+    # The map's float32 probability at logits 15 and 16 is 1 - 3.6e-7 and 1 - 1.2e-7: a clamp
+    # at 1 - 1e-6 gave both log odds 13.8. Only an exact float32 1 takes the bound.
+    def map_max(logit):
+        return float(verdict_features(_output(0.5, torch.sigmoid(torch.tensor([[logit, -3.0]]))))[1])
+
+    values = [map_max(logit) for logit in (13.0, 15.0, 16.0, 17.0)]
+    assert values == sorted(values) and len(set(values)) == 4
+    assert values[-1] == LOGIT_BOUNDS[1] and map_max(30.0) == LOGIT_BOUNDS[1]
+
+
+def test_calibration_separates_maps_beyond_the_old_clamp(caplog):
+    # 4 of 32 calibration reals at map logit 15, the fakes at 16, target 10 %: the threshold sits
+    # at the reals' 15 and the fakes are called fake (at the old clamp all tied: TPR 0).
+    rng = np.random.default_rng(4)
+    real_logits = np.concatenate([rng.uniform(-6, 2, 28), [15.0] * 4])
+    fake_logits = np.concatenate([rng.uniform(-1, 8, 16), [16.0] * 16])
+    maps = [torch.sigmoid(torch.tensor([[float(v), -3.0]])) for v in np.concatenate([real_logits, fake_logits])]
+    records = _records([0.5] * 64, maps, [0] * 32 + [1] * 32, [(0, 0, 0)] * 64)
+    with caplog.at_level(logging.WARNING):
+        fit = fit_rule(records, "map_max", target_fpr=0.1)
+    assert fit.fpr <= 0.1 and fit.tpr >= 0.5
+    assert "saturated" not in caplog.text
+    # Maps saturated at exactly 1 in float32 do tie: the threshold lands there, with a warning.
+    saturated = [torch.ones(1, 2) if i in (28, 29, 30, 31) or i >= 48 else m for i, m in enumerate(maps)]
+    records = _records([0.5] * 64, saturated, [0] * 32 + [1] * 32, [(0, 0, 0)] * 64)
+    with caplog.at_level(logging.WARNING):
+        fit_rule(records, "map_max", target_fpr=0.1)
+    assert "sits at a saturated feature (4 calibration reals and 16 fakes" in caplog.text
+
+
 def test_features_of_a_missing_branch_are_nan():
     features = verdict_features({"fake_prob": torch.tensor(0.5)})
     assert features[0] == 0.0 and torch.isnan(features[1:]).all()
+
+
+@pytest.mark.parametrize("mask_policy", ["gate", "independent"])
+def test_the_model_and_the_serving_rules_give_the_same_bits(mask_policy):
+    """The PyTorch verdict and ``ddl_mask2former_serve.rules.apply_verdict`` (the exported
+    runtime's) on the same raw outputs, with the settings an export writes: equal features,
+    fake_prob (float64) and is_fake, maps saturated at float32 1 and 0 included."""
+    from ddl_mask2former_serve import rules
+
+    rng = np.random.default_rng(7)
+    verdict = Verdict("fusion", mask_policy)
+    verdict.set_calibration("fusion", {"head": 0.7, "map_max": 0.4, "map_top": 0.3, "map_area": 0.2},
+                            intercept=-0.4, threshold=0.55, target_fpr=0.05)
+    settings = json.loads(json.dumps(verdict.describe()))  # as the settings JSON carries it
+    called = set()
+    for index in range(40):
+        logits = rng.normal(0, 1 + index, (37, 53)).astype(np.float32)
+        if index % 5 == 0:
+            logits[:3, :4] = 40.0  # sigmoid 1 in float32
+        if index % 7 == 0:
+            logits[:] = -120.0  # sigmoid 0 in float32
+        mask_prob = torch.sigmoid(torch.from_numpy(logits))
+        head = torch.sigmoid(torch.tensor(float(rng.normal(0, 8)), dtype=torch.float32))
+        output = _output(float(head), mask_prob)
+        expected = rules.verdict_features(head.numpy(), mask_prob.numpy())
+        np.testing.assert_array_equal(verdict_features(output).numpy(), expected)
+        served = rules.apply_verdict({"fake_prob": head.numpy(), "mask_prob": mask_prob.numpy()}, settings)
+        result = verdict(output)
+        assert result["fake_prob"].dtype == torch.float64 and float(result["fake_prob"]) == served["fake_prob"]
+        assert bool(result["is_fake"]) == served["is_fake"] == (served["fake_prob"] > settings["threshold"])
+        np.testing.assert_array_equal(result["mask_prob"].numpy(), served["mask_prob"])
+        called.add(served["is_fake"])
+    assert called == {True, False}
 
 
 @pytest.mark.parametrize("rule, expected", [("head", 0.3), ("map_max", 0.8),
@@ -82,6 +153,44 @@ def test_calibration_is_used_and_survives_a_state_dict_round_trip():
     # Other rules keep their own (here uncalibrated) parameters.
     restored.rule = "head"
     assert float(restored(output)["fake_prob"]) == pytest.approx(0.3)
+
+
+def test_is_fake_is_the_exported_fake_prob_above_the_threshold(tmp_path):
+    # At a threshold of 0.73000001 a probability of 0.730000005 is real; a float32 export of it
+    # (0.7300000190734863) read back above the threshold and captioned it FAKE. Outputs now carry
+    # the float64 value that is compared, and prediction.txt writes it exactly.
+    from ddl_mask2former.evaluation.export import read_predictions, write_predictions
+
+    verdict = Verdict("head", "gate")
+    verdict.set_calibration("head", {"head": 1.0}, 0.0, 0.73000001, 0.05)
+    for head_prob in (0.730000005, 0.730000015):
+        raw = dict(_output(0.5, [[0.9, 0.1]]), fake_prob=torch.tensor(head_prob, dtype=torch.float64))
+        output = verdict(raw)
+        write_predictions(str(tmp_path / "prediction.txt"), [("a.png", output["fake_prob"])])
+        exported = read_predictions(str(tmp_path / "prediction.txt"))["a.png"]
+        assert exported == float(output["fake_prob"]) == pytest.approx(head_prob, abs=1e-15)
+        assert bool(output["is_fake"]) == (exported > verdict.threshold) == (head_prob > 0.73000001)
+        assert bool(output["mask"].any()) == bool(output["is_fake"])  # gated exactly when called real
+
+
+def test_calibration_scores_are_the_models_bits():
+    # The threshold is one of the calibration reals' scores as the model computes them, so the
+    # real that sets it is called real by the model too, and every call agrees with the fit's.
+    rng = np.random.default_rng(5)
+    labels = [0] * 300 + [1] * 300
+    heads = rng.uniform(0.01, 0.99, 600).tolist()
+    maps = [[[float(p), float(q)]] for p, q in rng.uniform(0, 1, (600, 2))]
+    records = _records(heads, maps, labels, [(0, 0, 0)] * 600)
+    for rule in ("fusion", "map_max"):
+        fit = fit_rule(records, rule, target_fpr=0.1)
+        verdict = Verdict(rule)
+        verdict.set_calibration(rule, fit.coefficients, fit.intercept, fit.threshold, 0.1)
+        probs = probabilities(records, fit)
+        for head, m, expected in zip(heads, maps, probs):
+            output = verdict(_output(head, m))
+            assert float(output["fake_prob"]) == expected
+            assert bool(output["is_fake"]) == (expected > fit.threshold)
+        assert fit.threshold in set(probs[:300].tolist())
 
 
 def test_rules_that_need_a_missing_branch_are_refused():
@@ -150,6 +259,19 @@ def test_threshold_at_fpr(fpr, expected):
     assert np.mean(np.asarray(reals) > threshold) <= fpr
 
 
+def test_threshold_at_fpr_just_below_one_is_the_lowest_real():
+    reals = [0.1 * i for i in range(1, 11)]
+    for fpr in (0.999999999999, 1 - 1e-10, 0.95):
+        assert threshold_at_fpr(reals, fpr) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("value", ["5.0", "1.0", "-0.1"])
+def test_target_fpr_out_of_range_is_refused_when_the_config_loads(value):
+    with pytest.raises(ValueError, match=r"MODEL\.DDL\.VERDICT\.TARGET_FPR must be .*\[0, 1\)"):
+        load_config(TINY_CONFIG, ["MODEL.DDL.VERDICT.TARGET_FPR", value])
+    assert load_config(TINY_CONFIG, ["MODEL.DDL.VERDICT.TARGET_FPR", "0.0"]).MODEL.DDL.VERDICT.TARGET_FPR == 0.0
+
+
 def _records(head, maps, labels, counts):
     records = []
     for index, (h, m, label, (tp, fp, fn)) in enumerate(zip(head, maps, labels, counts)):
@@ -204,6 +326,11 @@ def test_calibrate_model_stores_every_rule():
     assert float(model.verdict.thresholds[index]) == pytest.approx(fits[index].threshold)
     with pytest.raises(ValueError, match="real and fake"):
         calibrate_model(model, records[:10], target_fpr=0.1)
+    # A bad rate is an error, not a silently skipped rule (that shipped an uncalibrated model).
+    fresh = build(cfg)
+    with pytest.raises(ValueError, match="TARGET_FPR"):
+        calibrate_model(fresh, records, target_fpr=5)
+    assert not fresh.verdict.calibrated
 
 
 def test_real_false_alarm_metric():
@@ -225,8 +352,29 @@ def test_calibration_holdout_is_a_fixed_disjoint_tenth():
         assert len(fit) + len(calib) == 2000
         assert {d["image_id"] for d in fit}.isdisjoint(d["image_id"] for d in calib)
         assert 150 <= len(calib) <= 250
-        assert all(in_calibration_part(d["image_id"]) for d in calib)
+        assert all(in_calibration_part(calibration_key(d)) for d in calib)
     finally:
         for name in ("test_holdout_base", "test_holdout_base_fit", "test_holdout_base_calib"):
             if name in DatasetCatalog.list():
                 DatasetCatalog.remove(name)
+
+
+def test_calibration_holdout_keeps_a_fake_and_its_source_on_one_side():
+    # A release that pairs each fake with the real image it came from under the same stem: split
+    # by file name, 3,534 of 20,000 pairs landed on opposite sides.
+    dicts = [{"image_id": f"{folder}/{i:05d}.png", "label": int(folder == "fake")}
+             for folder in ("real", "fake") for i in range(20000)]
+    DatasetCatalog.register("test_pairs_base", lambda: dicts)
+    try:
+        fit_name, calib_name = register_calibration_holdout("test_pairs_base")
+        fit_stems = {calibration_key(d) for d in DatasetCatalog.get(fit_name)}
+        calib_stems = {calibration_key(d) for d in DatasetCatalog.get(calib_name)}
+        assert fit_stems.isdisjoint(calib_stems) and len(fit_stems | calib_stems) == 20000
+        assert 1800 <= len(calib_stems) <= 2200
+    finally:
+        for name in ("test_pairs_base", "test_pairs_base_fit", "test_pairs_base_calib"):
+            if name in DatasetCatalog.list():
+                DatasetCatalog.remove(name)
+    # A source id, where the data has one, decides instead of the stem.
+    assert calibration_key({"image_id": "fake/a_swap.png", "source_id": "src42"}) == "src42"
+    assert calibration_key({"image_id": "real/0007.jpg"}) == "0007"

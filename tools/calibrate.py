@@ -23,7 +23,7 @@ import ddl_mask2former  # noqa: F401  (registers datasets and the model)
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from ddl_mask2former.config import load_config
-from ddl_mask2former.engine import Trainer
+from ddl_mask2former.engine import Trainer, checkpoint_iteration
 
 
 def parse_args(argv=None):
@@ -48,13 +48,14 @@ def main(argv=None):
         raise SystemExit("calibrate.py: DATASETS.CALIBRATION is empty; name the datasets to calibrate on, "
                          "e.g. DATASETS.CALIBRATION \"('ddl_i_train_calib',)\"")
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    fits = Trainer.calibrate(cfg, model)
+    iteration = checkpoint_iteration(DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS))
+    fits = Trainer.calibrate(cfg, model, iteration=iteration)
     if not fits:
         raise SystemExit(f"calibrate.py: nothing calibrated (see the warning above); {args.output} not written")
     output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    torch.save({"model": model.state_dict()}, output)
+    # The weights' iteration goes along, so that evaluation can match the fit to its weights.
+    torch.save({"model": model.state_dict(), **({} if iteration is None else {"iteration": iteration})}, output)
     verdict = model.verdict.describe()
     print(f"rule {verdict['rule']}: FAKE when fake_prob > {verdict['threshold']:.4f} "
           f"(at most {100 * verdict['target_fpr']:.1f} % of the calibration reals)")

@@ -2,14 +2,23 @@
 """Fuse several models' exports into one (paper §3.5, eq. 6), and optionally tune the weights.
 
     python tools/ensemble.py --inputs SWIN_T_DIR SWIN_S_DIR --det-weights 1 2.5 \\
-        --loc-weights 1 0 --out ENSEMBLE_DIR [--gt SPLIT_DIR] [--zip]
+        --loc-weights 1 0 --calibration-inputs SWIN_T_CALIB SWIN_S_CALIB \\
+        --calibration-split datasets/DDL-I/train --out ENSEMBLE_DIR [--gt SPLIT_DIR] [--zip]
     python tools/ensemble.py --inputs A_VAL B_VAL --search VAL_SPLIT_DIR [--search-step 0.1]
 
-Detection fuses the prediction.txt scores, localization the prob/ maps (8-bit, written by
-TEST.EXPORT_PROB), each as Y = sum(w_i * y_i) / sum(w_i) with its own weights; the output is a
-new export (prediction.txt, mask/, prob/). Leaving out --det-weights or --loc-weights skips
-that task. --gt scores the result; --search grid-searches each task's weights on a labeled
-split (the inputs must be exports of that split) and prints the best weights and scores.
+Each member's evidence before its verdict is fused: detection the head's scores
+(head_prediction.txt), localization the ungated maps (prob/, and ungated_prob/ where the
+member's gate emptied a map; 8-bit, written by TEST.EXPORT_PROB), each as
+Y = sum(w_i * y_i) / sum(w_i) with its own weights; the output is a new export (prediction.txt,
+mask/, prob/). Leaving out --det-weights or --loc-weights skips that task. When the members carry
+a verdict (verdict.json), the ensemble gets its own, as one model does: fitted by the same
+rules on the members' exports of the calibration split (--calibration-inputs, labels from
+--calibration-split, the folder that holds those images, e.g. DDL-I/train for
+ddl_i_train_calib), then applied to the fused evidence with its threshold and gate, and
+described in the output's verdict.json (rule, mask policy and target FPR from the members'
+verdict.json unless given). --gt scores the result; --search grid-searches each task's weights
+on a labeled split (the inputs must be exports of that split) and prints the best weights and
+scores.
 """
 import argparse
 import importlib.util
@@ -22,8 +31,8 @@ import sys
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
-from ddl_mask2former.evaluation.export import write_submission_zip
-from ddl_mask2former.evaluation.fusion import fuse_exports, search_weights
+from ddl_mask2former.evaluation.export import VERDICT_FILE, write_submission_zip
+from ddl_mask2former.evaluation.fusion import calibrate_ensemble, fuse_exports, search_weights
 from ddl_mask2former.evaluation.metrics import format_metrics_table
 from ddl_mask2former.evaluation.scoring import default_num_workers, score_export
 
@@ -44,6 +53,14 @@ def parse_args(argv=None):
                         help="grid step of normalized weights for --search (default 0.1)")
     parser.add_argument("--search-tasks", choices=("det", "loc", "both"), default="both",
                         help="which task's weights --search tunes")
+    parser.add_argument("--calibration-inputs", nargs="+", metavar="DIR",
+                        help="the members' exports of the calibration split, in --inputs order")
+    parser.add_argument("--calibration-split", metavar="SPLIT_DIR",
+                        help="labeled folder holding the calibration images (their labels)")
+    parser.add_argument("--rule", help="the ensemble verdict's rule (default: the members')")
+    parser.add_argument("--mask-policy", help="gate or independent (default: the members')")
+    parser.add_argument("--target-fpr", type=float, help="the ensemble verdict's target false-positive "
+                        "rate on the calibration reals (default: the members')")
     parser.add_argument("--json", help="write the search results or --gt metrics here")
     parser.add_argument("--mask-threshold", type=int, default=127,
                         help="ground-truth mask pixels above this 8-bit value are forged")
@@ -56,7 +73,60 @@ def parse_args(argv=None):
         parser.error("--gt scores the fused export: it needs --out")
     if args.out and args.det_weights is None and args.loc_weights is None:
         parser.error("--out needs --det-weights and/or --loc-weights")
+    if bool(args.calibration_inputs) != bool(args.calibration_split):
+        parser.error("--calibration-inputs and --calibration-split go together")
+    if args.calibration_inputs and len(args.calibration_inputs) != len(args.inputs):
+        parser.error(f"--calibration-inputs: one export per input ({len(args.inputs)}), got "
+                     f"{len(args.calibration_inputs)}")
+    if args.target_fpr is not None and not 0.0 <= args.target_fpr < 1.0:
+        parser.error(f"--target-fpr must be a rate in [0, 1), got {args.target_fpr}")
     return args
+
+
+def members_verdict_settings(inputs):
+    """(rule, mask policy, target FPR) the members' verdict.json agree on, or None when they
+    carry no verdict; ValueError when some do and some do not."""
+    described = []
+    for export_dir in inputs:
+        path = os.path.join(export_dir, VERDICT_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                described.append(json.load(f))
+    if not described:
+        return None
+    if len(described) != len(inputs):
+        raise ValueError(f"only {len(described)} of the {len(inputs)} inputs have a {VERDICT_FILE}; "
+                         "fuse exports made alike")
+    first = described[0]
+    return first["rule"], first["mask_policy"], first.get("target_fpr")
+
+
+def ensemble_verdict(args):
+    """The ensemble's own verdict for members that carry one (None for plain exports)."""
+    from ddl_mask2former.modeling.verdict import Verdict
+
+    settings = members_verdict_settings(args.inputs)
+    if settings is None:
+        return None
+    rule = args.rule or settings[0]
+    mask_policy = args.mask_policy or settings[1]
+    target_fpr = args.target_fpr if args.target_fpr is not None else settings[2]
+    if not args.calibration_inputs:
+        logging.getLogger(__name__).warning(
+            "the ensemble's verdict is not calibrated (rule %s, threshold 0.5): give "
+            "--calibration-inputs (the members' exports of the calibration split) and "
+            "--calibration-split to fit it", rule)
+        return Verdict(rule, mask_policy, args.det_weights is not None, args.loc_weights is not None)
+    if target_fpr is None:
+        raise ValueError("the members' verdicts were not calibrated: give --target-fpr")
+    verdict, fits = calibrate_ensemble(args.calibration_inputs, args.calibration_split, target_fpr,
+                                       det_weights=args.det_weights, loc_weights=args.loc_weights,
+                                       rule=rule, mask_policy=mask_policy)
+    for fit in fits:
+        print(f"ensemble verdict {fit.rule:<8} threshold {fit.threshold:.4f}  real called fake "
+              f"{100 * fit.fpr:5.1f} %  fake called fake {100 * fit.tpr:5.1f} %"
+              + ("   <- in use" if fit.rule == rule else ""))
+    return verdict
 
 
 def _dump_json(path, payload):
@@ -105,9 +175,10 @@ def main(argv=None):
         if args.search:
             payload["search"] = run_search(args)
         if args.out:
+            verdict = ensemble_verdict(args)
             count = fuse_exports(args.inputs, args.out, det_weights=args.det_weights,
                                  loc_weights=args.loc_weights, num_workers=args.workers,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, verdict=verdict)
             print(f"fused export of {count} images written to {args.out}")
             if args.zip:
                 print(f"submission zip written to {write_submission_zip(args.out)}")

@@ -41,6 +41,7 @@ QUICKSTART_CONFIGS = {
 # share the machine (two threads in one process slow down ten-fold then: docs/PERFORMANCE.md).
 TRAIN_PROCESSES = 2
 VAL_DATASET = "ddl_i_val"  # registered at $DETECTRON2_DATASETS/DDL-I/val
+CALIBRATION_DATASET = "ddl_i_train_calib"  # the held-out tenth of DDL-I/train
 
 
 def parse_args(argv=None):
@@ -219,6 +220,26 @@ def train_and_export(steps, args, config, model_dir):
     return export_dir
 
 
+def export_calibration_split(steps, args, config, model_dir):
+    """The trained model's export of its calibration split (the ensemble calibrates its own
+    verdict on the members' exports of it); returns the export folder."""
+    export_dir = model_dir / "calib_export"
+    steps.run(f"export_calibration_{model_dir.name}", [
+        sys.executable, ROOT / "tools" / "train_net.py", "--config-file", config, "--eval-only",
+        "--num-gpus", TRAIN_PROCESSES, "--dist-url", "auto", *args.opts,
+        "OUTPUT_DIR", model_dir / "calib_eval", "TEST.EXPORT_DIR", export_dir,
+        "DATASETS.TEST", f"('{CALIBRATION_DATASET}',)", "MODEL.WEIGHTS", model_dir / "model_final.pth"])
+    return export_dir
+
+
+def calibration_split_has_both_labels(data_root):
+    """Whether the held-out tenth of DDL-I/train holds real and fake images (a tiny run's may not)."""
+    from ddl_mask2former.data.ddl_dataset import calibration_key, in_calibration_part, load_ddl_split
+
+    labels = {d["label"] for d in load_ddl_split(str(data_root / "train")) if in_calibration_part(calibration_key(d))}
+    return labels == {0, 1}
+
+
 def draw_pictures(model_dir, export_dir, val_dir, title):
     """Learning curve and contact sheet of a trained model; returns their paths."""
     from ddl_mask2former.report import plot_learning_curve, write_contact_sheet
@@ -288,8 +309,18 @@ def main(argv=None):
         sys.executable, ROOT / "tools" / "ensemble.py", "--inputs", main_export,
         second_dir / "export", "--det-weights", "1", "1", "--loc-weights", "1", "1",
         "--out", fused_dir, "--gt", val_dir, "--json", fused_dir / "scores.json", "--no-progress"]
+    calibration_flags = ["--calibration-inputs", main_dir / "calib_export", second_dir / "calib_export",
+                         "--calibration-split", data_root / "train"]
     if args.ensemble:
         train_and_export(steps, args, QUICKSTART_CONFIGS["second"], second_dir)
+        if calibration_split_has_both_labels(data_root):
+            # The ensemble calibrates its own verdict on both models' exports of the calibration split.
+            for config, model_dir in ((QUICKSTART_CONFIGS["main"], main_dir),
+                                      (QUICKSTART_CONFIGS["second"], second_dir)):
+                export_calibration_split(steps, args, config, model_dir)
+            ensemble_cmd += calibration_flags
+        else:
+            print("the calibration split lacks real or fake images: the ensemble's verdict stays uncalibrated")
         rows.append((QUICKSTART_CONFIGS["second"].stem.replace("ddl_mask2former_", ""),
                      score(steps, second_dir / "export", val_dir, second_dir / "scores.json")))
         steps.run("ensemble", ensemble_cmd)
@@ -298,8 +329,8 @@ def main(argv=None):
                      json.loads((fused_dir / "scores.json").read_text())["metrics"]))
     else:
         print("skipped (run `python tools/quickstart.py --ensemble` to train a second model);"
-              " with two exports the fusion is:\n  "
-              + " ".join(str(c) for c in ensemble_cmd[1:]))
+              " with two exports (and their exports of ddl_i_train_calib) the fusion is:\n  "
+              + " ".join(str(c) for c in ensemble_cmd[1:] + calibration_flags))
 
     steps.banner("done")
     print(f"Synthetic val split ('{args.difficulty}' traces), percent "

@@ -3,7 +3,8 @@ r"""Robustness benchmark: a model's AUC, F1, IoU and false alarms under perturbe
 
     python tools/robustness.py --config-file CFG --split DIR --output OUT \
         [--perturbations jpeg blur noise resize chain] [--levels jpeg:90,70 resize:0.5] \
-        [--num-gpus N] [--seed 0] [--keep-images] MODEL.WEIGHTS model_final.pth
+        [--clean-only] [--convention ours|imdl-benco] [--num-gpus N] [--seed 0] [--keep-images] \
+        MODEL.WEIGHTS model_final.pth
 
 Evaluates the model on the labeled split DIR (DDL layout: real/, fake/, masks/ or mask/) as it
 is, then on a perturbed copy of it for every level of every perturbation (real and fake images
@@ -13,7 +14,9 @@ and scored by Trainer.test, the evaluator's own path, so tiling, flip and verdic
 the config says; the copy is deleted once scored unless --keep-images. --levels picks levels
 per perturbation (KIND:LEVEL,LEVEL...); without --perturbations it runs the kinds it names,
 else every kind. Trailing KEY VALUE pairs override the config, as in train_net.py; OUTPUT_DIR
-is OUT and TEST.EXPORT_DIR is off.
+is OUT and TEST.EXPORT_DIR is off. --clean-only scores the split as it is, no perturbed copy,
+and writes robustness.json alone (no plot); --convention imdl-benco perturbs by IMDL-BenCo's
+JPEG and noise definitions (docs/EVALUATION.md lists the differences).
 
 Writes OUT/robustness.json ({"clean": M, "jpeg": {"90": M, ...}, ..., "chain":
 {"resize0.5+jpeg75": M}}, M holding auc, f1, iou, score, real_false_alarm as fractions, and
@@ -41,7 +44,6 @@ import ddl_mask2former  # first: it hides detectron2's import-time torch.jit dep
 import cv2
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_setup
 from detectron2.utils import comm
@@ -50,9 +52,10 @@ from detectron2.utils.logger import setup_logger
 from ddl_mask2former.config import load_config
 from ddl_mask2former.data.ddl_dataset import default_cache_dir, load_ddl_split, register_ddl_split
 from ddl_mask2former.data.image_io import DDLDataError, read_forgery_mask, read_image
-from ddl_mask2former.engine import Trainer, launch
+from ddl_mask2former.engine import Trainer, check_evaluation_verdict, launch, load_evaluation_model
+from ddl_mask2former.evaluation.calibration import VerdictCalibrationError
 from ddl_mask2former.data.perturbations import (
-    SWEEPS, level_key, parse_level, perturb, perturb_mask)
+    CONVENTIONS, SWEEPS, level_key, parse_level, perturb, perturb_mask)
 
 TOOL = "robustness.py"
 # robustness.json metric keys -> DDLEvaluator result keys (percent)
@@ -93,6 +96,10 @@ def parse_args(argv=None):
                         help="processes (GPUs, or CPU processes when MODEL.DEVICE is cpu)")
     parser.add_argument("--dist-url", default="auto", help="rendezvous address with --num-gpus > 1")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise perturbation (>= 0)")
+    parser.add_argument("--convention", choices=CONVENTIONS, default="ours",
+                        help="perturbation definitions: ours (docs/EVALUATION.md) or imdl-benco (its JPEG "
+                             "quality draw and channel order, and its truncated noise), so that a table can "
+                             "sit beside IMDL-BenCo's")
     parser.add_argument("--keep-images", action="store_true",
                         help="keep every perturbed copy under OUT/images/ (default: delete once scored)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -205,18 +212,19 @@ def noise_rng(seed, kind, image_id):
     return np.random.default_rng([seed, zlib.crc32(f"{kind}/{image_id}".encode("utf-8"))])
 
 
-def write_perturbed_split(dataset_dicts, out_dir, kind, level, seed, mask_threshold, rank=0, world_size=1):
+def write_perturbed_split(dataset_dicts, out_dir, kind, level, seed, mask_threshold, rank=0, world_size=1,
+                          convention="ours"):
     """Write the images of ``dataset_dicts`` (labeled DDL dicts) perturbed, in DDL layout under
     ``out_dir`` (PNG, named by stem); this process writes every ``world_size``-th image from
     ``rank``. A fake's mask is copied, or, when the image changed size, read (pixels above
-    ``mask_threshold`` forged) and resized with nearest neighbour."""
+    ``mask_threshold`` forged) and resized by ``resize_mask`` (nearest neighbour, pixel centres)."""
     for folder in ("real", "fake", "masks"):
         os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
     for index in range(rank, len(dataset_dicts), world_size):
         record = dataset_dicts[index]
         stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
         image = read_image(record["file_name"], format="RGB")
-        perturbed = perturb(image, kind, level, noise_rng(seed, kind, record["image_id"]))
+        perturbed = perturb(image, kind, level, noise_rng(seed, kind, record["image_id"]), convention)
         fake = record["label"] == 1
         _write_png(os.path.join(out_dir, "fake" if fake else "real", stem + ".png"), perturbed)
         if not fake:
@@ -278,16 +286,16 @@ def _quiet_console():
                 handler.setLevel(logging.WARNING)
 
 
-def load_model(cfg):
-    """The model with its weights, calibrated as tools/train_net.py --eval-only would be."""
-    model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    if cfg.DATASETS.CALIBRATION and model.verdict.enabled and not model.verdict.calibrated:
-        logging.getLogger("ddl_mask2former").info(
-            "%s holds no verdict calibration: calibrating on %s first", cfg.MODEL.WEIGHTS,
-            ", ".join(cfg.DATASETS.CALIBRATION))
-        Trainer.calibrate(cfg, model)
-    return model
+def load_model(cfg, opts=(), check_only=False):
+    """The model with its weights and a verdict fit for evaluation, as tools/train_net.py
+    --eval-only has it (``engine.load_evaluation_model``; ``check_only``: the checks alone, before
+    launch); SystemExit saying how to go on when the verdict cannot be calibrated."""
+    try:
+        if check_only:
+            return check_evaluation_verdict(cfg, opts)
+        return load_evaluation_model(cfg, opts)
+    except VerdictCalibrationError as exc:
+        raise SystemExit(f"{TOOL}: {exc}") from None
 
 
 def evaluate(cfg, model, dataset_name):
@@ -302,7 +310,7 @@ def run(args, plan):
     """One process of the benchmark: every evaluation in turn; the main process writes the results."""
     cfg = setup(args)
     _share_cpu_threads(cfg)
-    model = load_model(cfg)
+    model = load_model(cfg, args.opts)
     rank, world_size, main = comm.get_rank(), comm.get_world_size(), comm.is_main_process()
     output = cfg.OUTPUT_DIR
     clean_name = "robustness_clean"
@@ -321,7 +329,7 @@ def run(args, plan):
             comm.synchronize()
             try:
                 write_perturbed_split(clean_dicts, scratch, kind, level, args.seed, cfg.INPUT.MASK_THRESHOLD,
-                                      rank, world_size)
+                                      rank, world_size, args.convention)
                 comm.synchronize()
                 name = f"robustness_{_tag(kind, level)}"
                 _register(name, scratch, None)
@@ -428,12 +436,13 @@ def main(argv=None):
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise SystemExit(f"{TOOL}: --output {args.output} exists and is not a folder")
     # Checked before launch: a bad input fails once, before anything is written.
-    load_checked_config(args)
+    cfg = load_checked_config(args)
     dicts = check_split(args.split)
+    load_model(cfg, args.opts, check_only=True)
     total = 1 + sum(len(levels) for levels in plan.values())
     print(f"{len(dicts)} images of {os.path.abspath(args.split)}, {total} evaluations: clean"
-          + (", " if plan else "") + ", ".join(f"{kind} {' '.join(map(level_key, levels))}" for kind, levels in plan.items()),
-          flush=True)
+          + (", " if plan else "") + ", ".join(f"{kind} {' '.join(map(level_key, levels))}" for kind, levels in plan.items())
+          + ("" if args.convention == "ours" or not plan else f" ({args.convention} definitions)"), flush=True)
     launch(run, args.num_gpus, dist_url=args.dist_url, args=(args, plan))
 
 

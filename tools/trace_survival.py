@@ -14,7 +14,7 @@ energy tells forged pixels from authentic ones, folded to max(AUC, 1 - AUC) sinc
 be smoother or grainier (0.5: no evidence; 1: every forged pixel stands apart). 4,000 pixels of
 each class per image, drawn with a fixed seed. It does so on the clean images and after each
 perturbation of ``tools/robustness.py`` (same definitions, ``data/perturbations.py``;
-masks follow resizing by nearest neighbour) and prints, per condition, the mean separability
+masks follow resizing by ``resize_mask``) and prints, per condition, the mean separability
 over images and the share of the clean margin above chance that is left,
 (separability - 0.5) / (clean separability - 0.5).
 

@@ -25,14 +25,14 @@ if importlib.util.find_spec("ddl_mask2former") is None:
 import ddl_mask2former  # noqa: F401  first: registers everything, without detectron2's jit warning
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ddl_mask2former.config import load_config
-from ddl_mask2former.engine import Trainer, launch
+from ddl_mask2former.engine import Trainer, check_evaluation_verdict, launch, load_evaluation_model
+from ddl_mask2former.evaluation.calibration import VerdictCalibrationError
 
 
 def setup(args):
@@ -59,16 +59,12 @@ def main(args):
     logger = logging.getLogger("ddl_mask2former")
 
     if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        if cfg.DATASETS.CALIBRATION and model.verdict.enabled and not model.verdict.calibrated:
-            # A checkpoint without a calibration (trained before DATASETS.CALIBRATION existed):
-            # calibrate in memory as training would have; tools/calibrate.py saves one.
-            logger.info("%s holds no verdict calibration: calibrating on %s first", cfg.MODEL.WEIGHTS,
-                        ", ".join(cfg.DATASETS.CALIBRATION))
-            Trainer.calibrate(cfg, model)
+        # The verdict is refitted when the checkpoint has none, one of other weights, or another
+        # TARGET_FPR than the command line gives (engine.prepare_verdict).
+        try:
+            model = load_evaluation_model(cfg, args.opts, resume=args.resume)
+        except VerdictCalibrationError as exc:
+            raise SystemExit(f"train_net.py --eval-only: {exc}") from None
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
@@ -101,6 +97,12 @@ Several machines (same command on each, --machine-rank 0..N-1):
     if not os.path.isfile(args.config_file):
         parser.error(f"config file not found: {args.config_file}")
     print("Command Line Args:", args)
+    if args.eval_only and not args.resume:
+        # Checked before launch, so that a verdict that cannot be calibrated stops once, saying why.
+        try:
+            check_evaluation_verdict(load_config(args.config_file, args.opts), args.opts)
+        except VerdictCalibrationError as exc:
+            sys.exit(f"train_net.py --eval-only: {exc}")
     launch(
         main,
         args.num_gpus,

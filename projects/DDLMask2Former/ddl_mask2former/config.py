@@ -19,16 +19,27 @@ def add_ddl_mask2former_config(cfg):
 def load_config(config_file, opts=(), freeze=True):
     """detectron2's defaults + this project's keys + ``config_file`` + ``KEY VALUE`` ``opts``.
 
-    Raises FileNotFoundError naming ``config_file`` when it does not exist."""
+    Raises FileNotFoundError naming ``config_file`` when it does not exist, and ValueError naming
+    the key when a value is out of its range (``check_config``)."""
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file}")
     cfg = get_cfg()
     add_ddl_mask2former_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    check_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def check_config(cfg):
+    """ValueError naming the key of a value that no run could use (checked when the config is
+    loaded, so that a run does not find out at its end)."""
+    target_fpr = cfg.MODEL.DDL.VERDICT.TARGET_FPR
+    if isinstance(target_fpr, bool) or not isinstance(target_fpr, (int, float)) or not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"MODEL.DDL.VERDICT.TARGET_FPR must be a false-positive rate in [0, 1) "
+                         f"(0.05 calls at most 5 % of the calibration reals fake), got {target_fpr!r}")
 
 
 def _add_model_config(cfg):
@@ -113,7 +124,7 @@ def _add_model_config(cfg):
     # "independent": the map as the localization branch made it (the paper).
     cfg.MODEL.DDL.VERDICT.MASK_POLICY = "gate"
     # Calibration (DATASETS.CALIBRATION) sets the verdict threshold so that at most this share
-    # of the calibration split's real images is called fake.
+    # of the calibration split's real images is called fake; a rate in [0, 1), checked on loading.
     cfg.MODEL.DDL.VERDICT.TARGET_FPR = 0.05
 
     # Pixel decoder (registry DDL_PIXEL_DECODER).
@@ -266,7 +277,9 @@ def _add_data_config(cfg):
     # and evaluation data, e.g. ("ddl_i_train_calib",) with DATASETS.TRAIN ("ddl_i_train_fit",).
     # Empty: no calibration (fake_prob is the rule's uncalibrated score, threshold 0.5).
     cfg.DATASETS.CALIBRATION = ()
-    # Training drops samples whose files are unreadable (each logged with its file, and counted).
+    # Training leaves unreadable files out of its index and drops samples that fail to decode
+    # later, listing both in OUTPUT_DIR/bad_files.txt and counting them at the end (False: the
+    # index stops, naming every unreadable file).
     cfg.DATALOADER.SKIP_BAD_SAMPLES = False
     # Training keeps decoded images and masks in memory up to this many MiB per data-loader
     # worker (0: decode every sample). For small datasets such as the CPU quickstart's.

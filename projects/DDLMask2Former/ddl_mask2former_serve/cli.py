@@ -90,7 +90,8 @@ def _predict(args, model: ExportedModel) -> int:
             prediction = to_plain(model.predict(rgb))
             record.update(height=rgb.shape[0], width=rgb.shape[1])
             if "fake_prob" in prediction:
-                record.update(fake_prob=round(prediction["fake_prob"], 6),
+                # the float64 value is_fake compares, written exactly (rounded, it could cross the threshold)
+                record.update(fake_prob=prediction["fake_prob"],
                               is_fake=prediction.get("is_fake", prediction["fake_prob"] > model.threshold))
                 record["verdict"] = "FAKE" if record["is_fake"] else "REAL"
             record.update(threshold=model.threshold, target_fpr=model.target_fpr)

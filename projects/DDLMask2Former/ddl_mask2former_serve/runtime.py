@@ -24,10 +24,30 @@ from .images import ImageLimits, NO_LIMITS, base_scale_size, load_image, resize_
 __all__ = ["ExportedModel", "ExportedModelError", "ExportedPredictor", "settings_path", "read_settings",
            "SETTINGS_VERSION"]
 
-# The settings JSON's layout version: 2 adds the verdict's top_fraction, area_floor and eps.
-SETTINGS_VERSION = 2
+# The settings JSON's layout version: 2 adds the verdict's top_fraction, area_floor and eps;
+# 3 replaces eps by prob_floor and prob_ceiling (the log odds are no longer clamped to
+# [eps, 1 - eps]: only a float32 0 or 1 takes a bound, rules.PROB_FLOOR and rules.PROB_CEILING).
+SETTINGS_VERSION = 3
 # What version-1 files were written with (those constants were not in the JSON then).
 _VERSION_1_VERDICT_CONSTANTS = {"top_fraction": 0.005, "area_floor": 1e-4, "eps": 1e-6}
+_VERDICT_KEYS = ("rule", "features", "intercept", "threshold", "mask_policy", "top_fraction", "area_floor",
+                 "prob_floor", "prob_ceiling")
+
+
+def _upgrade_verdict(verdict: Dict, version: int) -> Dict:
+    """A verdict entry of an older settings file in the current layout. A version-1 or -2 file's
+    verdict was fitted on log odds clamped to [eps, 1 - eps] (eps 1e-6 in version 1), so its
+    bounds stay there (prob_floor = eps, prob_ceiling = 1 - eps); the rest of its rules are the
+    current ones (fake_prob is the float64 value that is_fake compares)."""
+    if version >= 3:
+        return verdict
+    if version < 2:
+        verdict = dict(_VERSION_1_VERDICT_CONSTANTS, **verdict)
+    if "eps" not in verdict:
+        return verdict  # reported as missing prob_floor/prob_ceiling
+    eps = float(verdict["eps"])
+    upgraded = {key: value for key, value in verdict.items() if key != "eps"}
+    return dict(upgraded, prob_floor=eps, prob_ceiling=1.0 - eps)
 
 # (done, total) units of work of one image: tiles (and the global view), or 1 whole image.
 Progress = Callable[[int, int], None]
@@ -65,12 +85,15 @@ def read_settings(exported_file) -> Dict:
     except KeyError as exc:
         raise ExportedModelError(f"{path}: missing key {exc}; re-export with tools/export_model.py") from None
     verdict = settings["verdict"]
+    version = settings.get("metadata_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ExportedModelError(f"{path}: metadata_version {version!r} is not a version number")
+    if version > SETTINGS_VERSION:
+        raise ExportedModelError(f"{path}: metadata_version {version} is newer than this runtime reads "
+                                 f"({SETTINGS_VERSION}); update ddl-mask2former")
     if verdict is not None:
-        if int(settings.get("metadata_version", 1)) < 2:
-            verdict = dict(_VERSION_1_VERDICT_CONSTANTS, **verdict)
-            settings["verdict"] = verdict
-        missing = [k for k in ("rule", "features", "intercept", "threshold", "mask_policy", "top_fraction",
-                               "area_floor", "eps") if k not in verdict]
+        verdict = settings["verdict"] = _upgrade_verdict(verdict, version)
+        missing = [k for k in _VERDICT_KEYS if k not in verdict]
         if missing:
             raise ExportedModelError(f"{path}: verdict lacks {missing}; re-export with tools/export_model.py")
         if verdict["rule"] not in rules.RULES or verdict["mask_policy"] not in rules.MASK_POLICIES:
@@ -184,9 +207,11 @@ class ExportedModel:
         return dict(zip(self.output_names, outputs))
 
     def predict(self, rgb: np.ndarray, progress: Optional[Progress] = None) -> Dict:
-        """One uint8 HxWx3 RGB image -> {"fake_prob": float32, "is_fake": bool, "mask_prob": HxW
+        """One uint8 HxWx3 RGB image -> {"fake_prob": float, "is_fake": bool, "mask_prob": HxW
         float32, "mask": HxW bool} at its size, as ``DDLMask2Former.predict`` (keys of a task the
-        model lacks are absent). ``progress(done, total)`` is called after each network call."""
+        model lacks are absent; with a verdict, ``fake_prob`` is the float64 value ``is_fake``
+        compares, else the network's float32 one). ``progress(done, total)`` is called after each
+        network call."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ExportedModelError(f"predict takes a uint8 HxWx3 RGB array, got {rgb.dtype} {rgb.shape}")
         height, width = rgb.shape[:2]

@@ -143,7 +143,7 @@ def _scan_one(folder: str, relative: str, model: ExportedModel, report: str, lim
         handle.write(encode_image(thumbnail(rgb, prediction, model.threshold), ".jpg", quality=80))
     record = {"file": relative, "status": "ok", "width": width, "height": height}
     if "fake_prob" in prediction:
-        record["fake_prob"] = round(prediction["fake_prob"], 6)
+        record["fake_prob"] = prediction["fake_prob"]  # exact: the value is_fake compares
         record["is_fake"] = prediction.get("is_fake", prediction["fake_prob"] > model.threshold)
         record["verdict"] = "FAKE" if record["is_fake"] else "REAL"
     if "mask" in prediction:

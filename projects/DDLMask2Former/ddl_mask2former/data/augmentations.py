@@ -17,10 +17,11 @@ drawn on the resized mask as before, and only the window's pixels of the image a
 Degradation (INPUT.DEGRADATION, beyond the paper, off by default): ``RandomDegradation`` imitates
 what an image goes through when shared -- rescaling, Gaussian blur, Gaussian noise, JPEG
 recompression -- so that a model survives them. Its geometric half (``DegradationBeforeCrop``,
-``RescaleTransform``: OpenCV INTER_AREA shrinking / INTER_LINEAR enlarging, the mask by nearest
-neighbour) runs on the decoded image before the resize and crop, so the crop size is unchanged;
-its photometric half (``DegradationAfterCrop``: ``GaussianBlurTransform``,
-``GaussianNoiseTransform``, ``JpegTransform``) runs on the final crop and leaves the mask as it is.
+``RescaleTransform``: OpenCV INTER_AREA shrinking / INTER_LINEAR enlarging, the mask by
+``resize_mask``, nearest neighbour at pixel centres) runs on the decoded image before the resize
+and crop, so the crop size is unchanged; its photometric half (``DegradationAfterCrop``:
+``GaussianBlurTransform``, ``GaussianNoiseTransform``, ``JpegTransform``) runs on the final crop
+and leaves the mask as it is.
 """
 import cv2
 import numpy as np
@@ -30,7 +31,7 @@ from PIL import Image
 
 from ddl_mask2former_serve.images import base_scale_size
 
-from .perturbations import gaussian_blur, jpeg_compress, resized_size
+from .perturbations import gaussian_blur, jpeg_compress, resize_mask, resized_size
 
 __all__ = ["BaseScaleResize", "BaseScaleResizeCrop", "CategoryAreaCrop", "ResizedCropTransform",
            "PhotometricDistortion", "PadToSize", "base_scale_size", "RandomDegradation",
@@ -266,9 +267,8 @@ class RescaleTransform(T.Transform):
     """Resample (h, w) to (new_h, new_w) with OpenCV and keep that size.
 
     The image uses INTER_AREA when no side grows (the usual anti-aliased shrink) and
-    INTER_LINEAR otherwise; the segmentation uses nearest neighbour with pixel-centre
-    alignment (INTER_NEAREST_EXACT, the same sampling positions as the image), so a
-    0/1 mask stays exactly 0/1.
+    INTER_LINEAR otherwise; the segmentation follows with ``perturbations.resize_mask`` (nearest
+    neighbour at pixel centres, the rule of every mask resize), so a 0/1 mask stays exactly 0/1.
     """
 
     def __init__(self, h, w, new_h, new_w):
@@ -288,7 +288,7 @@ class RescaleTransform(T.Transform):
 
     def apply_segmentation(self, segmentation):
         self._check(segmentation)
-        return cv2.resize(segmentation, (self.new_w, self.new_h), interpolation=cv2.INTER_NEAREST_EXACT)
+        return resize_mask(segmentation, self.new_h, self.new_w)
 
     def apply_coords(self, coords):
         coords[:, 0] = coords[:, 0] * (self.new_w * 1.0 / self.w)

@@ -29,8 +29,9 @@ small dataset (the CPU quickstart) PNG decoding is most of a sample's cost. Cach
 read-only; augmentations never change their input in place.
 
 With skip_bad_samples (training only) a sample whose files turn out unreadable is logged
-with its file name, counted, and dropped (the mapper returns None, and detectron2's
-MapDataset then draws another sample); otherwise the DDLDataError propagates.
+with its file name, counted, appended to ``bad_files_dir/bad_files.txt`` (so that the trainer can
+report every process's and worker's skips at the end) and dropped (the mapper returns None, and
+detectron2's MapDataset then draws another sample); otherwise the DDLDataError propagates.
 """
 import copy
 import logging
@@ -42,6 +43,7 @@ from detectron2.data import transforms as T
 
 from .augmentations import (BaseScaleResize, BaseScaleResizeCrop, CategoryAreaCrop, PadToSize,
                             PhotometricDistortion, RandomDegradation)
+from .ddl_dataset import record_bad_files
 from .image_io import DDLDataError, read_forgery_mask, read_image
 
 __all__ = ["DDLDatasetMapper", "IGNORE_VALUE"]
@@ -63,7 +65,8 @@ class DDLDatasetMapper:
 
     @configurable
     def __init__(self, is_train, *, augmentations, image_format="RGB", mask_threshold=127,
-                 skip_bad_samples=False, crop_label_from_mask=False, decoded_cache_mb=0):
+                 skip_bad_samples=False, crop_label_from_mask=False, decoded_cache_mb=0,
+                 bad_files_dir=None):
         """
         Args:
             is_train: training (labels and masks required) or inference.
@@ -72,6 +75,7 @@ class DDLDatasetMapper:
             image_format: "RGB" or "BGR" channel order of the output image.
             mask_threshold: a mask pixel is forged when its 8-bit value is above this.
             skip_bad_samples: drop unreadable training samples (logged and counted).
+            bad_files_dir: with skip_bad_samples, the folder whose bad_files.txt lists them.
             crop_label_from_mask: in training, a fake image's crop that keeps no forged pixel
                 gets label 0 (its pixels are all authentic); the image's label otherwise.
             decoded_cache_mb: in training, keep decoded images and masks in this process's
@@ -87,6 +91,7 @@ class DDLDatasetMapper:
         self.image_format = image_format
         self.mask_threshold = mask_threshold
         self.skip_bad_samples = skip_bad_samples and is_train
+        self.bad_files_dir = bad_files_dir
         self.crop_label_from_mask = crop_label_from_mask
         self.decoded_cache = DecodedCache(decoded_cache_mb if is_train else 0)
         # Per process: each data-loader worker counts its own skips.
@@ -143,6 +148,7 @@ class DDLDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "mask_threshold": cfg.INPUT.MASK_THRESHOLD,
             "skip_bad_samples": cfg.DATALOADER.SKIP_BAD_SAMPLES,
+            "bad_files_dir": cfg.OUTPUT_DIR if is_train else None,
             "crop_label_from_mask": cfg.INPUT.CROP_LABEL_FROM_MASK,
             "decoded_cache_mb": cfg.DATALOADER.DECODED_CACHE_MB,
         }
@@ -156,6 +162,8 @@ class DDLDatasetMapper:
             self.num_skipped += 1
             logger.warning("skipping bad sample %s: %s (%d skipped so far in this process)",
                            exc.path, exc.problem, self.num_skipped)
+            if self.bad_files_dir:
+                record_bad_files(self.bad_files_dir, [(exc.path, exc.problem)], "training")
             return None
 
     def _map(self, dataset_dict):

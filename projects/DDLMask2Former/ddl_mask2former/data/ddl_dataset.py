@@ -12,10 +12,13 @@ sizes come from file headers (``image_header.read_image_size``). Each dict has
 ``file_name``, ``image_id`` (path relative to the split folder), ``height``, ``width``, and
 for labeled splits ``label`` (0 real, 1 fake) and, for fakes, ``mask_file``.
 
-Any inconsistency stops indexing with a DDLDataError that names the file: a non-image or
-truncated file, a fake without a mask, a mask without a fake, a mask whose size differs from
-its image, an unexpected subfolder, an empty split, or an ambiguous layout (both ``mask`` and
-``masks``). Files whose names start with "." (OS metadata such as .DS_Store) are ignored.
+Any inconsistency stops indexing with a DDLDataError that names the file: a fake without a
+mask, a mask without a fake, a mask whose size differs from its image, an unexpected subfolder,
+an empty split, or an ambiguous layout (both ``mask`` and ``masks``). Unreadable files (empty,
+not an image, truncated) are all read first and named at once (``DDLUnreadableFilesError``);
+inside ``bad_file_policy(skip=True, report_dir)`` (training with DATALOADER.SKIP_BAD_SAMPLES)
+they are left out instead, with a warning giving the count, and listed in
+``report_dir/BAD_FILES_NAME``. Files whose names start with "." (OS metadata such as .DS_Store) are ignored.
 
 Indexing 1.2M files takes tens of seconds, and detectron2 builds the index in every
 training process, so the result can be cached (see ``default_cache_dir``).
@@ -39,6 +42,12 @@ __all__ = [
     "register_calibration_holdout",
     "in_calibration_part",
     "CALIBRATION_FRACTION",
+    "calibration_key",
+    "BAD_FILES_NAME",
+    "DDLUnreadableFilesError",
+    "bad_file_policy",
+    "record_bad_files",
+    "read_bad_files",
     "resolve_split_dir",
     "default_cache_dir",
     "BUILTIN_SPLITS",
@@ -58,8 +67,13 @@ BUILTIN_SPLITS = {
 }
 # Share of a training split held out for calibrating the verdict (register_calibration_holdout).
 CALIBRATION_FRACTION = 0.1
-# Bump when the cached index format or its contents change.
-_CACHE_VERSION = 1
+# Bump when the cached index format or its contents change (2: unreadable files kept in "bad_files").
+_CACHE_VERSION = 2
+# Where bad_file_policy's report_dir gets the list of unreadable files that training left out.
+BAD_FILES_NAME = "bad_files.txt"
+# skip: leave unreadable files out of an index (else one error names them all); report_dir:
+# where their list goes. Set by bad_file_policy (the train loader, DATALOADER.SKIP_BAD_SAMPLES).
+_bad_file_policy = {"skip": False, "report_dir": None}
 # Smaller splits index in about a second; caching them would only litter the cache folder.
 _CACHE_MIN_IMAGES = 10000
 # Folders with fewer files are read in-process (starting workers costs more than it saves).
@@ -104,20 +118,24 @@ def _index_workers():
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _read_sizes(folder, names, check_end):
-    """Header sizes of ``names`` in ``folder``, split over forked processes for big folders."""
+def _read_sizes(folder, names, check_end, bad_files):
+    """Header sizes of ``names`` in ``folder``, split over forked processes for big folders; an
+    unreadable file gets (-1, -1) and (path, problem) appended to ``bad_files``."""
     workers = _index_workers()
     can_fork = "fork" in multiprocessing.get_all_start_methods()
     # Daemonic processes (e.g. data-loader workers) may not start children.
     if (workers == 1 or len(names) < _PARALLEL_MIN_FILES or not can_fork
             or multiprocessing.current_process().daemon):
-        return read_folder_sizes(folder, names, check_end)
-    bounds = np.linspace(0, len(names), workers * 4 + 1).astype(int)
-    chunks = [(folder, names[a:b], check_end) for a, b in zip(bounds[:-1], bounds[1:])]
-    # fork: workers start at once, without re-importing torch and detectron2 as spawn would.
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        parts = pool.starmap(read_folder_sizes, chunks)
-    return np.concatenate(parts) if parts else np.empty((0, 2), np.int32)
+        parts = [read_folder_sizes(folder, names, check_end, True)]
+    else:
+        bounds = np.linspace(0, len(names), workers * 4 + 1).astype(int)
+        chunks = [(folder, names[a:b], check_end, True) for a, b in zip(bounds[:-1], bounds[1:])]
+        # fork: workers start at once, without re-importing torch and detectron2 as spawn would.
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = pool.starmap(read_folder_sizes, chunks)
+    for _, errors in parts:
+        bad_files.extend((os.path.join(folder, name), problem) for name, problem in errors)
+    return np.concatenate([sizes for sizes, _ in parts]) if parts else np.empty((0, 2), np.int32)
 
 
 def _find_layout(split_dir):
@@ -166,17 +184,20 @@ def _cache_key(split_dir, subfolders, check_end):
 
 
 def _index_split(split_dir, check_end):
-    """The compact index: per folder kind, (names, sizes); masks matched to fakes."""
+    """The compact index: per folder kind, (names, sizes); masks matched to fakes; the
+    unreadable files as "bad_files", [(path, problem)] (their sizes are -1)."""
     layout, subfolders = _find_layout(split_dir)
+    bad_files = []
     if layout == "flat":
         names = _list_images(split_dir)
-        return {"layout": "flat", "groups": [("", None, names, _read_sizes(split_dir, names, check_end))]}
+        return {"layout": "flat", "bad_files": bad_files,
+                "groups": [("", None, names, _read_sizes(split_dir, names, check_end, bad_files))]}
     groups = []
     for folder_name, label in IMAGE_FOLDERS.items():
         if folder_name in subfolders:
             names = _list_images(subfolders[folder_name])
             groups.append((folder_name, label, names,
-                           _read_sizes(subfolders[folder_name], names, check_end)))
+                           _read_sizes(subfolders[folder_name], names, check_end, bad_files)))
     if sum(len(names) for _, _, names, _ in groups) == 0:
         raise DDLDataError(split_dir, "empty split folder: real/ and fake/ hold no images")
     mask_folder = next((n for n in MASK_FOLDER_NAMES if n in subfolders), None)
@@ -185,8 +206,10 @@ def _index_split(split_dir, check_end):
     mask_names = _match_masks(split_dir, subfolders, mask_folder, fake_names, groups)
     if mask_names:
         mask_dir = subfolders[mask_folder]
-        mask_sizes = _read_sizes(mask_dir, mask_names, check_end)
-        mismatch = np.nonzero(np.any(mask_sizes != fake_sizes, axis=1))[0]
+        mask_sizes = _read_sizes(mask_dir, mask_names, check_end, bad_files)
+        # A size of an unreadable file is unknown, not different.
+        readable = np.all(mask_sizes >= 0, axis=1) & np.all(fake_sizes >= 0, axis=1)
+        mismatch = np.nonzero(np.any(mask_sizes != fake_sizes, axis=1) & readable)[0]
         if mismatch.size:
             i = int(mismatch[0])
             raise DDLDataError(
@@ -195,7 +218,85 @@ def _index_split(split_dir, check_end):
                 f"{os.path.join(subfolders['fake'], fake_names[i])} is "
                 f"{fake_sizes[i][1]}x{fake_sizes[i][0]}; {mismatch.size} mask(s) differ in size")
     return {"layout": "labeled", "groups": groups, "mask_folder": mask_folder,
-            "mask_names": mask_names}
+            "mask_names": mask_names, "bad_files": bad_files}
+
+
+class DDLUnreadableFilesError(DDLDataError):
+    """Files of a split that cannot be read, all of them: ``bad_files`` is [(path, problem)]."""
+
+    def __init__(self, split_dir, bad_files):
+        self.bad_files = [tuple(entry) for entry in bad_files]
+        listing = "\n".join(f"  {path}: {problem}" for path, problem in self.bad_files)
+        super().__init__(split_dir, f"{len(self.bad_files)} unreadable file(s); fix or remove them, or "
+                                    f"train with DATALOADER.SKIP_BAD_SAMPLES True to leave them out:\n{listing}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.bad_files)
+
+
+class bad_file_policy:
+    """``with bad_file_policy(skip, report_dir):`` indexes made inside leave unreadable files
+    out (``skip``) and list them in ``report_dir/BAD_FILES_NAME``, instead of stopping."""
+
+    def __init__(self, skip, report_dir=None):
+        self.policy = {"skip": bool(skip), "report_dir": report_dir}
+
+    def __enter__(self):
+        self.previous = dict(_bad_file_policy)
+        _bad_file_policy.update(self.policy)
+        return self
+
+    def __exit__(self, *exc_info):
+        _bad_file_policy.update(self.previous)
+
+
+def record_bad_files(report_dir, bad_files, phase):
+    """Append "path<TAB>phase<TAB>problem" lines to ``report_dir/BAD_FILES_NAME`` (``phase``:
+    "index" or "training"; one write, so processes appending at once do not interleave lines);
+    returns its path."""
+    path = os.path.join(report_dir, BAD_FILES_NAME)
+    os.makedirs(report_dir, exist_ok=True)
+    text = "".join(f"{file_path}\t{phase}\t{problem}\n" for file_path, problem in bad_files)
+    with open(path, "a") as handle:
+        handle.write(text)
+    return path
+
+
+def read_bad_files(report_dir):
+    """{phase: sorted unique paths} of ``report_dir/BAD_FILES_NAME`` (empty when there is none)."""
+    found = {}
+    path = os.path.join(report_dir, BAD_FILES_NAME)
+    if os.path.isfile(path):
+        with open(path) as handle:
+            for line in handle:
+                parts = line.rstrip("\n").split("\t", 2)
+                if len(parts) == 3:
+                    found.setdefault(parts[1], set()).add(parts[0])
+    return {phase: sorted(paths) for phase, paths in found.items()}
+
+
+def _leave_out_bad_files(split_dir, index, dataset_dicts):
+    """Apply the bad-file policy to a split's dicts: raise naming every unreadable file, or
+    drop the samples that use one (a fake with an unreadable mask too), warn and report."""
+    bad_files = index.get("bad_files") or []
+    if not bad_files:
+        return dataset_dicts
+    if not _bad_file_policy["skip"]:
+        raise DDLUnreadableFilesError(split_dir, bad_files)
+    bad_paths = {path for path, _ in bad_files}
+    kept = [d for d in dataset_dicts if d["file_name"] not in bad_paths and d.get("mask_file") not in bad_paths]
+    where = ""
+    report_dir = _bad_file_policy["report_dir"]
+    if report_dir:
+        from detectron2.utils import comm
+
+        if comm.is_main_process():
+            where = f"; listed in {record_bad_files(report_dir, bad_files, 'index')}"
+        else:
+            where = f"; listed in {os.path.join(report_dir, BAD_FILES_NAME)}"
+    logger.warning("DDL split %s: %d unreadable file(s) left out (DATALOADER.SKIP_BAD_SAMPLES), %d "
+                   "sample(s) dropped%s", split_dir, len(bad_files), len(dataset_dicts) - len(kept), where)
+    return kept
 
 
 def _masks_by_stem(mask_dir, mask_names):
@@ -318,7 +419,7 @@ def load_ddl_split(split_dir, cache_dir=None, check_end=True):
                 append({"file_name": folder_prefix + name, "image_id": prefix + name,
                         "height": height, "width": width, "label": LABEL_REAL})
     logger.info("DDL split %s: %d images (%d fake)", split_dir, len(dataset_dicts), num_fake)
-    return dataset_dicts
+    return _leave_out_bad_files(split_dir, index, dataset_dicts)
 
 
 def resolve_split_dir(root, folder_names):
@@ -366,25 +467,36 @@ def register_ddl_split(name, split_dir, cache_dir="default", check_end=True):
     return name
 
 
-def in_calibration_part(image_id, fraction=CALIBRATION_FRACTION):
-    """Whether an image belongs to the calibration part: a hash of its ``image_id`` (e.g.
-    "fake/0001.png"), so the split is the same in every process, on every machine and whatever
-    other files the folder holds."""
-    digest = hashlib.sha1(str(image_id).encode("utf-8")).digest()
+def calibration_key(record):
+    """What decides an image's side of the calibration split: its ``source_id`` where the data
+    has one, else the stem of its ``image_id`` without the folder ("fake/0001.png" -> "0001"),
+    so that a fake and the real image it came from, released under the same stem, stay on one
+    side (split by each file name, near-duplicates landed on opposite sides)."""
+    if record.get("source_id") is not None:
+        return str(record["source_id"])
+    return os.path.splitext(os.path.basename(str(record["image_id"])))[0]
+
+
+def in_calibration_part(key, fraction=CALIBRATION_FRACTION):
+    """Whether an image belongs to the calibration part: a hash of its ``calibration_key``, so
+    the split is the same in every process, on every machine and whatever other files the
+    folder holds."""
+    digest = hashlib.sha1(str(key).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
 
 
 def register_calibration_holdout(base_name, fraction=CALIBRATION_FRACTION):
     """Register ``<base_name>_fit`` and ``<base_name>_calib``: the registered dataset
-    ``base_name`` split by ``in_calibration_part`` into a training part (1 - ``fraction``) and
-    a calibration part (``fraction``) that training never sees. Returns both names."""
+    ``base_name`` split by ``in_calibration_part`` of each image's ``calibration_key`` (its
+    stem, or its ``source_id``) into a training part (1 - ``fraction``) and a calibration part
+    (``fraction``) that training never sees, nor any image under the same stem. Returns both names."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     names = (f"{base_name}_fit", f"{base_name}_calib")
     for name, calibration in zip(names, (False, True)):
         def load(calibration=calibration):
             return [d for d in DatasetCatalog.get(base_name)
-                    if in_calibration_part(d["image_id"], fraction) == calibration]
+                    if in_calibration_part(calibration_key(d), fraction) == calibration]
 
         if name in DatasetCatalog.list():  # registering again (another root) replaces it
             DatasetCatalog.remove(name)

@@ -117,13 +117,15 @@ def _png_fast_size(fd, head, check_end):
     return height, width
 
 
-def read_folder_sizes(folder, names, check_end=True):
+def read_folder_sizes(folder, names, check_end=True, collect_errors=False):
     """(height, width) of every file ``names`` in ``folder`` as an int32 array (N, 2).
 
     Same results and errors as read_image_size, faster: files are opened relative to the
-    folder and plain PNGs take a short path.
+    folder and plain PNGs take a short path. With ``collect_errors`` an unreadable file does
+    not stop the reading: its row is (-1, -1), and ``(sizes, [(name, problem), ...])`` is returned.
     """
     sizes = np.empty((len(names), 2), np.int32)
+    errors = []
     folder_fd = os.open(folder, os.O_RDONLY)
     try:
         for index, name in enumerate(names):
@@ -141,11 +143,17 @@ def read_folder_sizes(folder, names, check_end=True):
                     os.close(fd)
             if size is None:
                 # Anything unusual (other formats, EXIF, damage) gets the full reader and its errors.
-                size = read_image_size(os.path.join(folder, name), check_end)
+                try:
+                    size = read_image_size(os.path.join(folder, name), check_end)
+                except DDLDataError as exc:
+                    if not collect_errors:
+                        raise
+                    errors.append((name, exc.problem))
+                    size = (-1, -1)
             sizes[index] = size
     finally:
         os.close(folder_fd)
-    return sizes
+    return (sizes, errors) if collect_errors else sizes
 
 
 def _oriented(height, width, orientation):

@@ -16,8 +16,22 @@ HxWx3 RGB (or HxW gray), and never changes its input:
   23 (IMDL-BenCo). The noise comes from the ``rng`` given (``numpy.random.Generator``).
 * ``resize`` f: scale both sides by f to ``resized_size`` (round half up, at least 1 pixel), with
   ``cv2.INTER_AREA`` when shrinking (``cv2.INTER_LINEAR`` when enlarging). Masks follow with
-  nearest neighbour (``perturb_mask``). Levels 0.78, 0.5, 0.25.
+  ``resize_mask`` (``perturb_mask``). Levels 0.78, 0.5, 0.25.
 * ``chain`` "resize0.5+jpeg75": resize 0.5, then JPEG at quality 75 (``CHAINS``).
+
+``resize_mask`` is the one rule by which a forgery mask follows a resized image, here and in
+training (``RescaleTransform``): nearest neighbour at pixel centres (``cv2.INTER_NEAREST_EXACT``;
+Pillow's NEAREST, which detectron2's ``ResizeTransform`` uses, samples the same pixels). Output
+pixel i takes input pixel floor((i + 0.5) * old / new), the centre of the block that INTER_AREA
+averages into it; plain ``INTER_NEAREST`` takes the block's top-left pixel instead, which
+shifts a shrunk mask by up to half a block against its image.
+
+``convention="imdl-benco"`` (``CONVENTIONS``) reproduces what IMDL-BenCo's robustness wrappers do
+with albumentations, where it differs from the definitions above (docs/EVALUATION.md,
+"Robustness"): ``jpeg`` q draws the quality q - 1 or q (from ``rng``) and hands the RGB array to
+OpenCV's encoder, which takes it for BGR (so chroma subsampling works on swapped channels);
+``noise`` adds the noise in float32 and truncates to uint8 instead of rounding (about 0.5 grey
+levels darker on average). ``blur`` and ``resize`` are the same in both.
 
 ``SWEEPS`` maps each kind to its levels, mildest first. ``perturb(image, kind, level, rng)``
 accepts any valid level of a kind (training augmentation may use others); the benchmark sticks
@@ -32,12 +46,14 @@ import numpy as np
 __all__ = [
     "SWEEPS",
     "CHAINS",
+    "CONVENTIONS",
     "perturb",
     "perturb_mask",
     "jpeg_compress",
     "gaussian_blur",
     "gaussian_noise",
     "resize_image",
+    "resize_mask",
     "resized_size",
     "output_size",
     "parse_level",
@@ -54,6 +70,8 @@ SWEEPS = OrderedDict(
 )
 # chain level -> its steps (kind, level), applied in order
 CHAINS = {"resize0.5+jpeg75": (("resize", 0.5), ("jpeg", 75))}
+# "ours": the definitions above; "imdl-benco": IMDL-BenCo's JPEG and noise (module docstring).
+CONVENTIONS = ("ours", "imdl-benco")
 
 
 def _check_image(image):
@@ -63,19 +81,21 @@ def _check_image(image):
         raise ValueError(f"perturbations take HxW or HxWx3 images, got shape {image.shape}")
 
 
-def jpeg_compress(image, quality):
-    """Encode as JPEG at ``quality`` (1-100) with OpenCV's defaults, then decode."""
+def jpeg_compress(image, quality, swap_channels=True):
+    """Encode as JPEG at ``quality`` (1-100) with OpenCV's defaults, then decode.
+    ``swap_channels=False`` hands an RGB array to the BGR encoder as it is (IMDL-BenCo)."""
     _check_image(image)
     quality = int(quality)
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in [1, 100], got {quality}")
     color = image.ndim == 3 and image.shape[2] == 3
-    data = image[:, :, ::-1] if color else image  # OpenCV encodes BGR
+    swap = color and swap_channels
+    data = image[:, :, ::-1] if swap else image  # OpenCV encodes BGR
     ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(data), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise RuntimeError(f"OpenCV could not JPEG-encode an image of shape {image.shape}")
     decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR if color else cv2.IMREAD_GRAYSCALE)
-    if color:
+    if swap:
         decoded = decoded[:, :, ::-1]
     return np.ascontiguousarray(decoded.reshape(image.shape))
 
@@ -89,14 +109,17 @@ def gaussian_blur(image, kernel_size):
     return cv2.GaussianBlur(image, (k, k), 0).reshape(image.shape)
 
 
-def gaussian_noise(image, variance, rng):
-    """Add N(0, ``variance``) noise (8-bit units) to every value, round, clip to [0, 255]."""
+def gaussian_noise(image, variance, rng, truncate=False):
+    """Add N(0, ``variance``) noise (8-bit units) to every value, round, clip to [0, 255].
+    ``truncate``: add in float32, clip, then truncate to uint8 (IMDL-BenCo's albumentations)."""
     _check_image(image)
     if not (isinstance(variance, (int, float, np.integer, np.floating)) and variance >= 0):
         raise ValueError(f"Gaussian noise variance must be a number >= 0, got {variance!r}")
     if rng is None:
         raise ValueError("Gaussian noise needs a numpy random Generator (rng)")
     noise = rng.standard_normal(image.shape) * math.sqrt(float(variance))
+    if truncate:
+        return np.clip(image.astype(np.float32) + noise.astype(np.float32), 0, 255).astype(np.uint8)
     return np.clip(np.rint(image.astype(np.float64) + noise), 0, 255).astype(np.uint8)
 
 
@@ -119,6 +142,19 @@ def resize_image(image, factor):
     return resized.reshape((height, width) + image.shape[2:])
 
 
+def resize_mask(mask, height, width):
+    """``mask`` (HxW, any dtype, bool included) resampled to (height, width) by nearest neighbour
+    at pixel centres, so its values stay the ones it had and it stays aligned with its image."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask is an HxW array, got shape {mask.shape}")
+    if (height, width) == mask.shape:
+        return mask.copy()
+    data = mask.astype(np.uint8) if mask.dtype == bool else mask
+    resized = cv2.resize(data, (int(width), int(height)), interpolation=cv2.INTER_NEAREST_EXACT)
+    return resized.astype(bool) if mask.dtype == bool else resized
+
+
 def _check_kind(kind):
     if kind not in SWEEPS:
         raise ValueError(f"unknown perturbation {kind!r} (known: {', '.join(SWEEPS)})")
@@ -133,20 +169,28 @@ def _steps(kind, level):
     return ((kind, level),)
 
 
-def perturb(image, kind, level, rng=None):
+def perturb(image, kind, level, rng=None, convention="ours"):
     """``image`` (uint8 RGB or gray) with perturbation ``kind`` at ``level`` applied.
 
-    ``rng`` (``numpy.random.Generator``) is needed by ``noise`` only; the same generator state
-    gives the same output.
+    ``rng`` (``numpy.random.Generator``) is needed by ``noise`` only (and by ``jpeg`` under the
+    "imdl-benco" ``convention``, for its quality); the same generator state gives the same output.
     """
     _check_image(image)
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown perturbation convention {convention!r} (known: {', '.join(CONVENTIONS)})")
+    benco = convention == "imdl-benco"
     for step, step_level in _steps(kind, level):
         if step == "jpeg":
-            image = jpeg_compress(image, step_level)
+            quality = step_level
+            if benco:
+                if rng is None:
+                    raise ValueError("IMDL-BenCo's JPEG draws its quality: it needs a numpy random Generator (rng)")
+                quality = max(1, int(rng.integers(int(step_level) - 1, int(step_level) + 1)))
+            image = jpeg_compress(image, quality, swap_channels=not benco)
         elif step == "blur":
             image = gaussian_blur(image, step_level)
         elif step == "noise":
-            image = gaussian_noise(image, step_level, rng)
+            image = gaussian_noise(image, step_level, rng, truncate=benco)
         else:
             image = resize_image(image, step_level)
     return image
@@ -164,7 +208,7 @@ def perturb_mask(mask, kind, level, size=None):
     """A forgery mask that follows ``perturb(image, kind, level)``.
 
     Photometric perturbations leave it as it is (a copy); resizing (``resize`` and the chain)
-    scales it with nearest neighbour to ``size`` = (height, width) of the perturbed image
+    scales it with ``resize_mask`` to ``size`` = (height, width) of the perturbed image
     (default: ``output_size``), so its values stay the ones it had (a binary mask stays binary).
     Keeps the dtype (bool included).
     """
@@ -177,9 +221,7 @@ def perturb_mask(mask, kind, level, size=None):
         return mask.copy()
     if not any(step == "resize" for step, _ in _steps(kind, level)):
         raise ValueError(f"{kind} {level} keeps the image size {mask.shape}, but size {size} was given")
-    data = mask.astype(np.uint8) if mask.dtype == bool else mask
-    resized = cv2.resize(data, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
-    return resized.astype(bool) if mask.dtype == bool else resized
+    return resize_mask(mask, *size)
 
 
 def level_key(level):

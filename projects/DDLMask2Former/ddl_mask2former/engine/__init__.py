@@ -6,7 +6,9 @@ from .launch import launch, leave_process_group
 from .lr_scheduler import PolyParamScheduler, build_lr_scheduler
 from .optimizer import build_optimizer, build_param_groups, with_gradient_clipping
 from .train_loop import DDLTrainLoop, PendingHostLosses, amp_dtype_from_cfg, losses_to_host
-from .trainer import AtomicDetectionCheckpointer, Trainer, build_ddp_model
+from .trainer import (AtomicDetectionCheckpointer, Trainer, build_ddp_model, check_evaluation_verdict,
+                      checkpoint_iteration,
+                      load_evaluation_model, prepare_verdict, requested_target_fpr)
 
 __all__ = [
     "AtomicDetectionCheckpointer",
@@ -19,6 +21,11 @@ __all__ = [
     "losses_to_host",
     "Trainer",
     "build_ddp_model",
+    "check_evaluation_verdict",
+    "checkpoint_iteration",
+    "load_evaluation_model",
+    "prepare_verdict",
+    "requested_target_fpr",
     "build_lr_scheduler",
     "build_optimizer",
     "build_param_groups",

@@ -14,7 +14,9 @@ import time
 
 import torch
 from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
 
+from ..data.training_order import derived_seed, seed_random_state
 from ..modeling.precision import AMP_PRECISIONS, autocast_region
 
 __all__ = ["AMP_PRECISIONS", "DDLTrainLoop", "PendingHostLosses", "amp_dtype_from_cfg", "losses_to_host"]
@@ -96,7 +98,7 @@ class DDLTrainLoop(SimpleTrainer):
     """
 
     def __init__(self, model, data_loader, optimizer, *, amp_dtype=None, device_type="cuda", grad_scaler=None,
-                 early_loss_copy=False, mark_cudagraph_steps=False, **kwargs):
+                 early_loss_copy=False, mark_cudagraph_steps=False, seed=None, **kwargs):
         super().__init__(model, data_loader, optimizer, **kwargs)
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype}")
@@ -107,6 +109,7 @@ class DDLTrainLoop(SimpleTrainer):
         self.grad_scaler = grad_scaler if amp_dtype == torch.float16 else None
         self.early_loss_copy = early_loss_copy
         self.mark_cudagraph_steps = mark_cudagraph_steps
+        self.seed = seed
         self.host_losses = None
 
     def run_step(self):
@@ -114,6 +117,10 @@ class DDLTrainLoop(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        if self.seed is not None:
+            # The step's random draws (point sampling, drop path) from (seed, iteration, rank):
+            # a resumed run makes the same ones as the uninterrupted run.
+            seed_random_state(derived_seed(self.seed, self.iter, comm.get_rank()))
 
         if self.mark_cudagraph_steps:
             # A new step for CUDA-graph trees: the previous step's graph outputs may be overwritten.

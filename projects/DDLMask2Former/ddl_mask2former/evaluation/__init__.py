@@ -6,7 +6,7 @@ prob/), ``scoring`` (an export against a split folder, offline) and ``fusion`` (
 """
 from .evaluator import DDLEvaluator, build_ddl_evaluator
 from .export import decode_prob_u8, encode_prob_u8, read_predictions, write_submission_zip
-from .fusion import fuse_exports, fuse_predictions, search_weights
+from .fusion import calibrate_ensemble, fuse_exports, fuse_predictions, search_weights
 from .ground_truth import count_against_ground_truth, read_ground_truth
 from .metrics import ImageRecord, compute_ddl_metrics, compute_group_metrics, roc_auc
 from .scoring import list_ddl_split, score_export
@@ -27,6 +27,7 @@ __all__ = [
     "score_export",
     "list_ddl_split",
     "fuse_predictions",
+    "calibrate_ensemble",
     "fuse_exports",
     "search_weights",
 ]

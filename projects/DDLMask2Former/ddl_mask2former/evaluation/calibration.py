@@ -14,18 +14,19 @@
 import itertools
 import logging
 import math
-from typing import Dict, Iterable, List, NamedTuple, Sequence
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..modeling.verdict import FEATURES, RULES, verdict_features
+from ..modeling.verdict import (FEATURES, LOGIT_BOUNDS, RULES, UNKNOWN_ITERATION, rule_probability,
+                                verdict_features)
 from .conventions import threshold_at_fpr
 from .ground_truth import count_against_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, iou_from_counts
 
-__all__ = ["VerdictRecord", "VerdictCollector", "RuleFit", "fit_logistic", "threshold_at_fpr",
+__all__ = ["VerdictCalibrationError", "VerdictRecord", "VerdictCollector", "RuleFit", "fit_logistic", "threshold_at_fpr",
            "fit_rule", "calibrate_model", "rule_metrics", "unwrap_model"]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 # L2 penalty on the standardized weights (sklearn's default C = 1): keeps the fit finite when
 # a calibration split is separable, as a small one often is.
 L2_PENALTY = 1.0
+
+
+class VerdictCalibrationError(RuntimeError):
+    """A checkpoint's verdict cannot be made fit for evaluation; the message says how to go on."""
 
 
 class VerdictRecord(NamedTuple):
@@ -135,10 +140,11 @@ def _features_of(records: Sequence[VerdictRecord], rule: str) -> np.ndarray:
 
 
 def probabilities(records: Sequence[VerdictRecord], fit: RuleFit) -> np.ndarray:
-    """fake_prob of each record under a fitted rule (as ``Verdict.probability`` computes it)."""
+    """fake_prob of each record under a fitted rule: the values the model outputs, bit for bit
+    (``rule_probability``, the function ``Verdict`` uses)."""
     x = _features_of(records, fit.rule)
-    weights = np.asarray([fit.coefficients[f] for f in RULES[fit.rule]])
-    return 1.0 / (1.0 + np.exp(-(x @ weights + fit.intercept)))
+    weights = [fit.coefficients[f] for f in RULES[fit.rule]]
+    return np.asarray([rule_probability(row, weights, fit.intercept) for row in x.tolist()], dtype=np.float64)
 
 
 def fit_rule(records: Sequence[VerdictRecord], rule: str, target_fpr: float) -> RuleFit:
@@ -150,9 +156,25 @@ def fit_rule(records: Sequence[VerdictRecord], rule: str, target_fpr: float) -> 
     probs = probabilities(records, provisional)
     threshold = threshold_at_fpr(probs[labels == 0], target_fpr)
     called_fake = probs > threshold
+    _warn_if_at_a_bound(records, rule, probs, labels, threshold, target_fpr)
     return provisional._replace(threshold=threshold,
                                 fpr=float(called_fake[labels == 0].mean()),
                                 tpr=float(called_fake[labels == 1].mean()))
+
+
+def _warn_if_at_a_bound(records, rule, probs, labels, threshold, target_fpr):
+    """Warn when the threshold is set by calibration reals whose log-odds features are saturated
+    (``LOGIT_BOUNDS``): they tie there, so every image that saturates too is called real."""
+    x = _features_of(records, rule)
+    logit_columns = [i for i, f in enumerate(RULES[rule]) if f != "map_area"]
+    saturated = np.isin(x[:, logit_columns], LOGIT_BOUNDS).any(axis=1) if logit_columns else np.zeros(len(x), bool)
+    at_threshold = (probs == threshold) & saturated & (labels == 0)
+    if at_threshold.any():
+        logger.warning(
+            "Verdict rule %r: the threshold %.6g at TARGET_FPR %g sits at a saturated feature (%d calibration "
+            "reals and %d fakes score exactly there, their float32 probability at 0 or 1); every image "
+            "that saturates is called real", rule, threshold, target_fpr, int(at_threshold.sum()),
+            int(((probs == threshold) & (labels == 1)).sum()))
 
 
 def unwrap_model(model):
@@ -176,9 +198,10 @@ def collect_records(model, data_loader, gt_mask_threshold: int = 127) -> List[Ve
 
 
 def calibrate_model(model, records: Sequence[VerdictRecord], target_fpr: float,
-                    rules: Iterable[str] = None) -> List[RuleFit]:
+                    rules: Iterable[str] = None, iteration: Optional[int] = None) -> List[RuleFit]:
     """Fit every rule the model's outputs allow (default: all that ``records`` have the
-    features for) on ``records`` and store the fits in the model's verdict."""
+    features for) on ``records`` and store the fits in the model's verdict, marked as fitted on
+    the weights of training ``iteration`` (None: unknown)."""
     verdict = unwrap_model(model).verdict
     labels = {r.label for r in records}
     if labels != {0, 1}:
@@ -186,16 +209,18 @@ def calibrate_model(model, records: Sequence[VerdictRecord], target_fpr: float,
                          f"{sum(r.label == 0 for r in records)} real and "
                          f"{sum(r.label == 1 for r in records)} fake")
     fits = []
-    for rule in rules or RULES:
-        try:
-            fit = fit_rule(records, rule, target_fpr)
-        except ValueError:
-            if rules:
-                raise
-            continue  # a rule whose branch is off
+    for rule in rules or [rule for rule in RULES if _has_features(records, rule)]:
+        fit = fit_rule(records, rule, target_fpr)
         verdict.set_calibration(rule, fit.coefficients, fit.intercept, fit.threshold, target_fpr)
         fits.append(fit)
+    verdict.calibration_iteration.fill_(UNKNOWN_ITERATION if iteration is None else int(iteration))
     return fits
+
+
+def _has_features(records: Sequence[VerdictRecord], rule: str) -> bool:
+    """Whether every record has the features ``rule`` reads (a branch turned off has NaN)."""
+    columns = [FEATURES.index(f) for f in RULES[rule]]
+    return bool(np.isfinite(np.asarray([r.features for r in records], dtype=np.float64)[:, columns]).all())
 
 
 def rule_metrics(records: Sequence[VerdictRecord], fit: RuleFit, mask_policy: str = "gate") -> Dict[str, float]:

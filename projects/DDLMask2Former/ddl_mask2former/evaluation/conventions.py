@@ -115,7 +115,8 @@ def threshold_at_fpr(real_probs: Sequence[float], target_fpr: float) -> float:
     scores = np.sort(np.asarray(real_probs, dtype=np.float64))[::-1]
     if scores.size == 0:
         raise ValueError("a threshold at a false-positive rate needs at least one real image")
-    allowed = int(math.floor(target_fpr * scores.size + 1e-9))
+    # Near 1 every real image may score above t, but t is still one of their scores.
+    allowed = min(int(math.floor(target_fpr * scores.size + 1e-9)), scores.size - 1)
     return float(scores[allowed])
 
 

@@ -15,6 +15,7 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
 from .export import (
+    HEAD_PREDICTION_FILE,
     PREDICTION_FILE,
     PROB_THRESHOLD,
     ExportWriter,
@@ -131,8 +132,11 @@ class DDLEvaluator(DatasetEvaluator):
                                  "score localization")
             tp, fp, fn = count_against_ground_truth(pred, mask_file, self.gt_mask_threshold,
                                                     file_name)
+            if "ungated_mask_prob" in output and self._writer is not None and self.export_prob:
+                self._writer.submit_ungated(name, encode_prob_u8(output["ungated_mask_prob"].detach().float()))
+        head_prob = float(output["head_prob"]) if "head_prob" in output else math.nan
         return ImageRecord(name, label, fake_prob, tp, fp, fn, num_pixels,
-                           self._group_of(image_input))
+                           self._group_of(image_input), head_prob)
 
     def _predicted_mask(self, image_input: Dict, output: Dict, name: str) -> np.ndarray:
         expected = (int(image_input["height"]), int(image_input["width"]))
@@ -226,6 +230,9 @@ class DDLEvaluator(DatasetEvaluator):
         if records and records[0].has_detection:
             write_predictions(os.path.join(self.export_dir, PREDICTION_FILE),
                               [(r.name, r.fake_prob) for r in records])
+        if records and not math.isnan(records[0].head_prob):
+            write_predictions(os.path.join(self.export_dir, HEAD_PREDICTION_FILE),
+                              [(r.name, r.head_prob) for r in records])
         if self._writer is not None and any(r.has_localization for r in records):
             self._check_export_complete(records)
         zip_note = f" (zip: {write_submission_zip(self.export_dir)})" if self.export_zip else ""

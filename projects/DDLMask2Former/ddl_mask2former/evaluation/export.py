@@ -6,7 +6,12 @@ Layout of an export directory::
     mask/<stem>.png       predicted forgery mask, 0 (real pixel) / 255 (forged), original size
     prob/<stem>.png       8-bit forgery probability map (encoding below), original size
     submission.zip        optional: prediction.txt + mask/ as the challenge accepts them
-verdict.json          the verdict that made the scores: rule, calibration, threshold, mask policy
+    verdict.json          the verdict that made the scores: rule, calibration, threshold, mask policy
+    head_prediction.txt   the detection head's probability before the verdict, as prediction.txt
+    ungated_prob/<stem>.png  the map before the gate, for the images whose map the gate emptied
+
+The last two hold the evidence before the verdict, which an ensemble fuses (``fusion.py``):
+an image's ungated map is ``ungated_prob/`` where it exists, else ``prob/``.
 
 Scores are written with Python's shortest round-trip ``repr`` of the float64 value, so the
 offline scorer reads back exactly the numbers the in-process evaluator scored.
@@ -39,6 +44,8 @@ __all__ = [
     "PROB_DIR",
     "ZIP_FILE",
     "VERDICT_FILE",
+    "HEAD_PREDICTION_FILE",
+    "UNGATED_PROB_DIR",
     "write_verdict_description",
     "read_verdict_threshold",
     "encode_prob_u8",
@@ -63,6 +70,9 @@ PREDICTION_FILE = "prediction.txt"
 MASK_DIR = "mask"
 PROB_DIR = "prob"
 ZIP_FILE = "submission.zip"
+# The detection head's scores before the verdict, and the maps the gate emptied (for ensembles).
+HEAD_PREDICTION_FILE = "head_prediction.txt"
+UNGATED_PROB_DIR = "ungated_prob"
 # The verdict's rule, calibration, threshold and mask policy (modeling/verdict.py), as JSON.
 VERDICT_FILE = "verdict.json"
 
@@ -205,6 +215,14 @@ class ExportWriter:
         codes = np.where(mask, np.uint8(255), np.uint8(0))
         self._pending.append(self._pool.submit(self._write, mask_file_name(image_name), codes,
                                                False))
+
+    def submit_ungated(self, image_name: str, prob_codes: np.ndarray) -> None:
+        """Queue ``ungated_prob/<stem>.png``: the map of an image before the gate emptied it."""
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        path = os.path.join(self.export_dir, UNGATED_PROB_DIR, mask_file_name(image_name))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._pending.append(self._pool.submit(write_png, path, prob_codes))
 
     def _write(self, file_name: str, prob_codes: np.ndarray, with_prob: bool = True) -> None:
         mask = np.where(prob_codes >= PROB_CODE_THRESHOLD, np.uint8(255), np.uint8(0))

@@ -5,9 +5,17 @@ localization probability maps, each task with its own weights. Weights are norma
 so a model with weight 0 contributes exactly nothing and a single non-zero weight returns that
 model's predictions bit for bit.
 
-``fuse_exports`` works on export directories (see ``export.py``): scores from
-``prediction.txt``, probability maps from ``prob/`` decoded from 8-bit, fused, re-encoded.
-``search_weights`` grid-searches each task's weights on a labeled split.
+``fuse_exports`` works on export directories (see ``export.py``). It fuses each member's
+evidence before its verdict: the detection head's scores (``head_prediction.txt``; an export
+without one, made by a model without a verdict, gives ``prediction.txt``) and the ungated maps
+(``ungated_prob/`` where the member's gate emptied a map, else ``prob/``), decoded from 8-bit,
+fused, re-encoded. A member's gated map or calibrated score would dilute the others' evidence: a
+member that called an image real contributes an all-zero map. With a ``Verdict`` the fused
+evidence then gets the ensemble's own verdict, as one model's raw outputs get theirs:
+``fake_prob``, the threshold and the gate, and the export gets its ``verdict.json``.
+``calibrate_ensemble`` fits that verdict (the same rules, ``evaluation/calibration.py``) on the
+members' exports of the calibration split. ``search_weights`` grid-searches each task's weights
+on a labeled split (on the exported scores and maps as they are).
 """
 import itertools
 import os
@@ -17,9 +25,12 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .export import (
+    HEAD_PREDICTION_FILE,
     MASK_DIR,
     PREDICTION_FILE,
+    UNGATED_PROB_DIR,
     PROB_CODE_THRESHOLD,
+    PROB_THRESHOLD,
     PROB_DIR,
     decode_prob_u8,
     encode_prob_u8,
@@ -28,13 +39,14 @@ from .export import (
     read_predictions,
     write_png,
     write_predictions,
+    write_verdict_description,
 )
 from .ground_truth import read_ground_truth
 from .metrics import compute_ddl_metrics_from_arrays, mask_counts, roc_auc
 from .scoring import SplitIndex, default_num_workers, iter_bounded, list_ddl_split, progress_bar
 
-__all__ = ["normalize_weights", "fuse_predictions", "fuse_exports", "weight_grid",
-           "search_weights"]
+__all__ = ["normalize_weights", "fuse_predictions", "fuse_exports", "calibrate_ensemble",
+           "weight_grid", "search_weights"]
 
 
 def normalize_weights(weights: Sequence[float], num_inputs: int, task: str) -> np.ndarray:
@@ -76,16 +88,28 @@ def _read_prob(export_dir: str, image_name: str) -> np.ndarray:
     return read_gray_png(_prob_path(export_dir, image_name))
 
 
+def _ungated_prob_path(export_dir: str, image_name: str) -> str:
+    """The member's map before its gate: ``ungated_prob/`` where the gate emptied it, else ``prob/``."""
+    path = os.path.join(export_dir, UNGATED_PROB_DIR, mask_file_name(image_name))
+    return path if os.path.exists(path) else _prob_path(export_dir, image_name)
+
+
+def _read_raw_scores(export_dir: str) -> Dict[str, float]:
+    """The member's scores before its verdict (``head_prediction.txt``, else ``prediction.txt``)."""
+    head = os.path.join(export_dir, HEAD_PREDICTION_FILE)
+    return read_predictions(head if os.path.isfile(head) else os.path.join(export_dir, PREDICTION_FILE))
+
+
 def _fuse_prob_codes(export_dirs: Sequence[str], weights: np.ndarray,
                      image_name: str) -> np.ndarray:
     """Fused 8-bit probability codes of one image over the inputs with non-zero weight."""
     used = [(d, w) for d, w in zip(export_dirs, weights) if w > 0]
     if len(used) == 1:
         # decode + encode is the identity on codes; skip it
-        return _read_prob(used[0][0], image_name)
+        return read_gray_png(_ungated_prob_path(used[0][0], image_name))
     maps = []
     for export_dir, _ in used:
-        codes = _read_prob(export_dir, image_name)
+        codes = read_gray_png(_ungated_prob_path(export_dir, image_name))
         if maps and codes.shape != maps[0].shape:
             raise ValueError(f"{image_name}: probability maps differ in size across inputs "
                              f"({maps[0].shape} vs {codes.shape} in {export_dir})")
@@ -105,7 +129,7 @@ def _fuse_decoded(maps: Sequence[np.ndarray], normalized_weights: Sequence[float
 
 
 def _read_all_scores(export_dirs: Sequence[str]) -> List[Dict[str, float]]:
-    all_scores = [read_predictions(os.path.join(d, PREDICTION_FILE)) for d in export_dirs]
+    all_scores = [_read_raw_scores(d) for d in export_dirs]
     reference = set(all_scores[0])
     for export_dir, scores in zip(export_dirs[1:], all_scores[1:]):
         if set(scores) != reference:
@@ -117,63 +141,138 @@ def _read_all_scores(export_dirs: Sequence[str]) -> List[Dict[str, float]]:
 
 def _image_names(export_dirs: Sequence[str], det_used: bool) -> List[str]:
     """Image names of the inputs: from prediction.txt, else from the first input's prob/."""
+    for export_dir in export_dirs:
+        if not os.path.isdir(export_dir):
+            raise FileNotFoundError(f"{export_dir}: input export directory does not exist")
     if det_used or os.path.isfile(os.path.join(export_dirs[0], PREDICTION_FILE)):
         return sorted(read_predictions(os.path.join(export_dirs[0], PREDICTION_FILE)))
     return sorted(os.listdir(os.path.join(export_dirs[0], PROB_DIR)))
 
 
-def fuse_exports(export_dirs: Sequence[str], out_dir: str,
-                 det_weights: Optional[Sequence[float]] = None,
-                 loc_weights: Optional[Sequence[float]] = None,
-                 num_workers: Optional[int] = None, progress: bool = False) -> int:
-    """Fuse export directories into ``out_dir`` (a new export); returns the image count.
-
-    ``det_weights=None`` skips detection (no prediction.txt), ``loc_weights=None`` skips
-    localization (no mask/ or prob/).
-    """
-    if det_weights is None and loc_weights is None:
-        raise ValueError("nothing to fuse: give detection weights, localization weights or both")
-    for export_dir in export_dirs:
-        if not os.path.isdir(export_dir):
-            raise FileNotFoundError(f"{export_dir}: input export directory does not exist")
-    if os.path.abspath(out_dir) in {os.path.abspath(d) for d in export_dirs}:
-        raise ValueError(f"{out_dir}: the output directory must differ from every input")
-    os.makedirs(out_dir, exist_ok=True)
-    names = _image_names(export_dirs, det_weights is not None)
+def _fused_evidence(export_dirs, names, det_weights, loc_weights):
+    """(fused scores {name: float} or None, normalized loc weights or None): the inputs checked."""
+    fused_scores = None
     if det_weights is not None:
         weights = normalize_weights(det_weights, len(export_dirs), "detection")
         all_scores = _read_all_scores(export_dirs)
-        fused_scores = [
-            (name, float(fuse_predictions([s[name] for s in all_scores], weights)))
-            for name in names
-        ]
-        write_predictions(os.path.join(out_dir, PREDICTION_FILE), fused_scores)
-    if loc_weights is not None:
-        weights = normalize_weights(loc_weights, len(export_dirs), "localization")
+        fused_scores = {name: float(fuse_predictions([s[name] for s in all_scores], weights)) for name in names}
+    loc = None if loc_weights is None else normalize_weights(loc_weights, len(export_dirs), "localization")
+    return fused_scores, loc
+
+
+def _raw_output(fused_score, codes):
+    """A model's raw output dict from fused evidence, as ``Verdict`` reads it."""
+    import torch
+
+    output = {}
+    if fused_score is not None:
+        output["fake_prob"] = torch.tensor(fused_score, dtype=torch.float64)
+    if codes is not None:
+        mask_prob = torch.from_numpy(decode_prob_u8(codes))
+        output["mask_prob"], output["mask"] = mask_prob, mask_prob > PROB_THRESHOLD
+    return output
+
+
+def fuse_exports(export_dirs: Sequence[str], out_dir: str,
+                 det_weights: Optional[Sequence[float]] = None,
+                 loc_weights: Optional[Sequence[float]] = None,
+                 num_workers: Optional[int] = None, progress: bool = False,
+                 verdict=None) -> int:
+    """Fuse export directories into ``out_dir`` (a new export); returns the image count.
+
+    ``det_weights=None`` skips detection (no prediction.txt), ``loc_weights=None`` skips
+    localization (no mask/ or prob/). The members' evidence before their verdicts is fused (see
+    the module docstring). ``verdict`` (a ``Verdict``, e.g. ``calibrate_ensemble``'s): the fused
+    evidence gets it, as a model's raw outputs do: prediction.txt holds its fake_prob,
+    head_prediction.txt the fused head scores, prob/ and mask/ are gated by its policy (the
+    ungated maps go to ungated_prob/), and verdict.json describes it. Without it, the fused
+    evidence is written as it is.
+    """
+    if det_weights is None and loc_weights is None:
+        raise ValueError("nothing to fuse: give detection weights, localization weights or both")
+    if os.path.abspath(out_dir) in {os.path.abspath(d) for d in export_dirs}:
+        raise ValueError(f"{out_dir}: the output directory must differ from every input")
+    names = _image_names(export_dirs, det_weights is not None)
+    fused_scores, weights = _fused_evidence(export_dirs, names, det_weights, loc_weights)
+    os.makedirs(out_dir, exist_ok=True)
+    if weights is not None:
         os.makedirs(os.path.join(out_dir, MASK_DIR), exist_ok=True)
         os.makedirs(os.path.join(out_dir, PROB_DIR), exist_ok=True)
+    single_input = None
+    if weights is not None and (weights > 0).sum() == 1 and verdict is None:
+        single_input = export_dirs[int(np.argmax(weights))]
 
-        single_input = export_dirs[int(np.argmax(weights))] if (weights > 0).sum() == 1 else None
-
-        def fuse_one(name: str) -> None:
-            file_name = mask_file_name(name)
-            if single_input is not None:
-                # one model carries all the weight: its files are the fused result, byte for byte
-                shutil.copyfile(_prob_path(single_input, name),
-                                os.path.join(out_dir, PROB_DIR, file_name))
-                source_mask = os.path.join(single_input, MASK_DIR, file_name)
-                if os.path.isfile(source_mask):
-                    shutil.copyfile(source_mask, os.path.join(out_dir, MASK_DIR, file_name))
-                    return
-            codes = _fuse_prob_codes(export_dirs, weights, name)
+    def fuse_one(name: str) -> Optional[float]:
+        """Write the image's maps; return its fake_prob under ``verdict`` (None without one)."""
+        file_name = mask_file_name(name)
+        if single_input is not None:
+            # one model carries all the weight: its files are the fused result, byte for byte
+            source_prob = _ungated_prob_path(single_input, name)
+            source_mask = os.path.join(single_input, MASK_DIR, file_name)
+            if source_prob == _prob_path(single_input, name) and os.path.isfile(source_mask):
+                shutil.copyfile(source_prob, os.path.join(out_dir, PROB_DIR, file_name))
+                shutil.copyfile(source_mask, os.path.join(out_dir, MASK_DIR, file_name))
+                return None
+        codes = None if weights is None else _fuse_prob_codes(export_dirs, weights, name)
+        fake_prob = None
+        if verdict is not None:
+            result = verdict(_raw_output(None if fused_scores is None else fused_scores[name], codes))
+            fake_prob = float(result["fake_prob"]) if "fake_prob" in result else None
+            if codes is not None and verdict.mask_policy == "gate" and not bool(result["is_fake"]):
+                write_png(os.path.join(out_dir, UNGATED_PROB_DIR, file_name), codes)
+                codes = np.zeros_like(codes)
+        if codes is not None:
             write_png(os.path.join(out_dir, PROB_DIR, file_name), codes)
             mask = np.where(codes >= PROB_CODE_THRESHOLD, np.uint8(255), np.uint8(0))
             write_png(os.path.join(out_dir, MASK_DIR, file_name), mask)
+        return fake_prob
 
-        for _ in progress_bar(iter_bounded(fuse_one, names, num_workers or default_num_workers()),
-                           len(names), progress, "fusing"):
-            pass
+    if verdict is not None and weights is not None:
+        os.makedirs(os.path.join(out_dir, UNGATED_PROB_DIR), exist_ok=True)
+    verdict_probs = list(progress_bar(iter_bounded(fuse_one, names, num_workers or default_num_workers()),
+                                      len(names), progress, "fusing"))
+    if verdict is not None and verdict.enabled:
+        write_predictions(os.path.join(out_dir, PREDICTION_FILE), list(zip(names, verdict_probs)))
+        if fused_scores is not None:
+            write_predictions(os.path.join(out_dir, HEAD_PREDICTION_FILE),
+                              [(name, fused_scores[name]) for name in names])
+        write_verdict_description(out_dir, verdict.describe())
+    elif fused_scores is not None:
+        write_predictions(os.path.join(out_dir, PREDICTION_FILE), [(name, fused_scores[name]) for name in names])
     return len(names)
+
+
+def calibrate_ensemble(export_dirs: Sequence[str], split_dir: str, target_fpr: float,
+                       det_weights: Optional[Sequence[float]] = None,
+                       loc_weights: Optional[Sequence[float]] = None,
+                       rule: str = "map_max", mask_policy: str = "gate"):
+    """The ensemble's own verdict, fitted as a model's is (every rule, ``calibrate_model``) on
+    the fused evidence of ``export_dirs``, the members' exports of the calibration split, whose
+    labels come from the labeled folder ``split_dir`` that holds those images. Returns
+    (``Verdict`` set to ``rule`` and ``mask_policy``, its ``RuleFit``s)."""
+    from types import SimpleNamespace
+
+    from ..modeling.verdict import Verdict, verdict_features
+    from .calibration import VerdictRecord, calibrate_model
+
+    if det_weights is None and loc_weights is None:
+        raise ValueError("nothing to fuse: give detection weights, localization weights or both")
+    names = _image_names(export_dirs, det_weights is not None)
+    fused_scores, weights = _fused_evidence(export_dirs, names, det_weights, loc_weights)
+    split = list_ddl_split(split_dir)
+    labels = dict(zip(split.names, split.labels.tolist()))
+    unknown = [name for name in names if name not in labels]
+    if unknown:
+        raise ValueError(f"{split_dir}: holds no image named {unknown[0]} ({len(unknown)} of the "
+                         f"calibration exports' {len(names)} images are not in it)")
+    records = []
+    for name in names:
+        codes = None if weights is None else _fuse_prob_codes(export_dirs, weights, name)
+        output = _raw_output(None if fused_scores is None else fused_scores[name], codes)
+        records.append(VerdictRecord(name, int(labels[name]), tuple(verdict_features(output).tolist()), 0, 0, 0, 0))
+    verdict = Verdict(rule, mask_policy, fused_scores is not None, weights is not None)
+    fits = calibrate_model(SimpleNamespace(verdict=verdict), records, target_fpr)
+    return verdict, fits
 
 
 def _pair_decision_tables(normalized_grid: Sequence[np.ndarray]) -> np.ndarray:

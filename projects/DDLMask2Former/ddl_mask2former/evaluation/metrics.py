@@ -60,6 +60,9 @@ class ImageRecord(NamedTuple):
     fn: int
     num_pixels: int
     group: Optional[str] = None
+    # The detection head's probability before the verdict (NaN: none); exports write it for
+    # ensembles, which fuse the members' raw evidence.
+    head_prob: float = math.nan
 
     @property
     def has_detection(self) -> bool:
