@@ -125,7 +125,9 @@ def test_robustness_clean_only_scores_the_split_as_it_is(tmp_path):
 
 def test_quickstart_generator_options():
     quickstart = load_tool("quickstart")
-    args = quickstart.parse_args(["--families", "splice", "warp", "--chains", "jpeg", "--data", "d"])
+    assert quickstart.parse_args([]).generator == "classic"
+    args = quickstart.parse_args(["--generator", "varied", "--families", "splice", "warp", "--chains", "jpeg",
+                                  "--data", "d"])
     assert args.generator == "varied" and args.families == ["splice", "warp"] and args.chains == ["jpeg"]
     assert quickstart.data_dir(args, Path("o")) == Path("d").resolve()
     assert quickstart.data_dir(quickstart.parse_args([]), Path("o")) == Path("o") / "data"

@@ -25,11 +25,16 @@ def test_quickstart_runs_every_step_and_reports(tmp_path):
     out = tmp_path / "qs"
     # trailing KEY VALUE pairs reach training (here the degradation augmentation, which this
     # run then exercises end to end)
-    result = _run_quickstart(out, "--num-train", "6", "--iters", "2", "INPUT.DEGRADATION.ENABLED", "True")
+    # (and the varied generator's families and chains reach the data)
+    result = _run_quickstart(out, "--generator", "varied", "--families", "splice", "warp", "--chains", "jpeg",
+                             "--num-train", "6", "--iters", "2", "INPUT.DEGRADATION.ENABLED", "True")
     config = yaml.safe_load((out / "model_main" / "config.yaml").read_text())
     assert config["INPUT"]["DEGRADATION"]["ENABLED"] is True
     data = out / "data" / "DDL-I"
     assert len(list((data / "train" / "fake").glob("*.png"))) == 3
+    records = [json.loads(line) for line in (data / "manifest_train.jsonl").read_text().splitlines()]
+    assert all(r["post"]["chain"] == "jpeg" for r in records)
+    assert {f for r in records if r["label"] == 1 for f in r["families"]} <= {"splice", "warp"}
     assert (out / "model_main" / "model_final.pth").is_file()
     export = out / "model_main" / "export"
     assert len((export / "prediction.txt").read_text().splitlines()) == 4
