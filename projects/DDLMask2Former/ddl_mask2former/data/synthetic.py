@@ -39,6 +39,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from .synthetic_sources import BUNDLED_PHOTOS, load_photo_pool
+
 __all__ = [
     "SOURCE_PHOTOS",
     "FORGERY_TYPES",
@@ -55,18 +57,12 @@ __all__ = [
 
 
 # Photographs bundled inside the scikit-image wheel (no download); camera is grayscale.
-SOURCE_PHOTOS = (
-    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
-    "immunohistochemistry", "retina", "motorcycle_left", "motorcycle_right", "camera",
-)
+SOURCE_PHOTOS = BUNDLED_PHOTOS
 FORGERY_TYPES = ("face_swap", "reenact", "edit_warp", "edit_inpaint", "edit_resynth", "multi")
 # Share of fake images per forgery type (in FORGERY_TYPES order).
 _FORGERY_TYPE_PROBS = (0.30, 0.10, 0.10, 0.10, 0.10, 0.30)
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 _INTERPOLATIONS = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4)
-
-_PHOTO_CACHE = {}
-
 
 @dataclass(frozen=True)
 class TraceProfile:
@@ -133,21 +129,7 @@ def trace_profile(difficulty):
 
 def load_source_photos():
     """Return {name: RGB uint8 array} for SOURCE_PHOTOS, loaded once per process."""
-    if not _PHOTO_CACHE:
-        import skimage.data  # imported lazily: only the generator needs scikit-image
-
-        left, right, _disparity = skimage.data.stereo_motorcycle()
-        for name in SOURCE_PHOTOS:
-            if name == "motorcycle_left":
-                photo = left
-            elif name == "motorcycle_right":
-                photo = right
-            else:
-                photo = getattr(skimage.data, name)()
-            if photo.ndim == 2:
-                photo = np.repeat(photo[:, :, None], 3, axis=2)
-            _PHOTO_CACHE[name] = np.ascontiguousarray(photo[:, :, :3].astype(np.uint8))
-    return _PHOTO_CACHE
+    return load_photo_pool("classic")
 
 
 def _random_view(rng, photo, height, width):
