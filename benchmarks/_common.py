@@ -1,11 +1,14 @@
 """What several benchmarks share: the repository's config paths and model shapes, the models
 (ours from a config, Hugging Face's Mask2Former of the same shape) and their inputs, autograd's
-saved tensors by submodule, the installed-package check and the ``--json`` tail."""
+saved tensors by submodule, interleaved CPU timing with its ratio table, the installed-package
+check and the ``--json`` tail."""
 import collections
 import importlib.util
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -165,3 +168,45 @@ def write_json(path, results):
         return
     Path(path).write_text(json.dumps(results, indent=1, default=str))
     print(f"results written to {os.path.abspath(path)}")
+
+
+# The deployment benchmarks' 1 MP case: 512 px tiles overlapping by 64 (9 tiles), one at a time.
+TILE_OPTS_1MP = ["TEST.TILE.ENABLED", "True", "TEST.TILE.SIZE", "512", "TEST.TILE.OVERLAP", "64",
+                 "TEST.TILE.BATCH_SIZE", "1"]
+
+
+def interleaved_timing(runners, runs, warmup):
+    """Run each of ``runners`` (name -> callable) in turn, ``runs`` rounds after ``warmup``;
+    name -> (wall times, CPU times) in seconds."""
+    wall = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for run in runners.values():
+                run()
+        for _ in range(runs):
+            for name, run in runners.items():
+                start, cpu_start = time.perf_counter(), time.process_time()
+                run()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - cpu_start)
+    return wall, cpu
+
+
+def latency_report(title, wall, cpu, reference, scales=None):
+    """Print the median wall and CPU time of each runner (times ``scales[name]``) and its ratio
+    to ``reference``'s; return name -> {wall_s, cpu_s, wall_ratio, cpu_ratio}."""
+    print(title)
+    print(f"  {'runner':<26} {'wall median s':>14} {'cpu median s':>13} {'wall / ' + reference:>18} "
+          f"{'cpu / ' + reference:>17}")
+    rows = {}
+    for name in wall:
+        scale = (scales or {}).get(name, 1.0)
+        rows[name] = {"wall_s": statistics.median(wall[name]) * scale,
+                      "cpu_s": statistics.median(cpu[name]) * scale}
+    for name, row in rows.items():
+        row["wall_ratio"] = row["wall_s"] / rows[reference]["wall_s"]
+        row["cpu_ratio"] = row["cpu_s"] / rows[reference]["cpu_s"]
+        print(f"  {name:<26} {row['wall_s']:>14.3f} {row['cpu_s']:>13.3f} {row['wall_ratio']:>18.3f} "
+              f"{row['cpu_ratio']:>17.3f}")
+    return rows

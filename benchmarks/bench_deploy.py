@@ -24,10 +24,8 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
@@ -40,10 +38,11 @@ from ddl_mask2former.config import load_config
 from ddl_mask2former.deploy import export_model, metadata_path
 from ddl_mask2former.deploy.export import build_metadata
 
+from _common import PAPER_CONFIG, TILE_OPTS_1MP, interleaved_timing, latency_report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "ddl-i", "ddl_mask2former_swin_tiny.yaml")
-TILE_OPTS = ["TEST.TILE.ENABLED", "True", "TEST.TILE.SIZE", "512", "TEST.TILE.OVERLAP", "64",
-             "TEST.TILE.BATCH_SIZE", "1"]
+CONFIG = str(PAPER_CONFIG)
+TILE_OPTS = TILE_OPTS_1MP
 
 
 def _hf_builder():
@@ -58,40 +57,6 @@ def _hf_runner(build_hf, height, width):
     model, _ = build_hf(512)
     pixel_values = torch.randn(1, 3, height, width)
     return lambda: model(pixel_values=pixel_values)
-
-
-def _time(runners, runs, warmup):
-    """Interleaved runs; name -> (wall times, CPU times)."""
-    wall = {name: [] for name in runners}
-    cpu = {name: [] for name in runners}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for run in runners.values():
-                run()
-        for _ in range(runs):
-            for name, run in runners.items():
-                start, cpu_start = time.perf_counter(), time.process_time()
-                run()
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - cpu_start)
-    return wall, cpu
-
-
-def _report(title, wall, cpu, reference, scales=None):
-    print(title)
-    print(f"  {'runner':<26} {'wall median s':>14} {'cpu median s':>13} {'wall / ' + reference:>18} "
-          f"{'cpu / ' + reference:>17}")
-    rows = {}
-    for name in wall:
-        scale = (scales or {}).get(name, 1.0)
-        w, c = statistics.median(wall[name]) * scale, statistics.median(cpu[name]) * scale
-        rows[name] = {"wall_s": w, "cpu_s": c}
-    for name, row in rows.items():
-        row["wall_ratio"] = row["wall_s"] / rows[reference]["wall_s"]
-        row["cpu_ratio"] = row["cpu_s"] / rows[reference]["cpu_s"]
-        print(f"  {name:<26} {row['wall_s']:>14.3f} {row['cpu_s']:>13.3f} {row['wall_ratio']:>18.3f} "
-              f"{row['cpu_ratio']:>17.3f}")
-    return rows
 
 
 def main():
@@ -139,8 +104,8 @@ def main():
     if not args.skip_hf:
         build_hf = _hf_builder()
         runners["hf mask2former forward"] = _hf_runner(build_hf, 512, 512)
-    wall, cpu = _time(runners, args.runs, args.warmup)
-    results["512"] = _report(f"one 512x512 image, {args.runs} interleaved runs after {args.warmup} warm-up",
+    wall, cpu = interleaved_timing(runners, args.runs, args.warmup)
+    results["512"] = latency_report(f"one 512x512 image, {args.runs} interleaved runs after {args.warmup} warm-up",
                              wall, cpu, "pytorch predictor")
 
     # 1 MP tiled: the same ONNX graph, with the tiled model's settings beside a link to it.
@@ -160,8 +125,8 @@ def main():
     if build_hf is not None:
         # 1024x1024 (Swin's sizes divide it), scaled to 1 MP
         runners["hf forward, whole image"] = _hf_runner(build_hf, 1024, 1024)
-    wall, cpu = _time(runners, args.runs, args.warmup)
-    results["1mp_tiled"] = _report(f"one 1000x1000 image (1 MP), 512 px tiles overlap 64, per MP, {args.runs} "
+    wall, cpu = interleaved_timing(runners, args.runs, args.warmup)
+    results["1mp_tiled"] = latency_report(f"one 1000x1000 image (1 MP), 512 px tiles overlap 64, per MP, {args.runs} "
                                    f"interleaved runs after {args.warmup} warm-up", wall, cpu, "pytorch tiled",
                                    {"hf forward, whole image": 1e6 / 1024**2})
     print(f"ONNX Runtime / PyTorch predictor, CPU-time medians: 512 px {results['512']['onnxruntime predictor']['cpu_ratio']:.3f}, "

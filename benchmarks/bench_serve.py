@@ -46,10 +46,11 @@ from ddl_mask2former.deploy import export_model, metadata_path  # noqa: E402
 from ddl_mask2former.deploy.export import build_metadata  # noqa: E402
 from ddl_mask2former_serve import ExportedPredictor  # noqa: E402
 
+from _common import PAPER_CONFIG, TILE_OPTS_1MP, interleaved_timing, latency_report  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "ddl-i", "ddl_mask2former_swin_tiny.yaml")
-TILE_OPTS = ["TEST.TILE.ENABLED", "True", "TEST.TILE.SIZE", "512", "TEST.TILE.OVERLAP", "64",
-             "TEST.TILE.BATCH_SIZE", "1"]
+CONFIG = str(PAPER_CONFIG)
+TILE_OPTS = TILE_OPTS_1MP
 # Peak RSS of the calling process's own address space (VmHWM resets at exec; getrusage's
 # ru_maxrss does not, so a child started from this big process would report this one's).
 PEAK_RSS = """
@@ -229,37 +230,6 @@ def peak_rss(serve_python, plain_onnx, tiled_onnx, weights, threads):
     return rows
 
 
-def _hf_free_timing(runners, runs, warmup):
-    wall = {name: [] for name in runners}
-    cpu = {name: [] for name in runners}
-    import time
-
-    with torch.no_grad():
-        for _ in range(warmup):
-            for run in runners.values():
-                run()
-        for _ in range(runs):
-            for name, run in runners.items():
-                start, cpu_start = time.perf_counter(), time.process_time()
-                run()
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - cpu_start)
-    return wall, cpu
-
-
-def _latency_rows(title, wall, cpu, reference):
-    print(title)
-    rows = {}
-    for name in wall:
-        rows[name] = {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name])}
-    for name, row in rows.items():
-        row["wall_ratio"] = row["wall_s"] / rows[reference]["wall_s"]
-        row["cpu_ratio"] = row["cpu_s"] / rows[reference]["cpu_s"]
-        print(f"  {name:<28} wall {row['wall_s']:7.3f} s ({row['wall_ratio']:.3f}x)   cpu {row['cpu_s']:7.3f} s "
-              f"({row['cpu_ratio']:.3f}x)")
-    return rows
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -312,14 +282,14 @@ def main():
     serving = ExportedPredictor(plain_onnx, num_threads=args.threads)
     serving_tiled = ExportedPredictor(tiled_onnx, num_threads=args.threads)
     image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    wall, cpu = _hf_free_timing({"pytorch predictor": lambda: pytorch(image),
+    wall, cpu = interleaved_timing({"pytorch predictor": lambda: pytorch(image),
                                  "serving runtime (onnxruntime)": lambda: serving(image)}, args.runs, args.warmup)
-    results["512"] = _latency_rows(f"one 512x512 image, {args.runs} interleaved runs after {args.warmup} warm-up",
+    results["512"] = latency_report(f"one 512x512 image, {args.runs} interleaved runs after {args.warmup} warm-up",
                                    wall, cpu, "pytorch predictor")
     megapixel = np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
-    wall, cpu = _hf_free_timing({"pytorch tiled": lambda: tiled(megapixel),
+    wall, cpu = interleaved_timing({"pytorch tiled": lambda: tiled(megapixel),
                                  "serving runtime tiled": lambda: serving_tiled(megapixel)}, args.runs, args.warmup)
-    results["1mp_tiled"] = _latency_rows(f"one 1000x1000 image, 512 px tiles overlap 64 (9 tiles), {args.runs} "
+    results["1mp_tiled"] = latency_report(f"one 1000x1000 image, 512 px tiles overlap 64 (9 tiles), {args.runs} "
                                          f"interleaved runs after {args.warmup} warm-up", wall, cpu, "pytorch tiled")
     results["load_average_end"] = os.getloadavg()[0]
     print(f"serving / PyTorch, CPU-time medians: 512 px {results['512']['serving runtime (onnxruntime)']['cpu_ratio']:.3f}, "
