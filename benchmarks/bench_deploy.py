@@ -38,7 +38,7 @@ from ddl_mask2former.config import load_config
 from ddl_mask2former.deploy import export_model, metadata_path
 from ddl_mask2former.deploy.export import build_metadata
 
-from _common import PAPER_CONFIG, TILE_OPTS_1MP, interleaved_timing, latency_report
+from _common import PAPER_CONFIG, TILE_OPTS_1MP, interleaved_timing, latency_report, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = str(PAPER_CONFIG)
@@ -131,10 +131,7 @@ def main():
                                    {"hf forward, whole image": 1e6 / 1024**2})
     print(f"ONNX Runtime / PyTorch predictor, CPU-time medians: 512 px {results['512']['onnxruntime predictor']['cpu_ratio']:.3f}, "
           f"1 MP tiled {results['1mp_tiled']['onnxruntime tiled']['cpu_ratio']:.3f} (goal <= 0.8)")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(f"figures written to {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from ddl_mask2former.deploy import export_model, metadata_path  # noqa: E402
 from ddl_mask2former.deploy.export import build_metadata  # noqa: E402
 from ddl_mask2former_serve import ExportedPredictor  # noqa: E402
 
-from _common import PAPER_CONFIG, TILE_OPTS_1MP, interleaved_timing, latency_report  # noqa: E402
+from _common import PAPER_CONFIG, TILE_OPTS_1MP, interleaved_timing, latency_report, write_json  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = str(PAPER_CONFIG)
@@ -295,10 +295,7 @@ def main():
     print(f"serving / PyTorch, CPU-time medians: 512 px {results['512']['serving runtime (onnxruntime)']['cpu_ratio']:.3f}, "
           f"1 MP tiled {results['1mp_tiled']['serving runtime tiled']['cpu_ratio']:.3f} (goal <= 0.8); "
           f"load average {results['load_average_end']:.1f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(f"figures written to {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
