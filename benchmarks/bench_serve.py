@@ -246,10 +246,7 @@ def main():
     args = parser.parse_args()
     if args.scan_files:
         rows = scan_memory(args.serve_python, args.scan_files)
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"scan_memory": rows}, handle, indent=2)
-            print(f"figures written to {args.json}")
+        write_json(args.json, {"scan_memory": rows})
         return
     torch.set_num_threads(args.threads)
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_serve_")
