@@ -15,6 +15,9 @@ alone (tools/cross_generator.py):
 
     python datasets/make_synthetic_ddl.py --out held_out_copy_move --num-train 0 --num-val 100 \
         --families copy_move
+
+The mixed generator draws each image from the varied generator with probability
+--varied-share (default 0.5), else from the classic one, and records which in the manifest.
 """
 import argparse
 import importlib.util
@@ -45,16 +48,22 @@ def parse_args(argv=None):
     parser.add_argument("--difficulty", default="hard", choices=DIFFICULTIES,
                         help="strength of the forgery traces (datasets/README.md); 'hard' is the "
                              "subtlest")
-    parser.add_argument("--generator", default="varied", choices=("varied", "classic"),
+    parser.add_argument("--generator", default="varied", choices=("varied", "classic", "mixed"),
                         help="'varied': many sources, shapes, families and post-processing chains; "
                              "'classic': ten photographs, ellipses, the FORGERY_TYPES of the first "
-                             "generator (datasets/README.md)")
+                             "generator; 'mixed': each image from one of the two, the varied one "
+                             "with probability --varied-share (datasets/README.md)")
+    parser.add_argument("--varied-share", type=float, default=None, metavar="P",
+                        help="mixed generator: probability that an image comes from the varied "
+                             "generator, else from the classic one (default 0.5)")
     parser.add_argument("--families", nargs="+", choices=FORGERY_FAMILIES, default=None,
-                        help="forgery families to draw from (varied generator; default all)")
+                        help="forgery families to draw from (varied generator, or the varied share "
+                             "of the mixed one; default all)")
     parser.add_argument("--shapes", nargs="+", choices=REGION_SHAPES, default=None,
-                        help="region shapes to draw from (varied generator; default all)")
+                        help="region shapes to draw from (varied or mixed generator; default all)")
     parser.add_argument("--chains", nargs="+", choices=POST_CHAINS, default=None,
-                        help="post-processing chains to draw from (varied generator; default all)")
+                        help="post-processing chains to draw from (varied or mixed generator; "
+                             "default all)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="processes (the output does not depend on this)")
     parser.add_argument("--val-folder", default="val", choices=("val", "valid"),
@@ -70,7 +79,13 @@ def parse_args(argv=None):
     if not 0.0 <= args.fake_fraction <= 1.0:
         parser.error("--fake-fraction must be in [0, 1]")
     if args.generator == "classic" and (args.families or args.shapes or args.chains):
-        parser.error("--families, --shapes and --chains belong to the varied generator")
+        parser.error("--families, --shapes and --chains belong to the varied and mixed generators")
+    if args.generator != "mixed" and args.varied_share is not None:
+        parser.error("--varied-share belongs to the mixed generator")
+    if args.generator == "mixed":
+        args.varied_share = 0.5 if args.varied_share is None else args.varied_share
+        if not 0.0 <= args.varied_share <= 1.0:
+            parser.error(f"--varied-share must be in [0, 1], got {args.varied_share}")
     return args
 
 
@@ -89,18 +104,19 @@ def main(argv=None):
         out, args.num_train, args.num_val, args.num_test, seed=args.seed,
         fake_fraction=args.fake_fraction, min_size=args.min_size, max_size=args.max_size,
         workers=args.workers, val_folder=args.val_folder, mask_folder=args.mask_folder,
-        difficulty=args.difficulty, variety=variety_of(args))
+        difficulty=args.difficulty, variety=variety_of(args), varied_share=args.varied_share)
     seconds = time.perf_counter() - start
     for summary in summaries:
         kind = "unlabeled" if summary["split"] == "test" else "labeled"
         print(f"wrote {summary['dir']}: {summary['num_images']} {kind} images "
               f"({summary['num_real']} real, {summary['num_fake']} fake); "
               f"manifest {summary['manifest']}")
-    if args.generator == "varied" and missing_registry_photos():
+    if args.generator != "classic" and missing_registry_photos():
         print(f"warning: {len(missing_registry_photos())} source photographs are not installed in "
               f"{photo_dir()} (tools/setup_env.sh unpacks them); the data differ from a full install")
     total = sum(s["num_images"] for s in summaries)
-    print(f"synthetic DDL data ({args.generator}, {args.difficulty}): {total} images under {out} in {seconds:.1f} s "
+    generator = args.generator if args.generator != "mixed" else f"mixed, varied share {args.varied_share}"
+    print(f"synthetic DDL data ({generator}, {args.difficulty}): {total} images under {out} in {seconds:.1f} s "
           f"(seed {args.seed})")
 
 

@@ -11,7 +11,7 @@ from ddl_mask2former.config import load_config
 from ddl_mask2former.data.synthetic import generate_ddl_dataset
 from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS
 from ddl_mask2former.engine import Trainer
-from tool_helpers import load_tool
+from tool_helpers import load_script, load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
@@ -133,3 +133,67 @@ def test_quickstart_generator_options():
     assert quickstart.data_dir(quickstart.parse_args([]), Path("o")) == Path("o") / "data"
     with pytest.raises(SystemExit):
         quickstart.parse_args(["--generator", "classic", "--families", "splice"])
+    mixed = quickstart.parse_args(["--generator", "mixed", "--families", "splice", "--chains", "jpeg"])
+    assert mixed.varied_share == 0.5 and mixed.families == ["splice"] and mixed.chains == ["jpeg"]
+    for bad in (["--generator", "mixed", "--varied-share", "2"], ["--generator", "varied", "--varied-share", "0.5"]):
+        with pytest.raises(SystemExit):
+            quickstart.parse_args(bad)
+
+
+def test_quickstart_reuses_mixed_data_only_at_the_same_share(tmp_path):
+    quickstart = load_tool("quickstart")
+    made = []
+
+    class Steps:  # records the data step instead of running it
+        out_dir = tmp_path
+
+        def run(self, name, cmd, show):
+            made.append(cmd)
+            (tmp_path / "data" / "DDL-I").mkdir(parents=True, exist_ok=True)
+
+    for share, runs in (("0.5", 1), ("0.5", 1), ("0.25", 2)):
+        quickstart.generate_data(Steps(), quickstart.parse_args(["--generator", "mixed", "--varied-share", share]))
+        assert len(made) == runs
+    assert made[-1][made[-1].index("--varied-share") + 1] == 0.25
+    # Classic and varied stamps keep the keys they had before the mix.
+    quickstart.generate_data(Steps(), quickstart.parse_args([]))
+    assert "varied_share" not in json.loads((tmp_path / "data" / "DDL-I" / "quickstart_params.json").read_text())
+
+
+def test_mixed_recipe_options_and_folders(xgen, tmp_path, capsys):
+    fold = xgen.parse_fold("family:copy_move")
+    args = xgen.parse_args(["--out", "o", "--recipe", "mix", "--generator", "mixed"])
+    assert args.varied_share == 0.5
+    quarter = xgen.parse_args(["--out", "o", "--recipe", "mix", "--generator", "mixed", "--varied-share", "0.25"])
+    varied = xgen.parse_args(["--out", "o"])
+    # Per-fold data, apart from the varied recipe's and from another share's.
+    assert xgen.data_root(tmp_path, args, fold) == tmp_path / "data" / "mixed-0.5" / "family-copy_move"
+    assert len({xgen.data_root(tmp_path, a, fold) for a in (args, quarter, varied)}) == 3
+    assert xgen.trained_dir(tmp_path, args, fold, 0) == tmp_path / "mix" / "family-copy_move" / "seed0"
+    for argv, message in ((["--generator", "mixed", "--varied-share", "1.5"], "--varied-share must be in [0, 1]"),
+                          (["--varied-share", "0.5"], "--varied-share belongs to the mixed generator")):
+        with pytest.raises(SystemExit):
+            xgen.parse_args(["--out", "o", *argv])
+        assert message in capsys.readouterr().err
+
+
+def test_mixed_fold_never_trains_on_the_held_out_family_or_chain(xgen, tmp_path, monkeypatch):
+    """The quickstart command of a mixed fold, and a small copy of the data it would make."""
+    monkeypatch.setenv("DDL_PHOTO_DIR", str(tmp_path / "no-photos"))  # decoding them takes seconds
+    commands = []
+    monkeypatch.setattr(xgen, "run", lambda cmd, log_path, env=None, echo=False: commands.append(cmd))
+    args = xgen.parse_args(["--out", str(tmp_path), "--generator", "mixed", "--varied-share", "0.5",
+                            "--folds", "family:copy_move+chain:double_jpeg", "--seeds", "0"])
+    xgen.stage_train(tmp_path, args)
+    quickstart = load_tool("quickstart")
+    train_args = quickstart.parse_args([str(c) for c in commands[0][2:]])
+    assert train_args.generator == "mixed" and train_args.varied_share == 0.5
+    assert "copy_move" not in train_args.families and "double_jpeg" not in train_args.chains
+    # The same data at a small size.
+    train_args.num_train, train_args.num_val, train_args.image_size = 40, 0, (48, 80)
+    cli = load_script(REPO / "datasets" / "make_synthetic_ddl.py")
+    cli.main([str(a) for a in quickstart.synthetic_data_args(train_args, tmp_path / "DDL-I")] + ["--workers", "1"])
+    records = [json.loads(line) for line in open(tmp_path / "DDL-I" / "manifest_train.jsonl")]
+    assert {r["generator"] for r in records} == {"classic", "varied"}
+    for record in records:
+        assert "copy_move" not in record.get("families", []) and record.get("post", {}).get("chain") != "double_jpeg"

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from ddl_mask2former.data import synthetic_sources, synthetic_varied
-from ddl_mask2former.data.synthetic import generate_ddl_dataset, trace_profile
+from ddl_mask2former.data.synthetic import FORGERY_TYPES, generate_ddl_dataset, trace_profile
 from ddl_mask2former.data.synthetic_regions import REGION_SHAPES, draw_region
 from ddl_mask2former.data.synthetic_sources import (
     BUNDLED_PHOTOS, REGISTRY_PHOTOS, load_photo_pool, missing_registry_photos, procedural_scene,
     simulate_camera)
 from ddl_mask2former.data.synthetic_varied import (
     FORGERY_FAMILIES, POST_CHAINS, Variety, apply_post_chain, make_varied_fake, make_varied_real)
-from test_data_synthetic import _digest
+from test_data_synthetic import REPO, _digest
+from tool_helpers import load_script
 
 SIZE = {"min_size": 48, "max_size": 80}
 
@@ -169,3 +170,53 @@ def test_real_images_come_from_photographs_and_procedural_scenes(photos):
                                 **SIZE)[1]["source"] for i in range(30)]
     assert synthetic_sources.PROCEDURAL in sources
     assert len(set(sources) - {synthetic_sources.PROCEDURAL}) >= 5
+
+
+def _manifest(root, split="train"):
+    return [json.loads(line) for line in open(root / f"manifest_{split}.jsonl")]
+
+
+def test_mixed_dataset_draws_each_image_from_either_generator(tmp_path):
+    variety = {"families": ["splice", "inpaint"], "chains": ["jpeg"]}
+    for out, workers in (("a", 1), ("b", 2)):
+        generate_ddl_dataset(str(tmp_path / out), 40, 0, seed=4, workers=workers, variety=variety,
+                             varied_share=0.25, **SIZE)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    records = _manifest(tmp_path / "a")
+    varied = [r for r in records if r["generator"] == "varied"]
+    classic = [r for r in records if r["generator"] == "classic"]
+    assert len(varied) + len(classic) == 40
+    assert 4 <= len(varied) <= 16  # binomial(40, 0.25): 10 +- 2.7
+    # Real and fake images alike come from either generator.
+    assert {r["label"] for r in varied} == {r["label"] for r in classic} == {0, 1}
+    for record in varied:  # the variety restricts the varied images only
+        assert record["post"]["chain"] == "jpeg"
+        assert set(record.get("families", [])) <= {"splice", "inpaint"}
+    for record in classic:
+        assert "post" not in record and record.get("forgery_type", "face_swap") in FORGERY_TYPES
+
+
+@pytest.mark.parametrize("share,generator,variety", [(0.0, "classic", None), (1.0, "varied", {})])
+def test_mixed_dataset_at_share_0_or_1_is_one_generator(tmp_path, share, generator, variety):
+    generate_ddl_dataset(str(tmp_path / "mixed"), 6, 0, seed=2, varied_share=share, **SIZE)
+    generate_ddl_dataset(str(tmp_path / "single"), 6, 0, seed=2, variety=variety, **SIZE)
+    assert {r["generator"] for r in _manifest(tmp_path / "mixed")} == {generator}
+    # Image i of a mixed split is image i of its generator's own split.
+    assert _digest(tmp_path / "mixed" / "train") == _digest(tmp_path / "single" / "train")
+    with pytest.raises(ValueError, match=r"varied_share must be in \[0, 1\], got 1.5"):
+        generate_ddl_dataset(str(tmp_path / "bad"), 2, 0, varied_share=1.5, **SIZE)
+
+
+def test_cli_mixed_generator_options(capsys):
+    cli = load_script(os.path.join(REPO, "datasets", "make_synthetic_ddl.py"))
+    args = cli.parse_args(["--out", "o", "--generator", "mixed", "--chains", "jpeg"])
+    assert args.varied_share == 0.5 and args.chains == ["jpeg"]
+    assert cli.parse_args(["--out", "o", "--generator", "mixed", "--varied-share", "0"]).varied_share == 0.0
+    assert cli.parse_args(["--out", "o"]).varied_share is None
+    for argv, message in ((["--generator", "mixed", "--varied-share", "1.5"], "--varied-share must be in [0, 1]"),
+                          (["--generator", "mixed", "--varied-share", "-0.1"], "--varied-share must be in [0, 1]"),
+                          (["--varied-share", "0.5"], "--varied-share belongs to the mixed generator"),
+                          (["--generator", "classic", "--chains", "jpeg"], "belong to the varied and mixed")):
+        with pytest.raises(SystemExit):
+            cli.parse_args(["--out", "o", *argv])
+        assert message in capsys.readouterr().err

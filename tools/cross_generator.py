@@ -3,7 +3,8 @@ r"""Generalization protocol: train without a forgery family (or post-processing 
 
     python tools/cross_generator.py --out runs/xgen --recipe varied \
         [--folds family:copy_move+chain:double_jpeg ...] [--seeds 0 1 2] \
-        [--stages data train evaluate report] [--generator varied|classic] [KEY VALUE ...]
+        [--stages data train evaluate report] [--generator varied|classic|mixed] \
+        [--varied-share P] [KEY VALUE ...]
 
 A fold names what training never sees: ``family:F``, ``chain:C`` or both joined by ``+``
 (default: every family of the varied generator in turn, then every chain). For each fold:
@@ -14,6 +15,10 @@ A fold names what training never sees: ``family:F``, ``chain:C`` or both joined 
   and ``held_out_chain`` (the training families, that chain only), each 120 images, half real.
   A recipe with ``--generator classic`` trains on the classic generator's data instead
   (OUT/data/classic/), the same for every fold; the held-out sets are the same as any recipe's.
+  One with ``--generator mixed`` trains on a mix (OUT/data/mixed-<P>/<fold>/): each image from
+  the varied generator, without the held-out family and chain, with probability
+  ``--varied-share`` P, else from the classic one (whose ellipse forgeries of its own types have
+  no post-processing chain, as in a classic recipe).
 * **train**: ``tools/quickstart.py`` per seed (``--model-seed``), trailing KEY VALUE overrides
   passed on: OUT/<recipe>/<fold>/seed<S>/.
 * **evaluate**: ``tools/robustness.py`` on the in-domain val split, clean and at JPEG 70 and
@@ -97,8 +102,11 @@ def parse_args(argv=None):
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--out", required=True, help="root of data, models, evaluations and report")
     parser.add_argument("--recipe", default="varied", help="name of the recipe (a folder under OUT)")
-    parser.add_argument("--generator", default="varied", choices=("varied", "classic"),
+    parser.add_argument("--generator", default="varied", choices=("varied", "classic", "mixed"),
                         help="generator of the recipe's training data")
+    parser.add_argument("--varied-share", type=float, default=None, metavar="P",
+                        help="mixed generator: probability that a training image comes from the "
+                             "varied generator, else from the classic one (default 0.5)")
     parser.add_argument("--folds", nargs="+", default=None, metavar="FOLD",
                         help="held-out family/chain per fold (default: each family, then each chain)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="model seeds")
@@ -111,6 +119,12 @@ def parse_args(argv=None):
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
     if not args.recipe or "/" in args.recipe or args.recipe in ("data", "report"):
         parser.error(f"--recipe {args.recipe!r}: a plain folder name other than data/report")
+    if args.generator != "mixed" and args.varied_share is not None:
+        parser.error("--varied-share belongs to the mixed generator")
+    if args.generator == "mixed":
+        args.varied_share = 0.5 if args.varied_share is None else args.varied_share
+        if not 0.0 <= args.varied_share <= 1.0:
+            parser.error(f"--varied-share must be in [0, 1], got {args.varied_share}")
     texts = args.folds or ([f"family:{f}" for f in FORGERY_FAMILIES] + [f"chain:{c}" for c in POST_CHAINS])
     try:
         args.fold_list = [parse_fold(text) for text in texts]
@@ -137,7 +151,11 @@ def run(cmd, log_path, env=None, echo=False):
 
 def data_root(out, args, fold):
     """DETECTRON2_DATASETS of a recipe's training data for ``fold``."""
-    return out / "data" / ("classic" if args.generator == "classic" else fold_name(fold))
+    if args.generator == "classic":
+        return out / "data" / "classic"
+    if args.generator == "mixed":
+        return out / "data" / f"mixed-{args.varied_share}" / fold_name(fold)
+    return out / "data" / fold_name(fold)
 
 
 def stage_data(out, args):
@@ -175,6 +193,8 @@ def stage_train(out, args):
             print(f"[{number}/{len(jobs)}] {target}: trained already")
             continue
         variety = [] if args.generator == "classic" else training_variety(fold)
+        if args.generator == "mixed":
+            variety += ["--varied-share", args.varied_share]
         # The lists first: an option after them ends them, and the overrides come last.
         cmd = [sys.executable, ROOT / "tools" / "quickstart.py", *variety, "--out", target,
                "--model-seed", seed, "--data", data_root(out, args, fold), "--generator", args.generator,

@@ -58,15 +58,19 @@ def parse_args(argv=None):
                         help="strength of the synthetic forgery traces (datasets/README.md)")
     # classic stays the default: at this budget the recipe does not learn the varied data
     # (docs/PERFORMANCE.md "Generalization").
-    parser.add_argument("--generator", default="classic", choices=("classic", "varied"),
+    parser.add_argument("--generator", default="classic", choices=("classic", "varied", "mixed"),
                         help="synthetic generator (datasets/README.md): 'classic' (ten photographs, "
-                             "ellipses) or 'varied' (many sources, region shapes, forgery families and "
-                             "post-processing chains)")
+                             "ellipses), 'varied' (many sources, region shapes, forgery families and "
+                             "post-processing chains) or 'mixed' (each image from one of the two)")
+    parser.add_argument("--varied-share", type=float, default=None, metavar="P",
+                        help="mixed generator: probability that an image comes from the varied "
+                             "generator, else from the classic one (default 0.5)")
     parser.add_argument("--families", nargs="+", default=None, choices=FORGERY_FAMILIES, metavar="FAMILY",
-                        help="forgery families of the varied generator to train on (default all; "
-                             "tools/cross_generator.py holds one out)")
+                        help="forgery families of the varied generator (or the mixed one's varied "
+                             "share) to train on (default all; tools/cross_generator.py holds one out)")
     parser.add_argument("--chains", nargs="+", default=None, choices=POST_CHAINS, metavar="CHAIN",
-                        help="post-processing chains of the varied generator (default all)")
+                        help="post-processing chains of the varied generator (or the mixed one's "
+                             "varied share; default all)")
     parser.add_argument("--data", default=None, metavar="DIR",
                         help="folder of the synthetic data (made there if missing or different; "
                              "default OUT/data), so several runs can share it")
@@ -84,7 +88,13 @@ def parse_args(argv=None):
     if len(args.opts) % 2:
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
     if args.generator == "classic" and (args.families or args.chains):
-        parser.error("--families and --chains belong to the varied generator")
+        parser.error("--families and --chains belong to the varied and mixed generators")
+    if args.generator != "mixed" and args.varied_share is not None:
+        parser.error("--varied-share belongs to the mixed generator")
+    if args.generator == "mixed":
+        args.varied_share = 0.5 if args.varied_share is None else args.varied_share
+        if not 0.0 <= args.varied_share <= 1.0:
+            parser.error(f"--varied-share must be in [0, 1], got {args.varied_share}")
     return args
 
 
@@ -170,25 +180,34 @@ def data_dir(args, out_dir):
     return Path(args.data).resolve() if args.data else out_dir / "data"
 
 
+def synthetic_data_args(args, data_root):
+    """The datasets/make_synthetic_ddl.py arguments that write the quickstart's data to ``data_root``."""
+    generator = ["--generator", args.generator]
+    if args.generator == "mixed":
+        generator += ["--varied-share", args.varied_share]
+    if args.families:
+        generator += ["--families", *args.families]
+    if args.chains:
+        generator += ["--chains", *args.chains]
+    return ["--out", data_root, "--num-train", args.num_train, "--num-val", args.num_val, "--seed", args.seed,
+            "--min-size", args.image_size[0], "--max-size", args.image_size[1],
+            "--difficulty", args.difficulty, *generator]
+
+
 def generate_data(steps, args):
     data_root = data_dir(args, steps.out_dir) / "DDL-I"
     stamp = data_root / "quickstart_params.json"
     params = {"num_train": args.num_train, "num_val": args.num_val, "seed": args.seed,
               "image_size": list(args.image_size), "difficulty": args.difficulty,
               "generator": args.generator, "families": args.families, "chains": args.chains}
+    if args.generator == "mixed":
+        # Only here: the stamps of classic and varied data written before the mix stay valid.
+        params["varied_share"] = args.varied_share
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         print(f"reusing the synthetic data in {data_root} (same generator, size, seed and difficulty)")
         return data_root
-    variety = []
-    if args.families:
-        variety += ["--families", *args.families]
-    if args.chains:
-        variety += ["--chains", *args.chains]
     steps.run("make_synthetic_ddl", [
-        sys.executable, ROOT / "datasets" / "make_synthetic_ddl.py", "--out", data_root,
-        "--num-train", args.num_train, "--num-val", args.num_val, "--seed", args.seed,
-        "--min-size", args.image_size[0], "--max-size", args.image_size[1],
-        "--difficulty", args.difficulty, "--generator", args.generator, *variety],
+        sys.executable, ROOT / "datasets" / "make_synthetic_ddl.py", *synthetic_data_args(args, data_root)],
         show=lambda line: line if line.startswith(("warning", "synthetic DDL data")) else None)
     stamp.write_text(json.dumps(params))
     return data_root

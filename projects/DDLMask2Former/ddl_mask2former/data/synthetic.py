@@ -28,7 +28,9 @@ the forgery, as a real camera does: an edit that blurs, resamples or inpaints th
 and a swapped-in donor brings its own level. No level marks forgeries in any other way.
 
 Everything is deterministic for a seed: image ``i`` of a split draws from its own generator
-seeded with (seed, split, i), so the result does not depend on worker count or order.
+seeded with (seed, split, i), so the result does not depend on worker count or order. A mixed
+split (``varied_share``) draws each image's generator from a stream of its own, so its image
+``i`` is, byte for byte, image ``i`` of the classic or the varied split of the same seed.
 """
 import json
 import os
@@ -62,6 +64,8 @@ FORGERY_TYPES = ("face_swap", "reenact", "edit_warp", "edit_inpaint", "edit_resy
 # Share of fake images per forgery type (in FORGERY_TYPES order).
 _FORGERY_TYPE_PROBS = (0.30, 0.10, 0.10, 0.10, 0.10, 0.30)
 _SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
+# Streams of the per-split draws, apart from every image's own (seed, split, index) stream.
+_LABEL_STREAM, _GENERATOR_STREAM = 2**31, 2**31 + 1
 _INTERPOLATIONS = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4)
 
 @dataclass(frozen=True)
@@ -380,7 +384,7 @@ def _generate_one(job):
 
 def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_size=256,
                    max_size=768, workers=1, folder_name=None, mask_folder="masks", flat=False,
-                   answers_dir=None, difficulty="hard", variety=None):
+                   answers_dir=None, difficulty="hard", variety=None, varied_share=None):
     """Write one split in DDL layout and return a summary dict.
 
     Labeled splits go to ``out_dir/<folder_name>/{real,fake,<mask_folder>}``. With
@@ -389,13 +393,17 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
     File names never reveal the label. ``difficulty`` names a TRACE_PROFILES level.
     ``variety``: None for the classic generator (ten photographs, ellipses, FORGERY_TYPES), or
     a dict of ``synthetic_varied.Variety`` keywords (families, shapes, chains; None = all) for
-    the varied one.
+    the varied one. ``varied_share`` (None: one generator) mixes the two: each image comes from
+    the varied generator (with ``variety``, None = all) with that probability, else from the
+    classic one, and its manifest record names which (``"generator"``).
     """
     trace_profile(difficulty)  # fail early on an unknown level
-    if variety is not None:
+    if varied_share is not None and not 0.0 <= varied_share <= 1.0:
+        raise ValueError(f"varied_share must be in [0, 1], got {varied_share}")
+    if variety is not None or varied_share is not None:
         from .synthetic_varied import Variety
 
-        variety = Variety(**variety).as_dict()  # fail early on unknown names
+        variety = Variety(**(variety or {})).as_dict()  # fail early on unknown names
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
     if not 0.0 <= fake_fraction <= 1.0:
@@ -406,7 +414,12 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
     num_fake = int(round(num_images * fake_fraction))
     labels = np.array([1] * num_fake + [0] * (num_images - num_fake), bool)
     # Label order comes from its own stream so it does not shift any image's content.
-    np.random.default_rng([seed, _SPLIT_IDS[split], 2**31]).shuffle(labels)
+    np.random.default_rng([seed, _SPLIT_IDS[split], _LABEL_STREAM]).shuffle(labels)
+    if varied_share is None:
+        image_varieties = [variety] * num_images
+    else:
+        draws = np.random.default_rng([seed, _SPLIT_IDS[split], _GENERATOR_STREAM]).random(num_images)
+        image_varieties = [variety if draw < varied_share else None for draw in draws]
     if flat:
         image_dirs = {0: split_dir, 1: split_dir}
         mask_dir = os.path.join(answers_dir, mask_folder) if answers_dir else None
@@ -416,13 +429,16 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
     for folder in set(image_dirs.values()) | ({mask_dir} if mask_dir else set()):
         os.makedirs(folder, exist_ok=True)
     jobs = []
-    for index, is_fake in enumerate(labels):
+    for index, (is_fake, image_variety) in enumerate(zip(labels, image_varieties)):
         name = f"{split}_{index:06d}.png"
         mask_path = os.path.join(mask_dir, name) if (is_fake and mask_dir) else None
         jobs.append((seed, _SPLIT_IDS[split], index, bool(is_fake),
                      os.path.join(image_dirs[int(is_fake)], name), mask_path, min_size, max_size,
-                     difficulty, variety))
+                     difficulty, image_variety))
     records = _run_jobs(jobs, workers)
+    if varied_share is not None:
+        for record, image_variety in zip(records, image_varieties):
+            record["generator"] = "classic" if image_variety is None else "varied"
     manifest_dir = answers_dir if (flat and answers_dir) else out_dir
     manifest = os.path.join(manifest_dir, f"manifest_{folder_name or split}.jsonl")
     with open(manifest, "w") as handle:
@@ -430,7 +446,7 @@ def generate_split(out_dir, split, num_images, seed=0, fake_fraction=0.5, min_si
             handle.write(json.dumps(record, sort_keys=True) + "\n")
     return {"split": split, "dir": split_dir, "num_images": num_images, "num_fake": num_fake,
             "num_real": num_images - num_fake, "manifest": manifest, "difficulty": difficulty,
-            "variety": variety}
+            "variety": variety, "varied_share": varied_share}
 
 
 def _run_jobs(jobs, workers):
@@ -443,22 +459,24 @@ def _run_jobs(jobs, workers):
 
 def generate_ddl_dataset(out_dir, num_train, num_val, num_test=0, seed=0, fake_fraction=0.5,
                          min_size=256, max_size=768, workers=1, val_folder="val",
-                         mask_folder="masks", difficulty="hard", variety=None):
+                         mask_folder="masks", difficulty="hard", variety=None, varied_share=None):
     """Write train/, val/ (or ``val_folder``) and optionally a flat test/ under ``out_dir``.
 
     The test split's labels and masks go to ``out_dir/test_answers/`` so submissions can be
-    scored; ``test/`` itself holds only images, like the DDL-I release.
+    scored; ``test/`` itself holds only images, like the DDL-I release. ``variety`` and
+    ``varied_share`` choose the generator (``generate_split``).
     """
     summaries = []
     for split, count, folder in (("train", num_train, "train"), ("val", num_val, val_folder)):
         if count > 0:
             summaries.append(generate_split(out_dir, split, count, seed, fake_fraction, min_size,
                                             max_size, workers, folder, mask_folder,
-                                            difficulty=difficulty, variety=variety))
+                                            difficulty=difficulty, variety=variety,
+                                            varied_share=varied_share))
     if num_test > 0:
         answers = os.path.join(out_dir, "test_answers")
         summaries.append(generate_split(out_dir, "test", num_test, seed, fake_fraction, min_size,
                                         max_size, workers, "test", mask_folder, flat=True,
                                         answers_dir=answers, difficulty=difficulty,
-                                        variety=variety))
+                                        variety=variety, varied_share=varied_share))
     return summaries
