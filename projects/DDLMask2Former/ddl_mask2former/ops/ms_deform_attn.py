@@ -113,6 +113,19 @@ class MSDeformAttn(nn.Module):
                             input_level_start_index, input_padding_mask, float32_sampling=True,
                             level_shapes=level_shapes)
 
+    def _onnx_locations(self, offsets, reference_points, level_size_xy):
+        """``reference_points + offsets / level_size_xy`` as traced into an ONNX graph: the same
+        division and addition of the same values, with both operands broadcast to the flat
+        (N, Lq, M * L * P * 2) layout first. ONNX Runtime broadcasts the eager form's
+        (1, 1, 1, L, 1, 2) and (N, Lq, 1, L, 1, 2) operands two floats at a time, several times
+        slower; the broadcast reference points are the same in every encoder layer, which ONNX
+        Runtime computes once (common subexpression elimination)."""
+        batch, n_queries = offsets.shape[:2]
+        shape = (batch, n_queries, self.n_heads, self.n_levels, self.n_points, 2)
+        sizes = level_size_xy[None, :, None, :].expand(self.n_heads, self.n_levels, self.n_points, 2).reshape(-1)
+        references = reference_points[:, :, None, :, None, :].expand(shape).reshape(batch, n_queries, -1)
+        return (references + offsets.reshape(batch, n_queries, -1) / sizes).view(shape)
+
     def _attend(self, query, reference_points, input_flatten, spatial_shapes, level_start_index,
                 padding_mask, float32_sampling=False, level_shapes=None):
         """The layer; ``float32_sampling``: offsets, weights and sampling in float32 with autocast
@@ -158,8 +171,11 @@ class MSDeformAttn(nn.Module):
 
             # Offsets are in pixels of each level; divide by (W, H) to move in normalized coordinates.
             level_size_xy = spatial_shapes.flip(-1).to(offsets.dtype)
-            sampling_locations = (reference_points[:, :, None, :, None, :]
-                                  + offsets / level_size_xy[None, None, None, :, None, :])
+            if torch.onnx.is_in_onnx_export():
+                sampling_locations = self._onnx_locations(offsets, reference_points, level_size_xy)
+            else:
+                sampling_locations = (reference_points[:, :, None, :, None, :]
+                                      + offsets / level_size_xy[None, None, None, :, None, :])
             # A half value with float32 positions is sampled in float32 (output in value's dtype).
             output = ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, weights,
                                     level_shapes, registered_op=self.registered_op)

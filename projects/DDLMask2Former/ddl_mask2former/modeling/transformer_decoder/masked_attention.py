@@ -19,6 +19,8 @@ axis, s/2 - 1 and s/2 of each block of s, with weight 1/2 each: a 2x2 average wi
 which ``downsample_bilinear`` computes directly (equal to ``F.interpolate``; on the CPU,
 whose bilinear kernel first copies an NCHW input to channels-last, 3-6x faster).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,9 +77,34 @@ class Attention(nn.Module):
         """keep_mask: bool (B, 1, Lq, Lk), True where a query may attend."""
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask, dropout_p=dropout)
+        if keep_mask is not None and torch.onnx.is_in_onnx_export():
+            out = _onnx_masked_attention(q, k, v, keep_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep_mask, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(query.shape)
         return self.out_proj(out)
+
+
+# Masked logits are raised to (row maximum - this) before the softmax of the ONNX graph.
+_ONNX_MASK_MARGIN = 80.0
+
+
+def _onnx_masked_attention(q, k, v, keep_mask):
+    """``scaled_dot_product_attention`` with a boolean ``keep_mask``, as traced into an ONNX graph.
+
+    ONNX Runtime's ``Softmax`` is several times slower on rows holding -inf (the exporter's
+    masked SDPA) than on finite rows: exponentials far below the row maximum come out subnormal.
+    Here every logit is raised to at least (the row's maximum over kept positions - 80) before the
+    softmax: a masked position's weight is then at most exp(-80) ~ 1.8e-35 of the largest one
+    instead of 0, as is a kept position that far below, which no float32 sum of weights >= 1
+    registers. Every row keeps at least one position (``_predict``), so the maximum is finite and
+    the exporter's NaN clean-up for fully masked rows is not needed.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    bias = torch.zeros_like(keep_mask, dtype=q.dtype).masked_fill(~keep_mask, float("-inf"))
+    logits = torch.matmul(q * scale, k.transpose(-2, -1)) + bias
+    floor = logits.amax(dim=-1, keepdim=True) - _ONNX_MASK_MARGIN
+    return torch.matmul(torch.maximum(logits, floor).softmax(dim=-1), v)
 
 
 class DecoderLayer(nn.Module):
