@@ -21,9 +21,8 @@ if importlib.util.find_spec("ddl_mask2former") is None:
 import ddl_mask2former  # noqa: F401  (registers datasets and the model)
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from ddl_mask2former.config import load_config
-from ddl_mask2former.engine import Trainer, checkpoint_iteration
+from ddl_mask2former.engine import CheckpointMismatchError, Trainer, TrainedModelCheckpointer, checkpoint_iteration
 
 
 def parse_args(argv=None):
@@ -48,7 +47,11 @@ def main(argv=None):
         raise SystemExit("calibrate.py: DATASETS.CALIBRATION is empty; name the datasets to calibrate on, "
                          "e.g. DATASETS.CALIBRATION \"('ddl_i_train_calib',)\"")
     model = Trainer.build_model(cfg)
-    iteration = checkpoint_iteration(DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS))
+    try:
+        checkpoint = TrainedModelCheckpointer(model, backbone_name=cfg.MODEL.BACKBONE.NAME).load(cfg.MODEL.WEIGHTS)
+    except CheckpointMismatchError as exc:
+        raise SystemExit(f"calibrate.py: {exc}") from None
+    iteration = checkpoint_iteration(checkpoint)
     fits = Trainer.calibrate(cfg, model, iteration=iteration)
     if not fits:
         raise SystemExit(f"calibrate.py: nothing calibrated (see the warning above); {args.output} not written")

@@ -24,11 +24,10 @@ if importlib.util.find_spec("ddl_mask2former") is None:
 import ddl_mask2former  # noqa: F401  (registers datasets and the model)
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from tabulate import tabulate
 
 from ddl_mask2former.config import load_config
-from ddl_mask2former.engine import Trainer
+from ddl_mask2former.engine import CheckpointMismatchError, Trainer, TrainedModelCheckpointer
 from ddl_mask2former.evaluation.calibration import collect_records, fit_rule, rule_metrics
 from ddl_mask2former.modeling.verdict import MASK_POLICIES, RULES
 
@@ -81,7 +80,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     target_fpr = cfg.MODEL.DDL.VERDICT.TARGET_FPR if args.target_fpr is None else args.target_fpr
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    try:
+        TrainedModelCheckpointer(model, backbone_name=cfg.MODEL.BACKBONE.NAME).load(cfg.MODEL.WEIGHTS)
+    except CheckpointMismatchError as exc:
+        raise SystemExit(f"compare_verdicts.py: {exc}") from None
     model.eval()
     calibration = records_of(cfg, model, args.calibration)
     evaluation = records_of(cfg, model, args.eval)

@@ -40,6 +40,7 @@ import torch
 
 from ddl_mask2former.config import load_config
 from ddl_mask2former.data import DDLDataError
+from ddl_mask2former.engine import CheckpointMismatchError
 from ddl_mask2former.predictor import load_image
 from ddl_mask2former.visualization import forged_area_fraction, render_forgery_overlay
 
@@ -197,6 +198,8 @@ def main(argv=None):
     except FileNotFoundError as exc:
         logger.error("%s", exc)
         return 1
+    except CheckpointMismatchError as exc:
+        raise SystemExit(f"demo.py: {exc}") from None
 
 
 if __name__ == "__main__":

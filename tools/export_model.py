@@ -28,11 +28,11 @@ if importlib.util.find_spec("ddl_mask2former") is None:
 import ddl_mask2former  # noqa: F401  (registers the model)
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from ddl_mask2former.config import load_config
 from ddl_mask2former.deploy import FORMATS, export_model, metadata_path
+from ddl_mask2former.engine import CheckpointMismatchError, TrainedModelCheckpointer
 
 logger = logging.getLogger("ddl_mask2former.export_model")
 
@@ -68,7 +68,10 @@ def main(argv=None):
     cfg.freeze()
     model = build_model(cfg).eval()
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        try:
+            TrainedModelCheckpointer(model, backbone_name=cfg.MODEL.BACKBONE.NAME).load(weights)
+        except CheckpointMismatchError as exc:
+            sys.exit(f"export_model: {exc}")
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting the model with random weights")
     with torch.no_grad():

@@ -52,7 +52,8 @@ from detectron2.utils.logger import setup_logger
 from ddl_mask2former.config import load_config
 from ddl_mask2former.data.ddl_dataset import default_cache_dir, load_ddl_split, register_ddl_split
 from ddl_mask2former.data.image_io import DDLDataError, read_forgery_mask, read_image
-from ddl_mask2former.engine import Trainer, check_evaluation_verdict, launch, load_evaluation_model
+from ddl_mask2former.engine import (CheckpointMismatchError, Trainer, check_evaluation_verdict, launch,
+                                    load_evaluation_model)
 from ddl_mask2former.evaluation.calibration import VerdictCalibrationError
 from ddl_mask2former.data.perturbations import (
     CONVENTIONS, SWEEPS, level_key, parse_level, perturb, perturb_mask)
@@ -289,12 +290,13 @@ def _quiet_console():
 def load_model(cfg, opts=(), check_only=False):
     """The model with its weights and a verdict fit for evaluation, as tools/train_net.py
     --eval-only has it (``engine.load_evaluation_model``; ``check_only``: the checks alone, before
-    launch); SystemExit saying how to go on when the verdict cannot be calibrated."""
+    launch); SystemExit saying how to go on when the verdict cannot be calibrated or the checkpoint
+    does not fit the config's model."""
     try:
         if check_only:
             return check_evaluation_verdict(cfg, opts)
         return load_evaluation_model(cfg, opts)
-    except VerdictCalibrationError as exc:
+    except (CheckpointMismatchError, VerdictCalibrationError) as exc:
         raise SystemExit(f"{TOOL}: {exc}") from None
 
 

@@ -31,7 +31,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ddl_mask2former.config import load_config
-from ddl_mask2former.engine import Trainer, check_evaluation_verdict, launch, load_evaluation_model
+from ddl_mask2former.engine import (CheckpointMismatchError, Trainer, check_evaluation_verdict, launch,
+                                    load_evaluation_model)
 from ddl_mask2former.evaluation.calibration import VerdictCalibrationError
 
 
@@ -63,7 +64,7 @@ def main(args):
         # TARGET_FPR than the command line gives (engine.prepare_verdict).
         try:
             model = load_evaluation_model(cfg, args.opts, resume=args.resume)
-        except VerdictCalibrationError as exc:
+        except (CheckpointMismatchError, VerdictCalibrationError) as exc:
             raise SystemExit(f"train_net.py --eval-only: {exc}") from None
         results = Trainer.test(cfg, model)
         if comm.is_main_process():

@@ -26,7 +26,6 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from PIL import Image
@@ -35,6 +34,7 @@ from ddl_mask2former_serve.images import ImageReadError
 from ddl_mask2former_serve.images import load_image as serving_load_image
 
 from .data import DDLDataError, DDLDatasetMapper
+from .engine.checkpoint import TrainedModelCheckpointer
 
 __all__ = ["ForgeryPredictor", "ImageInput", "load_image"]
 
@@ -77,7 +77,8 @@ def load_image(source: ImageInput, format: str = "RGB", name: str = "input image
 
 
 class ForgeryPredictor:
-    """A DDL-Mask2Former model built from ``cfg`` with weights from ``cfg.MODEL.WEIGHTS``.
+    """A DDL-Mask2Former model built from ``cfg`` with weights from ``cfg.MODEL.WEIGHTS``
+    (``engine.CheckpointMismatchError`` when they do not fit the model of ``cfg``).
 
     ``predictor(image)`` returns one dict; ``predictor([image, ...])`` a list of them, in order.
     An image is a file path, a uint8 HxWx3 numpy array (RGB unless ``format="BGR"``, e.g. for
@@ -109,7 +110,8 @@ class ForgeryPredictor:
         self.model = build_model(self.cfg)
         self.model.eval()
         if self.cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+            checkpointer = TrainedModelCheckpointer(self.model, backbone_name=self.cfg.MODEL.BACKBONE.NAME)
+            checkpointer.load(self.cfg.MODEL.WEIGHTS)
         else:
             logger.warning("MODEL.WEIGHTS is empty: predicting with random weights")
         # The evaluation mapper's resize and channel order, so predictions match evaluation.

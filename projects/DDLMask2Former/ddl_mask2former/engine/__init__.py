@@ -1,6 +1,7 @@
 """Training plumbing: the detectron2 Trainer and its train loop, what it does to the model first
 (``compilation``: torch.compile, channels-last), optimizer groups, schedules and hooks. (Overlay
 pictures live in ``ddl_mask2former.visualization``.)"""
+from .checkpoint import CheckpointMismatchError, TrainedModelCheckpointer
 from .hooks import NonFiniteLossError, NonFiniteLossHook
 from .launch import launch, leave_process_group
 from .lr_scheduler import PolyParamScheduler, build_lr_scheduler
@@ -12,6 +13,7 @@ from .trainer import (AtomicDetectionCheckpointer, Trainer, build_ddp_model, che
 
 __all__ = [
     "AtomicDetectionCheckpointer",
+    "CheckpointMismatchError",
     "DDLTrainLoop",
     "NonFiniteLossError",
     "NonFiniteLossHook",
@@ -20,6 +22,7 @@ __all__ = [
     "amp_dtype_from_cfg",
     "losses_to_host",
     "Trainer",
+    "TrainedModelCheckpointer",
     "build_ddp_model",
     "check_evaluation_verdict",
     "checkpoint_iteration",

@@ -11,6 +11,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoint import TrainedModelCheckpointer
 from .hooks import NonFiniteLossHook
 from .lr_scheduler import build_lr_scheduler
 from .optimizer import build_optimizer
@@ -430,9 +431,11 @@ def load_evaluation_model(cfg, opts=(), resume=False):
     """The model of ``cfg`` with MODEL.WEIGHTS (or, with ``resume``, the last checkpoint in
     OUTPUT_DIR) and a verdict fit for evaluation (``prepare_verdict``), as
     ``tools/train_net.py --eval-only`` and ``tools/robustness.py`` use it; ``opts``: the command
-    line's overrides (a TARGET_FPR among them is applied or refused)."""
+    line's overrides (a TARGET_FPR among them is applied or refused). CheckpointMismatchError when
+    the checkpoint does not fit the model of ``cfg``."""
     model = Trainer.build_model(cfg)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = TrainedModelCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
+                                            backbone_name=cfg.MODEL.BACKBONE.NAME)
     checkpoint = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     weights = cfg.MODEL.WEIGHTS
     if resume and checkpointer.has_checkpoint():
