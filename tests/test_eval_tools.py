@@ -11,7 +11,7 @@ import pytest
 from ddl_mask2former.evaluation import DDLEvaluator, fuse_exports, score_export, search_weights
 from ddl_mask2former.evaluation.export import read_predictions
 
-from eval_helpers import make_outputs, write_split
+from eval_helpers import make_outputs, write_split, write_split_dicts
 from tool_helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,3 +213,142 @@ def test_search_agrees_with_scoring_fused_exports(exports, tmp_path, capsys):
     assert ensemble.main(["--inputs", model_a, model_b, "--search", split, "--search-step",
                           "0.5", "--no-progress"]) == 0
     assert "best localization weights" in capsys.readouterr().out
+
+
+# --by: a hand-made split of 10x10 images, every fake forged on a 4x5 rectangle
+_BY_SIZE = (10, 10)
+# name -> (label, fake_prob, predicted mask: "perfect", "empty" or a number of marked pixels)
+_BY_IMAGES = {
+    "r0.png": (0, 0.1, 0), "r1.png": (0, 0.7, 2), "r2.png": (0, 0.3, 0), "r3.png": (0, 0.5, 0),
+    "f0.png": (1, 0.9, "perfect"), "f1.png": (1, 0.8, "perfect"),
+    "f2.png": (1, 0.2, "empty"), "f3.png": (1, 0.6, "empty"),
+}
+_BY_MANIFEST = [  # r3 is not listed; f3 is a classic record (no families, shapes or chain)
+    {"file": "r0.png", "label": 0, "post": {"chain": "jpeg"}, "source": "coffee"},
+    {"file": "r1.png", "label": 0, "post": {"chain": "jpeg"}, "source": "coffee"},
+    {"file": "r2.png", "label": 0, "post": {"chain": "none"}, "source": "procedural"},
+    {"file": "f0.png", "label": 1, "families": ["splice"], "post": {"chain": "jpeg"},
+     "regions": [{"family": "splice", "shape": "ellipse"}], "source": "coffee"},
+    {"file": "f1.png", "label": 1, "families": ["splice", "warp"], "post": {"chain": "none"},
+     "regions": [{"family": "splice", "shape": "ellipse"}, {"family": "warp", "shape": "blob"}],
+     "source": "procedural"},
+    {"file": "f2.png", "label": 1, "families": ["warp"], "post": {"chain": "jpeg"},
+     "regions": [{"family": "warp", "shape": "blob"}], "source": "coffee"},
+    {"file": "f3.png", "label": 1, "forgery_type": "face_swap", "regions": ["face_swap"],
+     "source": "astronaut"},
+]
+
+
+def _write_by_split(root):
+    """Split, manifest beside it and an export: f0/f1 perfect masks, f2/f3 empty, r1 2 % marked."""
+    split, export = root / "val", root / "export"
+    for folder in (split / "real", split / "fake", split / "masks", export / "mask"):
+        folder.mkdir(parents=True)
+    forged = np.zeros(_BY_SIZE, np.uint8)
+    forged[2:6, 3:8] = 255
+    lines = []
+    for name, (label, fake_prob, predicted) in _BY_IMAGES.items():
+        cv2.imwrite(str(split / ("fake" if label else "real") / name),
+                    np.full(_BY_SIZE + (3,), 128, np.uint8))
+        if label:
+            cv2.imwrite(str(split / "masks" / name), forged)
+        mask = forged.copy() if predicted == "perfect" else np.zeros(_BY_SIZE, np.uint8)
+        if not isinstance(predicted, str):
+            mask.flat[:predicted] = 255
+        cv2.imwrite(str(export / "mask" / name), mask)
+        lines.append(f"{name},{fake_prob}\n")
+    (export / "prediction.txt").write_text("".join(lines))
+    (root / "manifest_val.jsonl").write_text(
+        "".join(json.dumps(record) + "\n" for record in _BY_MANIFEST))
+    return str(split), str(export)
+
+
+def _metrics(num_real, num_fake, auc, f1, real_false_alarm=None):
+    expected = {"num_real": num_real, "num_fake": num_fake, "auc": auc, "f1": f1, "iou": f1}
+    if real_false_alarm is not None:
+        expected["real_false_alarm"] = real_false_alarm
+    return expected
+
+
+def test_evaluate_predictions_by_family_chain_and_none_groups(tmp_path, capsys):
+    split, export = _write_by_split(tmp_path)
+    json_path = str(tmp_path / "metrics.json")
+    assert evaluate_predictions.main(["--pred", export, "--gt", split, "--by", "family", "shape",
+                                      "chain", "generator", "--json", json_path,
+                                      "--no-progress"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # the notes above the tables are wrapped
+    assert "plus all real images" in out and "real and fake images with that chain" in out
+    assert "1 images of" in out and "r3.png" in out  # not in the manifest: named, not dropped
+    by = json.load(open(json_path))["by"]
+    # forgery keys: the group's fakes against all 4 reals (scores 0.1, 0.7, 0.3, 0.5);
+    # warp: 0.8 beats 4 reals, 0.2 beats 1 -> AUC 5/8; f3 (classic, no families) is (none)
+    expected_family = {"splice": _metrics(4, 2, 1.0, 1.0), "warp": _metrics(4, 2, 5 / 8, 0.5),
+                       "(none)": _metrics(4, 1, 3 / 4, 0.0)}
+    for key, groups in (("family", expected_family),
+                        ("shape", {"blob": expected_family["warp"],
+                                   "ellipse": expected_family["splice"],
+                                   "(none)": expected_family["(none)"]})):
+        assert list(by[key]) == list(groups)
+        for group, expected in groups.items():
+            assert "real_false_alarm" not in by[key][group]
+            for entry, value in expected.items():
+                assert by[key][group][entry] == pytest.approx(value), (key, group, entry)
+    # image keys: reals and fakes with that chain; r3 (unlisted) and f3 (no post) are (none);
+    # jpeg: f0 (0.9) beats r0 and r1, f2 (0.2) beats r0 -> 3/4; r1 has 2 % marked
+    expected_chain = {"jpeg": _metrics(2, 2, 3 / 4, 0.5, 0.5),
+                      "none": _metrics(1, 1, 1.0, 1.0, 0.0),
+                      "(none)": _metrics(1, 1, 1.0, 0.0, 0.0)}
+    assert list(by["chain"]) == list(expected_chain)
+    for group, expected in expected_chain.items():
+        for entry, value in expected.items():
+            assert by["chain"][group][entry] == pytest.approx(value), (group, entry)
+    # no generator anywhere: one (none) group, the whole split
+    overall = score_export(export, split)
+    assert list(by["generator"]) == ["(none)"]
+    for entry in ("num_real", "num_fake", "auc", "f1", "iou", "real_false_alarm"):
+        assert by["generator"]["(none)"][entry] == pytest.approx(overall[entry])
+
+
+def test_evaluate_predictions_by_manifest_errors(tmp_path, capsys):
+    split, export = _write_by_split(tmp_path)
+    os.rename(tmp_path / "manifest_val.jsonl", tmp_path / "other.jsonl")
+    assert evaluate_predictions.main(["--pred", export, "--gt", split, "--by", "family",
+                                      "--no-progress"]) == 1
+    assert str(tmp_path / "manifest_val.jsonl") in capsys.readouterr().err
+    # an entry for a file the split lacks, or with another label: an error naming it
+    records = _BY_MANIFEST + [{"file": "gone.png", "label": 1}]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert evaluate_predictions.main(["--pred", export, "--gt", split, "--by", "chain",
+                                      "--manifest", str(tmp_path / "other.jsonl"),
+                                      "--no-progress"]) == 1
+    assert "gone.png" in capsys.readouterr().err
+    records = [dict(r, label=1) if r["file"] == "r0.png" else r for r in _BY_MANIFEST]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert evaluate_predictions.main(["--pred", export, "--gt", split, "--by", "chain",
+                                      "--manifest", str(tmp_path / "other.jsonl"),
+                                      "--no-progress"]) == 1
+    assert "r0.png" in capsys.readouterr().err
+
+
+def test_evaluate_predictions_by_on_a_generated_split(tmp_path, capsys):
+    """Varied generator: every fake counts once per family it holds; reals are in each group."""
+    from ddl_mask2former.data.synthetic import generate_split
+
+    summary = generate_split(str(tmp_path), "val", 12, seed=0, min_size=64, max_size=96,
+                             variety={})
+    split = summary["dir"]
+    dicts = write_split_dicts(split)
+    export = tmp_path / "export"
+    _export(dicts, make_outputs(dicts, seed=3), export)
+    json_path = str(tmp_path / "metrics.json")
+    assert evaluate_predictions.main(["--pred", str(export), "--gt", split, "--by", "family",
+                                      "chain", "--json", json_path, "--no-progress"]) == 0
+    assert summary["manifest"] in capsys.readouterr().out
+    by = json.load(open(json_path))["by"]
+    records = [json.loads(line) for line in open(summary["manifest"])]
+    fakes = [r for r in records if r["label"] == 1]
+    assert {family: group["num_fake"] for family, group in by["family"].items()} == {
+        family: sum(family in r["families"] for r in fakes)
+        for family in {f for r in fakes for f in r["families"]}}
+    assert all(group["num_real"] == summary["num_real"] for group in by["family"].values())
+    assert sum(group["num_real"] + group["num_fake"] for group in by["chain"].values()) == 12

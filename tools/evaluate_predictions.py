@@ -12,6 +12,17 @@ the other computed entries. --conventions adds other papers' figures on the same
 (pooled-pixel F1 and two-class mIoU, best-threshold F1 from prob/, TruFor's max(F1, inverted
 F1), detection TPR at 1 % and 5 % FPR; docs/EVALUATION.md "Other conventions"). A missing, extra, wrong-size or malformed prediction is an error
 naming the image; --allow-missing scores missing ones as 0 / empty and reports how many.
+
+--by KEY [KEY ...] adds, after the overall table, one table per KEY with the metrics of each
+group of images (#real, #fake, AUC, per-image F1 and IoU, real images >1 % marked), read from
+the split's manifest (--manifest; default: manifest_<split folder name>.jsonl in SPLIT_DIR's
+parent, as datasets/make_synthetic_ddl.py writes it). Keys: family and shape describe the
+forgery only, so each of their groups holds its fakes plus ALL real images (AUC: these fakes
+against every real; a fake with several families or shapes counts in each); chain (post.chain),
+generator and source describe the whole image, so a group holds the reals and fakes with that
+value. Images the manifest does not list and entries without the key go to the group "(none)"
+(for family and shape, fakes only); a manifest entry for a file not in the split, or with
+another label, is an error. --json then adds "by": {key: {group: {metrics}}}.
 """
 import argparse
 import importlib.util
@@ -25,9 +36,13 @@ import time
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
+from ddl_mask2former.evaluation.breakdown import (BREAKDOWN_KEYS, NO_GROUP, check_manifest,
+                                                  compute_breakdown, default_manifest_path,
+                                                  format_breakdown, read_manifest)
 from ddl_mask2former.evaluation.conventions import format_conventions
 from ddl_mask2former.evaluation.metrics import format_metrics_table
-from ddl_mask2former.evaluation.scoring import JSON_KEYS, default_num_workers, score_export
+from ddl_mask2former.evaluation.scoring import (JSON_KEYS, default_num_workers, list_ddl_split,
+                                                score_images)
 
 
 def parse_args(argv=None):
@@ -46,8 +61,18 @@ def parse_args(argv=None):
                         help="also report other papers' metric conventions (pooled-pixel F1 and "
                              "two-class mIoU, best-threshold and inverted-max F1, TPR at 1 %% "
                              "and 5 %% FPR); the best-threshold F1 reads prob/")
+    parser.add_argument("--by", nargs="+", choices=BREAKDOWN_KEYS, metavar="KEY",
+                        help="also one table per KEY with the metrics of each group of images, "
+                             f"from the manifest; KEY in {', '.join(BREAKDOWN_KEYS)}")
+    parser.add_argument("--manifest",
+                        help="manifest for --by (default: manifest_<split folder name>.jsonl "
+                             "beside SPLIT_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.manifest and not args.by:
+        parser.error("--manifest is only read with --by")
+    args.by = list(dict.fromkeys(args.by or ()))  # each key once, in the order given
+    return args
 
 
 def _json_safe(value):
@@ -63,9 +88,17 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        metrics = score_export(args.pred, args.gt, allow_missing=args.allow_missing,
-                               gt_mask_threshold=args.mask_threshold, num_workers=args.workers,
-                               progress=not args.no_progress, conventions=args.conventions)
+        images = list_ddl_split(args.gt)
+        manifest, manifest_path, unlisted = None, None, []
+        if args.by:  # read and checked before the long scoring pass
+            manifest_path = args.manifest or default_manifest_path(args.gt)
+            manifest = read_manifest(manifest_path)
+            unlisted = check_manifest(manifest, images.names, images.labels, manifest_path,
+                                      args.gt)
+        scores = score_images(args.pred, images, allow_missing=args.allow_missing,
+                              gt_mask_threshold=args.mask_threshold, num_workers=args.workers,
+                              progress=not args.no_progress, conventions=args.conventions)
+        metrics = scores.results()
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -74,6 +107,14 @@ def main(argv=None):
     print(format_metrics_table(metrics))
     if conventions is not None:
         print("other conventions (percent; docs/EVALUATION.md):\n" + format_conventions(conventions))
+    breakdown = compute_breakdown(scores, manifest, args.by) if args.by else None
+    if args.by:
+        print(f"\nper group, from {manifest_path}:")
+        if unlisted:
+            print(f"warning: {len(unlisted)} images of {args.gt} are not in the manifest (e.g. "
+                  f"{', '.join(unlisted[:5])}); grouped as {NO_GROUP}")
+    for key in args.by:
+        print("\n" + format_breakdown(key, breakdown[key]))
     print(f"scored {metrics['num_real'] + metrics['num_fake']} images of {args.gt} in "
           f"{elapsed:.1f} s")
     for what in ("scores", "masks"):
@@ -86,6 +127,8 @@ def main(argv=None):
         payload.update(_json_safe(metrics))
         if conventions is not None:
             payload["conventions"] = _json_safe(conventions)
+        if breakdown is not None:
+            payload["by"] = _json_safe(breakdown)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)

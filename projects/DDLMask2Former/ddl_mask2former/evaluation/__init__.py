@@ -2,7 +2,9 @@
 
 ``metrics`` (per-image numbers -> AUC, F1, IoU), ``ground_truth`` (one image's mask -> pixel
 counts), ``evaluator`` (``DDLEvaluator``, in-process), ``export`` (prediction.txt, mask/,
-prob/), ``scoring`` (an export against a split folder, offline) and ``fusion`` (paper eq. 6).
+prob/), ``scoring`` (an export against a split folder, offline), ``breakdown`` (the same
+metrics per group of a split's manifest: forgery family, chain, ...) and ``fusion`` (paper
+eq. 6).
 """
 from .evaluator import DDLEvaluator, build_ddl_evaluator
 from .export import decode_prob_u8, encode_prob_u8, read_predictions, write_submission_zip

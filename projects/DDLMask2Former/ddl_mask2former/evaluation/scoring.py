@@ -10,7 +10,7 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -27,6 +27,8 @@ __all__ = [
     "SplitIndex",
     "list_ddl_split",
     "score_export",
+    "score_images",
+    "ImageScores",
     "iter_bounded",
     "progress_bar",
     "default_num_workers",
@@ -154,6 +156,44 @@ def _compare(expected: Iterable[str], found: Iterable[str], what: str, where: st
     return missing
 
 
+class ImageScores(NamedTuple):
+    """Per-image results of scoring an export: what every metric of a split is computed from.
+
+    One entry per image of ``images`` in its order. ``fake_prob`` is NaN without
+    ``prediction.txt``; ``counts`` holds TP, FP, FN per image (-1 without ``mask/``);
+    ``best_f1`` is the best-threshold F1 per fake image when ``prob/`` was read, else None.
+    """
+
+    images: SplitIndex
+    fake_prob: np.ndarray
+    counts: np.ndarray  # (N, 3) int64
+    num_pixels: np.ndarray
+    best_f1: Optional[np.ndarray]
+    num_missing_scores: int
+    num_missing_masks: int
+    conventions: bool  # whether results() adds other papers' figures
+
+    def metrics(self, subset: Optional[np.ndarray] = None, warn: bool = True) -> Dict[str, float]:
+        """``compute_ddl_metrics_from_arrays`` over all images, or the indices in ``subset``."""
+        index = slice(None) if subset is None else np.asarray(subset, dtype=np.int64)
+        names = self.images.names if subset is None else [self.images.names[i] for i in index]
+        return compute_ddl_metrics_from_arrays(
+            self.images.labels[index], self.fake_prob[index], self.counts[index, 0],
+            self.counts[index, 1], self.counts[index, 2], self.num_pixels[index], names=names,
+            warn=warn)
+
+    def results(self) -> Dict[str, float]:
+        """What ``score_export`` returns (see there)."""
+        results = self.metrics()
+        results["num_missing_scores"] = self.num_missing_scores
+        results["num_missing_masks"] = self.num_missing_masks
+        if self.conventions:
+            results["conventions"] = compute_conventions(
+                self.images.labels, self.fake_prob, self.counts[:, 0], self.counts[:, 1],
+                self.counts[:, 2], self.num_pixels, best_f1=self.best_f1)
+        return results
+
+
 def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
                  gt_mask_threshold: int = 127, num_workers: Optional[int] = None,
                  progress: bool = False, conventions: bool = False) -> Dict[str, float]:
@@ -167,7 +207,20 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
     score is 0 and a missing mask is empty); extra predictions, masks of the wrong size and
     malformed lines always raise, naming the image.
     """
-    images = list_ddl_split(split_dir)
+    return score_images(pred_dir, split_dir, allow_missing=allow_missing,
+                        gt_mask_threshold=gt_mask_threshold, num_workers=num_workers,
+                        progress=progress, conventions=conventions).results()
+
+
+def score_images(pred_dir: str, split: Union[str, SplitIndex], *, allow_missing: bool = False,
+                 gt_mask_threshold: int = 127, num_workers: Optional[int] = None,
+                 progress: bool = False, conventions: bool = False) -> ImageScores:
+    """``score_export``'s per-image results (``ImageScores``), for metrics over subsets.
+
+    ``split`` is a split folder or its ``list_ddl_split``; the other arguments and the errors
+    are ``score_export``'s.
+    """
+    images = split if isinstance(split, SplitIndex) else list_ddl_split(split)
     prediction_path = os.path.join(pred_dir, PREDICTION_FILE)
     mask_dir = os.path.join(pred_dir, MASK_DIR)
     has_det = os.path.isfile(prediction_path)
@@ -231,13 +284,5 @@ def score_export(pred_dir: str, split_dir: str, *, allow_missing: bool = False,
             counts[i] = image_result[:3]
             best_f1[i] = image_result[3]
     num_pixels = images.sizes[:, 0].astype(np.int64) * images.sizes[:, 1]
-    results = compute_ddl_metrics_from_arrays(
-        images.labels, fake_prob, counts[:, 0], counts[:, 1], counts[:, 2], num_pixels,
-        names=images.names)
-    results["num_missing_scores"] = num_missing_scores
-    results["num_missing_masks"] = len(missing_masks)
-    if conventions:
-        results["conventions"] = compute_conventions(
-            images.labels, fake_prob, counts[:, 0], counts[:, 1], counts[:, 2], num_pixels,
-            best_f1=best_f1 if read_prob else None)
-    return results
+    return ImageScores(images, fake_prob, counts, num_pixels, best_f1 if read_prob else None,
+                       num_missing_scores, len(missing_masks), conventions)
