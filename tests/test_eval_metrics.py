@@ -13,11 +13,14 @@ from ddl_mask2former.evaluation.export import (
     write_predictions,
 )
 from ddl_mask2former.evaluation.metrics import (
+    LABEL_UNKNOWN,
+    NO_GROUP,
     ImageRecord,
     compute_ddl_metrics,
     compute_group_metrics,
     f1_from_counts,
     format_metrics_table,
+    group_images,
     iou_from_counts,
     mask_counts,
     roc_auc,
@@ -133,20 +136,54 @@ def test_metrics_with_one_class_give_nan_auc_and_score():
     assert "AUC" in format_metrics_table(metrics)
 
 
-def test_group_metrics_fake_only_group_is_scored_against_all_reals():
+def test_group_metrics_key_real_images_lack_scores_each_group_against_all_reals():
+    # a forgery type: no real image has one, so reals are grouped nowhere and are every group's
     records = [r._replace(group="swap" if r.name == "a.png" else None) for r in _records()]
     records.append(ImageRecord("e.png", 1, 0.05, 0, 0, 4, 10, "edit"))
-    records.append(ImageRecord("f.png", 0, 0.7, 0, 0, 0, 10, "edit"))
+    records.append(ImageRecord("u.png", LABEL_UNKNOWN, 0.5, 0, 0, 0, 10, "swap"))
     groups = compute_group_metrics(records)
-    assert set(groups) == {"swap", "edit"}
-    # swap: its one fake (0.9) against all three reals (0.6, 0.1, 0.7) -> 1.0
+    assert list(groups) == ["edit", "swap", NO_GROUP]  # sorted, images without a type last
+    # swap: its one fake (0.9) against both reals (0.6, 0.1) -> 1.0; u.png (unlabeled) is out
     assert groups["swap"]["auc"] == 1.0 and groups["swap"]["auc_vs_all_reals"] == 1.0
-    assert groups["swap"]["f1"] == 1.0 and groups["swap"]["num_real"] == 0
-    # edit has both classes: AUC within the group (0.05 < 0.7) -> 0
-    assert groups["edit"]["auc"] == 0.0 and groups["edit"]["auc_vs_all_reals"] == 0.0
-    assert groups["edit"]["f1"] == 0.0
+    assert (groups["swap"]["num_fake"], groups["swap"]["num_real"]) == (1, 2)
+    assert groups["swap"]["f1"] == 1.0 and "real_false_alarm" not in groups["swap"]
+    # edit: 0.05 below both reals; (none): b (0.4) beats one real of two
+    assert groups["edit"]["auc"] == 0.0 and groups["edit"]["f1"] == 0.0
+    assert groups[NO_GROUP]["auc"] == 0.5 and groups[NO_GROUP]["auc_vs_all_reals"] == 1.0
+    assert groups["swap"]["score"] == pytest.approx((1.0 + 1.0 + 1.0) / 3)
     table = format_metrics_table(compute_ddl_metrics(records), groups)
-    assert "swap" in table and "100.00*" in table
+    assert "swap" in table and "100.00*" in table and "its fakes against all reals" in table
+
+
+def test_group_metrics_key_of_the_whole_image_groups_reals_too():
+    # some real images have a value: each group holds its own reals and fakes
+    values = {"a.png": ["x", "z"], "c.png": "x", "b.png": "y"}
+    records = [r._replace(group=values.get(r.name)) for r in _records()]
+    groups = compute_group_metrics(records)
+    assert list(groups) == ["x", "y", "z", NO_GROUP]
+    # x: a (0.9) against its own real c (0.6), whose 2 of 10 pixels are marked
+    assert groups["x"]["auc"] == 1.0 and groups["x"]["auc_vs_all_reals"] == 0.0
+    assert (groups["x"]["num_fake"], groups["x"]["num_real"]) == (1, 1)
+    assert groups["x"]["real_false_alarm"] == 1.0
+    # y and z have no real of their own: against all reals (c 0.6, d 0.1); a counts in x and z
+    assert groups["y"]["auc"] == 0.5 and groups["y"]["auc_vs_all_reals"] == 1.0
+    assert groups["z"]["auc"] == 1.0 and groups["z"]["num_real"] == 2
+    # (none): d alone, one class: no AUC, no F1, nothing dropped
+    assert (groups[NO_GROUP]["num_real"], groups[NO_GROUP]["num_fake"]) == (1, 0)
+    assert math.isnan(groups[NO_GROUP]["auc"]) and math.isnan(groups[NO_GROUP]["f1"])
+    assert groups[NO_GROUP]["real_false_alarm"] == 0.0
+
+
+def test_group_images_rule():
+    labels = [0, 1, 1, 0, LABEL_UNKNOWN]
+    forgery = group_images([None, "p", ["p", "q"], None, "p"], labels)
+    assert {group: (g.indices.tolist(), g.vs_all_reals) for group, g in forgery.items()} == {
+        "p": ([0, 1, 2, 3], True), "q": ([0, 2, 3], True)}
+    image = group_images(["s", "t", None, None, "s"], labels)
+    assert {group: (g.indices.tolist(), g.vs_all_reals) for group, g in image.items()} == {
+        "s": ([0], False), "t": ([0, 1, 3], True), NO_GROUP: ([2, 3], False)}
+    with pytest.raises(ValueError, match="2 group values for 5 images"):
+        group_images(["s", "t"], labels)
 
 
 def test_prob_codec_threshold_is_exact():

@@ -1,5 +1,6 @@
 """tools/evaluate_predictions.py and tools/ensemble.py on small generated splits."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -277,7 +278,8 @@ def test_evaluate_predictions_by_family_chain_and_none_groups(tmp_path, capsys):
                                       "chain", "generator", "--json", json_path,
                                       "--no-progress"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # the notes above the tables are wrapped
-    assert "plus all real images" in out and "real and fake images with that chain" in out
+    assert "a group without real images of its own is scored with all of them" in out
+    assert "100.00*" in out and "its fakes against all reals" in out
     assert "1 images of" in out and "r3.png" in out  # not in the manifest: named, not dropped
     by = json.load(open(json_path))["by"]
     # forgery keys: the group's fakes against all 4 reals (scores 0.1, 0.7, 0.3, 0.5);
@@ -291,6 +293,7 @@ def test_evaluate_predictions_by_family_chain_and_none_groups(tmp_path, capsys):
         assert list(by[key]) == list(groups)
         for group, expected in groups.items():
             assert "real_false_alarm" not in by[key][group]
+            assert by[key][group]["auc_vs_all_reals"] == 1.0
             for entry, value in expected.items():
                 assert by[key][group][entry] == pytest.approx(value), (key, group, entry)
     # image keys: reals and fakes with that chain; r3 (unlisted) and f3 (no post) are (none);
@@ -302,11 +305,13 @@ def test_evaluate_predictions_by_family_chain_and_none_groups(tmp_path, capsys):
     for group, expected in expected_chain.items():
         for entry, value in expected.items():
             assert by["chain"][group][entry] == pytest.approx(value), (group, entry)
-    # no generator anywhere: one (none) group, the whole split
+    assert by["chain"]["jpeg"]["auc_vs_all_reals"] == 0.0
+    # no generator anywhere: one (none) group of all fakes against all reals, the whole split
     overall = score_export(export, split)
     assert list(by["generator"]) == ["(none)"]
-    for entry in ("num_real", "num_fake", "auc", "f1", "iou", "real_false_alarm"):
+    for entry in ("num_real", "num_fake", "auc", "f1", "iou"):
         assert by["generator"]["(none)"][entry] == pytest.approx(overall[entry])
+    assert "real_false_alarm" not in by["generator"]["(none)"]
 
 
 def test_evaluate_predictions_by_manifest_errors(tmp_path, capsys):
@@ -330,6 +335,56 @@ def test_evaluate_predictions_by_manifest_errors(tmp_path, capsys):
     assert "r0.png" in capsys.readouterr().err
 
 
+def test_evaluator_groups_equal_offline_breakdown(tmp_path):
+    """TEST.EVAL_GROUP_KEY and --by give the same groups and numbers on the same images."""
+    split = str(tmp_path / "val")
+    dicts = write_split(split, num_real=7, num_fake=9)
+    outputs = make_outputs(dicts, seed=5)
+    manifest = []
+    for index, record in enumerate(dicts):
+        # a source shared by both classes (cam), reals only (web), fakes only (gan), none
+        source = (["cam", "web", None] if record["label"] == 0 else ["cam", "gan", None])[index % 3]
+        family = ["splice", "warp"][index % 2] if record["label"] and index % 5 else None
+        record.update(source=source, family=family)
+        entry = {"file": os.path.basename(record["file_name"]), "label": record["label"]}
+        if source is not None:
+            entry["source"] = source
+        if family is not None:
+            entry["families"] = [family]
+        manifest.append(entry)
+    (tmp_path / "manifest_val.jsonl").write_text(
+        "".join(json.dumps(entry) + "\n" for entry in manifest))
+    export, json_path = str(tmp_path / "export"), str(tmp_path / "metrics.json")
+    in_process = {}
+    for key in ("source", "family"):
+        evaluator = DDLEvaluator("eval_tools_groups", export_dir=export, group_key=key)
+        evaluator.reset()
+        evaluator.process(dicts, outputs)
+        in_process[key] = evaluator.evaluate()["ddl_groups"]
+    assert evaluate_predictions.main(["--pred", export, "--gt", split, "--by", "source",
+                                      "family", "--json", json_path, "--no-progress"]) == 0
+    by = json.load(open(json_path))["by"]
+    assert list(by["source"]) == ["cam", "gan", "web", "(none)"]
+    assert by["source"]["gan"]["auc_vs_all_reals"] == 1.0
+    assert list(by["family"]) == ["splice", "warp", "(none)"]
+    names = {"auc": "AUC", "f1": "F1", "iou": "IoU", "score": "score", "f1_pixel": "F1_pixel",
+             "iou_pixel": "IoU_pixel", "real_forged_frac": "real_forged_frac",
+             "real_false_alarm": "real_false_alarm", "num_real": "num_real",
+             "num_fake": "num_fake"}
+    for key, groups in by.items():
+        expected = {f"{group}/{names[entry]}": value for group, metrics in groups.items()
+                    for entry, value in metrics.items() if entry in names}
+        assert set(in_process[key]) == set(expected), key
+        for name, value in expected.items():
+            found = in_process[key][name]
+            if value is None:  # NaN in the JSON: a figure the group cannot define
+                assert math.isnan(found), (key, name)
+            elif name.endswith(("/num_real", "/num_fake")):
+                assert found == value, (key, name)
+            else:
+                assert found == pytest.approx(100 * value, abs=1e-12), (key, name)
+
+
 def test_evaluate_predictions_by_on_a_generated_split(tmp_path, capsys):
     """Varied generator: every fake counts once per family it holds; reals are in each group."""
     from ddl_mask2former.data.synthetic import generate_split
@@ -351,4 +406,6 @@ def test_evaluate_predictions_by_on_a_generated_split(tmp_path, capsys):
         family: sum(family in r["families"] for r in fakes)
         for family in {f for r in fakes for f in r["families"]}}
     assert all(group["num_real"] == summary["num_real"] for group in by["family"].values())
-    assert sum(group["num_real"] + group["num_fake"] for group in by["chain"].values()) == 12
+    # a chain group without reals of its own is scored with all reals: count only its fakes
+    assert sum(group["num_fake"] + (0 if group["auc_vs_all_reals"] else group["num_real"])
+               for group in by["chain"].values()) == 12

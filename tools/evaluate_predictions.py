@@ -14,15 +14,13 @@ F1), detection TPR at 1 % and 5 % FPR; docs/EVALUATION.md "Other conventions"). 
 naming the image; --allow-missing scores missing ones as 0 / empty and reports how many.
 
 --by KEY [KEY ...] adds, after the overall table, one table per KEY with the metrics of each
-group of images (#real, #fake, AUC, per-image F1 and IoU, real images >1 % marked), read from
-the split's manifest (--manifest; default: manifest_<split folder name>.jsonl in SPLIT_DIR's
-parent, as datasets/make_synthetic_ddl.py writes it). Keys: family and shape describe the
-forgery only, so each of their groups holds its fakes plus ALL real images (AUC: these fakes
-against every real; a fake with several families or shapes counts in each); chain (post.chain),
-generator and source describe the whole image, so a group holds the reals and fakes with that
-value. Images the manifest does not list and entries without the key go to the group "(none)"
-(for family and shape, fakes only); a manifest entry for a file not in the split, or with
-another label, is an error. --json then adds "by": {key: {group: {metrics}}}.
+group of images (#real, #fake, AUC, per-image F1 and IoU, real images >1 % marked), with values
+read from the split's manifest (--manifest; default: manifest_<split folder name>.jsonl in
+SPLIT_DIR's parent, as datasets/make_synthetic_ddl.py writes it): family, shape, chain
+(post.chain), generator, source. Groups follow the rule TEST.EVAL_GROUP_KEY follows too
+(docs/EVALUATION.md "Per group"); images the manifest does not list have no value. A manifest
+entry for a file not in the split, or with another label, is an error. --json then adds
+"by": {key: {group: {metrics}}}.
 """
 import argparse
 import importlib.util
@@ -31,6 +29,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import time
 
 if importlib.util.find_spec("ddl_mask2former") is None:
@@ -40,7 +39,7 @@ from ddl_mask2former.evaluation.breakdown import (BREAKDOWN_KEYS, NO_GROUP, chec
                                                   compute_breakdown, default_manifest_path,
                                                   format_breakdown, read_manifest)
 from ddl_mask2former.evaluation.conventions import format_conventions
-from ddl_mask2former.evaluation.metrics import format_metrics_table
+from ddl_mask2former.evaluation.metrics import GROUP_RULE, format_metrics_table
 from ddl_mask2former.evaluation.scoring import (JSON_KEYS, default_num_workers, list_ddl_split,
                                                 score_images)
 
@@ -109,7 +108,10 @@ def main(argv=None):
         print("other conventions (percent; docs/EVALUATION.md):\n" + format_conventions(conventions))
     breakdown = compute_breakdown(scores, manifest, args.by) if args.by else None
     if args.by:
-        print(f"\nper group, from {manifest_path}:")
+        print("\n" + textwrap.fill(
+            f"per group of {manifest_path}: {GROUP_RULE}; {NO_GROUP} also holds the images the "
+            "manifest does not list; '-' marks a figure the group cannot define", width=100,
+            break_on_hyphens=False))
         if unlisted:
             print(f"warning: {len(unlisted)} images of {args.gt} are not in the manifest (e.g. "
                   f"{', '.join(unlisted[:5])}); grouped as {NO_GROUP}")

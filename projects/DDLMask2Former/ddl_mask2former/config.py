@@ -295,7 +295,8 @@ def _add_evaluation_config(cfg):
     cfg.TEST.EXPORT_PROB = True
     # Also zip prediction.txt and mask/ into submission.zip, the archive the challenge accepts.
     cfg.TEST.EXPORT_ZIP = False
-    # Dataset-dict key (e.g. a forgery type) to break metrics down by; "" for no breakdown.
+    # Dataset-dict key (e.g. a forgery type) to break metrics down by, grouped as
+    # docs/EVALUATION.md "Per group" says (the rule of evaluate_predictions --by); "": none.
     cfg.TEST.EVAL_GROUP_KEY = ""
     # Tiled inference at native resolution (modeling/tiled_inference.py): the test input keeps
     # its size (no INPUT.BASE_SCALE resize) and the model runs on overlapping square tiles.

@@ -3,30 +3,20 @@
 The synthetic generator writes ``manifest_<split>.jsonl`` beside each split folder: one JSON
 object per image with ``file``, ``label`` and, for the varied generator, ``families``,
 ``regions`` ({family, shape}), ``post`` ({chain, ...}) and ``source`` (mixed data add
-``generator``). ``compute_breakdown`` scores each group from the per-image results of one
-scoring pass (``scoring.ImageScores``), with the same formulas as the overall figures.
-
-How real images are grouped depends on what a key describes:
-
-- forgery keys (``family``, ``shape``) describe the forged regions, which real images lack:
-  each group holds the fakes with that value plus *all* real images, so its AUC is "these fakes
-  against every real image". A fake with several families (or shapes) counts in each.
-- image keys (``chain``, ``generator``, ``source``) describe the whole image: a group holds the
-  real and fake images with that value.
-
-Images the manifest does not list, and entries without the key (classic images have no
-``families``), go to the group ``(none)``; for forgery keys only fakes do. Nothing is dropped.
+``generator``). ``compute_breakdown`` reads each image's value(s) of a key from there (several
+for ``family`` and ``shape``; none for an image the manifest does not list or an entry without
+the key) and hands them to ``metrics.compute_group_metrics_from_arrays``: the groups are
+chosen by ``metrics.group_images``, the rule the in-process evaluator's
+``TEST.EVAL_GROUP_KEY`` follows too, and scored with the formulas of the overall figures.
 """
 import json
 import math
 import os
-import textwrap
-from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 from tabulate import tabulate
 
+from .metrics import NO_GROUP, VS_ALL_REALS_NOTE, compute_group_metrics_from_arrays
 from .scoring import ImageScores
 
 __all__ = [
@@ -37,19 +27,14 @@ __all__ = [
     "default_manifest_path",
     "read_manifest",
     "check_manifest",
-    "group_images",
     "compute_breakdown",
     "format_breakdown",
 ]
 
+# keys of the forged regions (several values per fake, none on reals) and of the whole image
 FORGERY_KEYS = ("family", "shape")
 IMAGE_KEYS = ("chain", "generator", "source")
 BREAKDOWN_KEYS = FORGERY_KEYS + IMAGE_KEYS
-# the group of images without a value for the key
-NO_GROUP = "(none)"
-# entries of real images in a forgery-key group: the same for every group, so not shown there
-_REAL_ONLY_KEYS = ("real_forged_frac", "real_false_alarm")
-_PLURALS = {"family": "families", "shape": "shapes"}
 _TABLE_COLUMNS = (("num_real", "#real"), ("num_fake", "#fake"), ("auc", "AUC"), ("f1", "F1"),
                   ("iou", "IoU"), ("real_false_alarm", "real >1% marked"))
 
@@ -103,74 +88,36 @@ def check_manifest(manifest: Dict[str, dict], names: Sequence[str], labels: Sequ
     return sorted(set(label_of) - set(manifest))
 
 
-def _values(record: Optional[dict], key: str) -> List[str]:
-    """The record's values for ``key`` (several for a forgery key); [] when it has none."""
+def _values(record: Optional[dict], key: str) -> List:
+    """The record's values for ``key`` (several for ``family`` and ``shape``); [] for none."""
     if record is None:
         return []
     if key == "family":
-        values = record.get("families") or []
-    elif key == "shape":
+        return record.get("families") or []
+    if key == "shape":
         # classic records list region kinds as strings: no shape
-        values = [region.get("shape") for region in record.get("regions") or []
-                  if isinstance(region, dict)]
-    elif key == "chain":
+        return [region.get("shape") for region in record.get("regions") or []
+                if isinstance(region, dict)]
+    if key == "chain":
         post = record.get("post")
-        values = [post.get("chain")] if isinstance(post, dict) else []
-    elif key in IMAGE_KEYS:
-        values = [record.get(key)]
-    else:
-        raise ValueError(f"unknown breakdown key {key!r}; expected one of {BREAKDOWN_KEYS}")
-    return sorted({str(value) for value in values if value is not None})
-
-
-def group_images(manifest: Dict[str, dict], names: Sequence[str], labels: Sequence[int],
-                 key: str) -> Dict[str, np.ndarray]:
-    """Image indices per group of ``key`` (module docstring: how reals are grouped)."""
-    labels = np.asarray(labels)
-    members: Dict[str, List[int]] = defaultdict(list)
-    for index, (name, label) in enumerate(zip(names, labels)):
-        if key in FORGERY_KEYS and label != 1:
-            continue
-        for value in _values(manifest.get(name), key) or [NO_GROUP]:
-            members[value].append(index)
-    order = sorted(members, key=lambda group: (group == NO_GROUP, group))
-    if key in FORGERY_KEYS:
-        reals = np.flatnonzero(labels == 0)
-        return {group: np.sort(np.concatenate([members[group], reals]).astype(np.int64))
-                for group in order}
-    return {group: np.asarray(members[group], dtype=np.int64) for group in order}
+        return [post.get("chain")] if isinstance(post, dict) else []
+    if key in IMAGE_KEYS:
+        return [record.get(key)]
+    raise ValueError(f"unknown breakdown key {key!r}; expected one of {BREAKDOWN_KEYS}")
 
 
 def compute_breakdown(scores: ImageScores, manifest: Dict[str, dict],
                       keys: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{key: {group: metrics}}: ``ImageScores.metrics`` of each group's images.
-
-    For forgery keys the entries about real images (``real_false_alarm``, ...) are left out:
-    every group holds all reals, so they would repeat the overall figure.
-    """
-    names, labels = scores.images.names, scores.images.labels
-    breakdown = {}
-    for key in keys:
-        breakdown[key] = {}
-        for group, indices in group_images(manifest, names, labels, key).items():
-            metrics = scores.metrics(indices, warn=False)
-            metrics.pop("num_unlabeled", None)
-            if key in FORGERY_KEYS:
-                for entry in _REAL_ONLY_KEYS:
-                    metrics.pop(entry, None)
-            breakdown[key][group] = metrics
-    return breakdown
+    """{key: {group: metrics}} from one scoring pass (``compute_group_metrics_from_arrays``)."""
+    names, labels, counts = scores.images.names, scores.images.labels, scores.counts
+    return {key: compute_group_metrics_from_arrays(
+                [_values(manifest.get(name), key) for name in names], labels, scores.fake_prob,
+                counts[:, 0], counts[:, 1], counts[:, 2], scores.num_pixels, names=names)
+            for key in keys}
 
 
 def format_breakdown(key: str, groups: Dict[str, Dict[str, float]]) -> str:
-    """One key's groups as a text table in percent, with a line on how reals are grouped."""
-    if key in FORGERY_KEYS:
-        note = (f"by {key}: a group is its fake images plus all real images (AUC: those fakes "
-                f"against every real); a fake with several {_PLURALS[key]} counts in each")
-    else:
-        note = f"by {key}: a group holds the real and fake images with that {key}"
-    note += (f"; {NO_GROUP}: not in the manifest or no {key} there; '-' marks a figure the group "
-             "cannot define")
+    """One key's groups as a text table in percent (``metrics.GROUP_RULE``: how they are chosen)."""
     columns = [(entry, header) for entry, header in _TABLE_COLUMNS
                if any(entry in metrics for metrics in groups.values())]
 
@@ -180,10 +127,15 @@ def format_breakdown(key: str, groups: Dict[str, Dict[str, float]]) -> str:
             return ""
         if math.isnan(value):  # one class only, no fakes, or no reals
             return "-"
-        return str(int(value)) if entry.startswith("num_") else f"{100 * value:.2f}"
+        if entry.startswith("num_"):
+            return str(int(value))
+        return f"{100 * value:.2f}" + ("*" if entry == "auc" and metrics.get("auc_vs_all_reals")
+                                       else "")
 
     rows = [[group] + [cell(metrics, entry) for entry, _ in columns]
             for group, metrics in groups.items()]
     table = tabulate(rows, headers=[key] + [header for _, header in columns], tablefmt="pipe",
                      disable_numparse=True, stralign="right")
-    return f"{textwrap.fill(note, width=100, break_on_hyphens=False)}\n{table}"
+    if any(metrics.get("auc_vs_all_reals") for metrics in groups.values()):
+        table += "\n" + VS_ALL_REALS_NOTE
+    return table

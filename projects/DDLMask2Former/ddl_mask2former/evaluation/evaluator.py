@@ -27,6 +27,8 @@ from .export import (
 from .ground_truth import count_against_ground_truth
 from .metrics import (
     LABEL_UNKNOWN,
+    NO_GROUP,
+    GroupValue,
     ImageRecord,
     compute_ddl_metrics,
     compute_group_metrics,
@@ -82,8 +84,9 @@ class DDLEvaluator(DatasetEvaluator):
             export_dir: if given, write the challenge submission there.
             export_prob: also export 8-bit probability maps (needed by tools/ensemble.py).
             export_zip: also write ``submission.zip`` (prediction.txt + mask/).
-            group_key: dataset-dict key (e.g. a forgery type) for a per-group breakdown; taken
-                from the inputs when present there, else from the registered dataset dicts.
+            group_key: dataset-dict key (e.g. a forgery type; a value or a list of values)
+                for metrics per group, grouped as ``metrics.group_images`` says; taken from the
+                inputs when present there, else from the registered dataset dicts.
             gt_mask_threshold: ground-truth mask pixels above this 8-bit value are forged.
             distributed: gather results from all processes (False: each process alone).
         """
@@ -159,7 +162,7 @@ class DDLEvaluator(DatasetEvaluator):
                 self._writer.submit_mask(name, pred)
         return pred
 
-    def _group_of(self, image_input: Dict) -> Optional[str]:
+    def _group_of(self, image_input: Dict) -> GroupValue:
         if self.group_key is None:
             return None
         if self.group_key in image_input:
@@ -172,7 +175,7 @@ class DDLEvaluator(DatasetEvaluator):
                     for d in DatasetCatalog.get(self.dataset_name)
                 } if self.dataset_name in DatasetCatalog.list() else {}
             group = self._group_by_image_id.get(image_input["image_id"])
-        return None if group is None else str(group)
+        return group  # a value, a list of values or None; group_images reads all three
 
     def evaluate(self) -> Dict:
         if self._writer is not None:
@@ -195,9 +198,9 @@ class DDLEvaluator(DatasetEvaluator):
             return {}
         metrics = compute_ddl_metrics(records)
         groups = compute_group_metrics(records) if self.group_key else {}
-        if self.group_key and not groups:
-            logger.warning("%s: no image has the group key '%s' (TEST.EVAL_GROUP_KEY); no breakdown",
-                           self.dataset_name, self.group_key)
+        if self.group_key and list(groups) == [NO_GROUP]:
+            logger.warning("%s: no image has the group key '%s' (TEST.EVAL_GROUP_KEY); every "
+                           "image is in the group %s", self.dataset_name, self.group_key, NO_GROUP)
         logger.info("DDL evaluation on %s (%d images, percent):\n%s", self.dataset_name,
                     len(records), format_metrics_table(metrics, groups))
         results = OrderedDict(ddl=to_percent_results(metrics))

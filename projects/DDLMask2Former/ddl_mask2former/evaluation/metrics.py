@@ -16,11 +16,13 @@ Conventions (the official scorer is not public; these are the ones DESIGN.md fix
   ``real_false_alarm`` = share of real images with more than ``FALSE_ALARM_AREA`` (1 %) of their
   pixels predicted forged (what a user sees as "a real photo with a region marked").
 - Overall score = (AUC + F1 + IoU) / 3, with the per-image F1 and IoU.
+- Per group (``TEST.EVAL_GROUP_KEY`` in the evaluator, ``--by`` offline): ``group_images``
+  chooses each group's images, by one rule for both, and the same formulas score them.
 """
 import math
 import warnings
 from collections import defaultdict
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tabulate import tabulate
@@ -34,6 +36,12 @@ __all__ = [
     "compute_ddl_metrics",
     "compute_ddl_metrics_from_arrays",
     "compute_group_metrics",
+    "compute_group_metrics_from_arrays",
+    "group_images",
+    "ImageGroup",
+    "NO_GROUP",
+    "GROUP_RULE",
+    "VS_ALL_REALS_NOTE",
     "LABEL_UNKNOWN",
     "FALSE_ALARM_AREA",
 ]
@@ -42,6 +50,19 @@ __all__ = [
 LABEL_UNKNOWN = -1
 # A real image with more than this share of its pixels predicted forged is a false alarm.
 FALSE_ALARM_AREA = 0.01
+# the group of the images without a value for a breakdown's key
+NO_GROUP = "(none)"
+# entries about real images: a group scored against all reals would repeat the overall ones
+_REAL_IMAGE_KEYS = ("real_forged_frac", "real_false_alarm")
+# the footnote of a table whose AUC marked * is a group's fakes against all reals
+VS_ALL_REALS_NOTE = "* a group without real images: AUC of its fakes against all reals (#real)"
+# group_images' rule in a sentence, for the tools that print groups
+GROUP_RULE = (f"a group holds the images with that value (a fake with several values counts in "
+              f"each), {NO_GROUP} those without one; real images are grouped only if some have a "
+              "value, and a group without real images of its own is scored with all of them "
+              "(AUC marked *)")
+# an image's value of a breakdown key: one value, several (it counts in each) or none
+GroupValue = Union[None, str, Sequence[str]]
 
 
 class ImageRecord(NamedTuple):
@@ -59,7 +80,7 @@ class ImageRecord(NamedTuple):
     fp: int
     fn: int
     num_pixels: int
-    group: Optional[str] = None
+    group: GroupValue = None  # the image's value of TEST.EVAL_GROUP_KEY (group_images)
     # The detection head's probability before the verdict (NaN: none); exports write it for
     # ensembles, which fuse the members' raw evidence.
     head_prob: float = math.nan
@@ -158,10 +179,14 @@ def compute_ddl_metrics(records: Iterable[ImageRecord], warn: bool = True) -> Di
     (label -1) are counted but not scored. Raises if only some records carry a task.
     """
     records = list(records)
+    return compute_ddl_metrics_from_arrays(*_record_columns(records),
+                                           names=[r.name for r in records], warn=warn)
+
+
+def _record_columns(records: List[ImageRecord]) -> List[np.ndarray]:
+    """label, fake_prob, tp, fp, fn, num_pixels of the records, one float64 array each."""
     columns = np.asarray([r[1:7] for r in records], dtype=np.float64).reshape(-1, 6)
-    return compute_ddl_metrics_from_arrays(
-        columns[:, 0], columns[:, 1], columns[:, 2], columns[:, 3], columns[:, 4],
-        columns[:, 5], names=[r.name for r in records], warn=warn)
+    return [columns[:, i] for i in range(6)]
 
 
 def compute_ddl_metrics_from_arrays(labels, fake_prob, tp, fp, fn, num_pixels, names=None,
@@ -219,40 +244,88 @@ def _task_present(present: np.ndarray, labeled: np.ndarray, names, what: str) ->
     return count > 0
 
 
-def compute_group_metrics(records: Iterable[ImageRecord]) -> Dict[str, Dict[str, float]]:
-    """Metrics per ``group`` (records without a group are left out of the breakdown).
+class ImageGroup(NamedTuple):
+    """One group of a breakdown: the images scored for it (indices) and how they were chosen."""
 
-    A group holding both classes gets its own AUC. A group holding only fakes (the usual case
-    for a forgery-type key, which real images lack) is scored against ALL real images of the
-    dataset, so its AUC says how well that forgery type is told apart from real images; the
-    ``auc_vs_all_reals`` entry is 1.0 in that case and 0.0 otherwise.
+    indices: np.ndarray  # int64, ascending
+    # True: the group has no real image of its own; ``indices`` add all real images
+    vs_all_reals: bool
+
+
+def _value_list(value: GroupValue) -> List[str]:
+    """An image's group values as sorted distinct strings; [] when it has none."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return sorted({str(item) for item in value if item is not None})
+    return [str(value)]
+
+
+def group_images(values: Sequence[GroupValue], labels: Sequence[int]) -> Dict[str, ImageGroup]:
+    """The images of each group, by the one rule of every DDL breakdown.
+
+    ``values[i]`` is image i's value of the key: one value, a list of them (the image counts
+    in each group) or None. Images without a value form the group ``NO_GROUP``, last; the
+    others come in sorted order. Unlabeled images are in no group. When no real image has a
+    value (the key describes the forgery, e.g. a forgery type, which real images lack), real
+    images are not grouped at all. A group without real images of its own is scored as its
+    fakes plus all real images of the set (``vs_all_reals``).
     """
-    records = [r for r in records if r.label != LABEL_UNKNOWN]
-    reals = [r for r in records if r.label == 0]
-    by_group: Dict[str, List[ImageRecord]] = defaultdict(list)
-    for record in records:
-        if record.group is not None:
-            by_group[record.group].append(record)
+    labels = np.asarray(labels)
+    if len(values) != labels.size:
+        raise ValueError(f"{len(values)} group values for {labels.size} images")
+    image_values = [_value_list(value) for value in values]
+    real = np.flatnonzero(labels == 0)
+    group_reals = any(image_values[index] for index in real)
+    members: Dict[str, List[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        if label == LABEL_UNKNOWN or (label == 0 and not group_reals):
+            continue
+        for value in image_values[index] or [NO_GROUP]:
+            members[value].append(index)
+    groups = {}
+    for group in sorted(members, key=lambda name: (name == NO_GROUP, name)):
+        indices = np.asarray(members[group], dtype=np.int64)
+        vs_all_reals = bool(real.size) and not np.any(labels[indices] == 0)
+        if vs_all_reals:
+            indices = np.sort(np.concatenate([indices, real]))
+        groups[group] = ImageGroup(indices, vs_all_reals)
+    return groups
+
+
+def compute_group_metrics_from_arrays(values: Sequence[GroupValue], labels, fake_prob, tp, fp,
+                                      fn, num_pixels,
+                                      names=None) -> Dict[str, Dict[str, float]]:
+    """{group: metrics} of ``group_images(values, labels)``, each with the overall formulas.
+
+    The arrays are ``compute_ddl_metrics_from_arrays``'s. A ``vs_all_reals`` group counts all
+    real images in ``num_real`` and its AUC is its fakes against them; its entries about real
+    images (``real_forged_frac``, ``real_false_alarm``) are left out, as they would repeat the
+    overall ones. With a detection score, ``auc_vs_all_reals`` is 1.0 for such a group, else
+    0.0. ``num_unlabeled`` is left out (unlabeled images are in no group).
+    """
+    columns = [np.asarray(column) for column in (labels, fake_prob, tp, fp, fn, num_pixels)]
     breakdown = {}
-    for group in sorted(by_group):
-        members = by_group[group]
-        group_metrics = compute_ddl_metrics(members, warn=False)
-        only_fakes = group_metrics["num_real"] == 0
-        if only_fakes and "auc" in group_metrics and reals:
-            # one NaN-free AUC per forgery type: its fakes against every real image
-            group_metrics["auc"] = roc_auc(
-                [1] * len(members) + [0] * len(reals),
-                [r.fake_prob for r in members] + [r.fake_prob for r in reals],
-                warn=False,
-            )
-            if "score" in group_metrics:
-                group_metrics["score"] = (
-                    group_metrics["auc"] + group_metrics["f1"] + group_metrics["iou"]
-                ) / 3
-        if "auc" in group_metrics:
-            group_metrics["auc_vs_all_reals"] = float(only_fakes and bool(reals))
-        breakdown[group] = group_metrics
+    for group, (indices, vs_all_reals) in group_images(values, columns[0]).items():
+        group_names = None if names is None else [names[i] for i in indices]
+        metrics = compute_ddl_metrics_from_arrays(*(column[indices] for column in columns),
+                                                  names=group_names, warn=False)
+        del metrics["num_unlabeled"]
+        if vs_all_reals:
+            for entry in _REAL_IMAGE_KEYS:
+                metrics.pop(entry, None)
+        if "auc" in metrics:
+            metrics["auc_vs_all_reals"] = float(vs_all_reals)
+        breakdown[group] = metrics
     return breakdown
+
+
+def compute_group_metrics(records: Iterable[ImageRecord]) -> Dict[str, Dict[str, float]]:
+    """``compute_group_metrics_from_arrays`` of records grouped by their ``group`` field."""
+    records = list(records)
+    return compute_group_metrics_from_arrays([r.group for r in records],
+                                             *_record_columns(records),
+                                             names=[r.name for r in records])
 
 
 # metric key -> table header; fractions are printed in percent, counts as integers
@@ -268,7 +341,7 @@ _COUNT_KEYS = ("num_real", "num_fake")
 def format_metrics_table(metrics: Dict[str, float],
                          groups: Optional[Dict[str, Dict[str, float]]] = None) -> str:
     """A text table of ``compute_ddl_metrics`` output in percent, one row per group."""
-    rows = [("all", metrics)] + sorted((groups or {}).items())
+    rows = [("all", metrics)] + list((groups or {}).items())
     columns = [(key, header) for key, header in _TABLE_COLUMNS
                if any(key in row for _, row in rows)]
 
@@ -285,5 +358,5 @@ def format_metrics_table(metrics: Dict[str, float],
                      disable_numparse=True,
                      stralign="right")
     if any(row.get("auc_vs_all_reals") for _, row in rows):
-        table += "\n* AUC of the subset's fake images against all real images"
+        table += "\n" + VS_ALL_REALS_NOTE
     return table

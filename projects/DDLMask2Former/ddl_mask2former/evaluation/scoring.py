@@ -173,14 +173,11 @@ class ImageScores(NamedTuple):
     num_missing_masks: int
     conventions: bool  # whether results() adds other papers' figures
 
-    def metrics(self, subset: Optional[np.ndarray] = None, warn: bool = True) -> Dict[str, float]:
-        """``compute_ddl_metrics_from_arrays`` over all images, or the indices in ``subset``."""
-        index = slice(None) if subset is None else np.asarray(subset, dtype=np.int64)
-        names = self.images.names if subset is None else [self.images.names[i] for i in index]
+    def metrics(self) -> Dict[str, float]:
+        """``compute_ddl_metrics_from_arrays`` over all images (per group: ``breakdown``)."""
         return compute_ddl_metrics_from_arrays(
-            self.images.labels[index], self.fake_prob[index], self.counts[index, 0],
-            self.counts[index, 1], self.counts[index, 2], self.num_pixels[index], names=names,
-            warn=warn)
+            self.images.labels, self.fake_prob, self.counts[:, 0], self.counts[:, 1],
+            self.counts[:, 2], self.num_pixels, names=self.images.names)
 
     def results(self) -> Dict[str, float]:
         """What ``score_export`` returns (see there)."""
