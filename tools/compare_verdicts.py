@@ -18,7 +18,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import sys
 
 if importlib.util.find_spec("ddl_mask2former") is None:
@@ -28,13 +27,11 @@ import ddl_mask2former  # noqa: F401  (registers datasets and the model)
 import torch
 from tabulate import tabulate
 
-from ddl_mask2former.config import load_config
+from ddl_mask2former.config import load_config, split_config_overrides
 from ddl_mask2former.engine import CheckpointMismatchError, Trainer, TrainedModelCheckpointer
 from ddl_mask2former.evaluation.calibration import collect_records, fit_rule, rule_metrics
 from ddl_mask2former.modeling.verdict import MASK_POLICIES, RULES
 
-# MODEL.WEIGHTS, SOLVER.BASE_LR: upper case with a dot; dataset names are lower case.
-CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 COLUMNS = (("auc", "AUC"), ("f1", "F1"), ("iou", "IoU"), ("score", "score"),
            ("real_false_alarm", "real >1% marked"), ("real_called_fake", "real called fake"),
            ("fake_called_real", "fake called real"))
@@ -57,16 +54,10 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, metavar="FILE", help="write every number here")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-    # A list option swallows the overrides that follow it directly: move them back.
-    for name in ("calibration", "eval"):
-        values = getattr(args, name)
-        first_key = next((i for i, value in enumerate(values) if CONFIG_KEY.match(value)), None)
-        if first_key is not None:
-            args.opts = values[first_key:] + args.opts
-            setattr(args, name, values[:first_key])
-            if not values[:first_key]:
-                parser.error(f"--{name} names no dataset before {values[first_key]}")
+    # "--eval ddl_i_val MODEL.WEIGHTS w": the overrides end the dataset lists.
+    options, overrides = split_config_overrides(argv)
+    args = parser.parse_args(options)
+    args.opts = list(args.opts) + overrides
     for target in args.target_fpr or ():
         if not 0.0 < target < 1.0:
             parser.error(f"--target-fpr {target}: a false-positive rate in (0, 1)")

@@ -41,6 +41,7 @@ from pathlib import Path
 if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
+from ddl_mask2former.config import split_config_overrides
 from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,10 @@ def parse_args(argv=None):
     parser.add_argument("--difficulty", default="easy", choices=("easy", "medium", "hard"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides of the recipe, for training and evaluation")
-    args = parser.parse_args(argv)
+    # "--chains jpeg INPUT.X v": the overrides end the lists.
+    options, overrides = split_config_overrides(argv)
+    args = parser.parse_args(options)
+    args.opts = list(args.opts) + overrides
     if len(args.opts) % 2:
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
     if not args.recipe or "/" in args.recipe or args.recipe in ("data", "report"):

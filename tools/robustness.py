@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import textwrap
@@ -49,7 +48,7 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ddl_mask2former.config import load_config
+from ddl_mask2former.config import load_config, split_config_overrides
 from ddl_mask2former.data.ddl_dataset import default_cache_dir, load_ddl_split, register_ddl_split
 from ddl_mask2former.data.image_io import DDLDataError, read_forgery_mask, read_image
 from ddl_mask2former.engine import (CheckpointMismatchError, Trainer, check_evaluation_verdict, launch,
@@ -68,8 +67,6 @@ PANEL_TITLES = {"jpeg": "JPEG recompression", "blur": "Gaussian blur", "noise": 
                 "resize": "resize (INTER_AREA)", "chain": "chain"}
 AXIS_LABELS = {"jpeg": "quality", "blur": "kernel size k (OpenCV default sigma)",
                "noise": "variance (8-bit units)", "resize": "scale factor", "chain": ""}
-# A config key (MODEL.WEIGHTS, OUTPUT_DIR): where --perturbations/--levels lists end.
-_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9]*([._][A-Z0-9]+)+$")
 SCRATCH_DIR = "images"
 # the loggers detectron2 and this tool set up (console quiet, full log in OUT/log.txt)
 LOGGERS = ("detectron2", "ddl_mask2former", "fvcore")
@@ -104,16 +101,10 @@ def parse_args(argv=None):
     parser.add_argument("--keep-images", action="store_true",
                         help="keep every perturbed copy under OUT/images/ (default: delete once scored)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
-    # "--levels jpeg:90 MODEL.WEIGHTS w": a "+" list swallows the overrides that follow it.
-    for name in ("perturbations", "levels"):
-        values = getattr(args, name)
-        if values:
-            cut = next((i for i, value in enumerate(values) if _CONFIG_KEY.match(value)), len(values))
-            setattr(args, name, values[:cut])
-            args.opts = values[cut:] + list(args.opts)
-            if not values[:cut]:
-                parser.error(f"--{name} needs at least one value")
+    # "--levels jpeg:90 MODEL.WEIGHTS w": the overrides end the lists.
+    options, overrides = split_config_overrides(argv)
+    args = parser.parse_args(options)
+    args.opts = list(args.opts) + overrides
     if args.opts and args.opts[0] == "--":
         args.opts = args.opts[1:]
     misplaced = next((value for value in args.opts if value.startswith("--")), None)

@@ -3,6 +3,8 @@
 ``add_ddl_mask2former_config(cfg)`` must run before ``cfg.merge_from_file``.
 """
 import os
+import re
+import sys
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
@@ -14,6 +16,23 @@ def add_ddl_mask2former_config(cfg):
     _add_data_config(cfg)
     _add_evaluation_config(cfg)
     _add_solver_config(cfg)
+
+
+# A config key on a command line: a dotted upper-case path (MODEL.WEIGHTS, SOLVER.BASE_LR) or one
+# of the top-level keys (OUTPUT_DIR, SEED); no option value, dataset name or path of ours is one.
+CONFIG_KEY = re.compile(r"^([A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+|OUTPUT_DIR|SEED|CUDNN_BENCHMARK|VIS_PERIOD|VERSION)$")
+
+
+def split_config_overrides(argv=None):
+    """(options, overrides) of a command line: the overrides start at the first config key.
+
+    A command whose options take lists (``--levels a b``) and that ends with ``KEY VALUE``
+    overrides cannot leave the split to argparse, whose list option would swallow the overrides
+    (or refuse them as invalid choices). Parse ``options`` with argparse and take ``overrides``
+    as they are."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((i for i, arg in enumerate(argv) if CONFIG_KEY.match(arg)), len(argv))
+    return argv[:first], argv[first:]
 
 
 def load_config(config_file, opts=(), freeze=True):
