@@ -81,23 +81,3 @@ def test_overrides_are_taken_back_from_a_dataset_list():
     assert args.eval == ["b_val", "c_val"] and args.calibration == ["a_calib"]
     assert args.opts == ["MODEL.WEIGHTS", "w.pth", "SOLVER.BASE_LR", "0.1"]
 
-
-@pytest.mark.parametrize("tool, argv, options, overrides", [
-    ("cross_generator", ["--out", "o", "--stages", "train", "evaluate", "INPUT.DEGRADATION.ENABLED", "True"],
-     ["--out", "o", "--stages", "train", "evaluate"], ["INPUT.DEGRADATION.ENABLED", "True"]),
-    ("quickstart", ["--generator", "varied", "--chains", "jpeg", "none", "OUTPUT_DIR", "RUN_1", "SEED", "3"],
-     ["--generator", "varied", "--chains", "jpeg", "none"], ["OUTPUT_DIR", "RUN_1", "SEED", "3"]),
-    ("robustness", ["--config-file", "c.yaml", "--split", "s", "--output", "RUN_1", "--levels", "jpeg:90",
-                    "MODEL.WEIGHTS", "w.pth"], None, ["MODEL.WEIGHTS", "w.pth"]),
-])
-def test_list_options_end_at_the_first_config_key(tool, argv, options, overrides):
-    """A list option (--stages, --chains, --levels) does not swallow the overrides after it, and an
-    upper-case option value that is no config key (RUN_1) stays an option value."""
-    args = load_tool(tool).parse_args(argv)
-    assert args.opts == overrides
-    if tool == "cross_generator":
-        assert args.stages == ["train", "evaluate"]
-    elif tool == "quickstart":
-        assert args.chains == ["jpeg", "none"]
-    else:
-        assert args.levels == ["jpeg:90"] and args.output == "RUN_1"
