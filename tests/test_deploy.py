@@ -27,6 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart" /
                  "ddl_mask2former_quickstart_swin.yaml")
+# The quickstart model with the map_max verdict these tests calibrate by hand (the config's rule
+# is fusion).
+MAP_MAX = ["MODEL.DDL.VERDICT.RULE", "map_max"]
 # (height, width): one square, one wide multiple of 32, one that is not a multiple of 32.
 SIZES = [(64, 64), (96, 128), (75, 110)]
 TILED_SIZE = (100, 150)
@@ -50,13 +53,13 @@ def _images():
 def checkpoint(tmp_path_factory):
     """Random quickstart weights with a map_max verdict whose threshold splits the test images."""
     folder = tmp_path_factory.mktemp("deploy")
-    cfg = load_config(QUICKSTART, ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(QUICKSTART, [*MAP_MAX, "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     weights = folder / "model.pth"
     torch.save({"model": model.state_dict()}, weights)
     scores = sorted(p["fake_prob"] for p in ForgeryPredictor(
-        load_config(QUICKSTART, ["MODEL.WEIGHTS", str(weights)]))(_images()))
+        load_config(QUICKSTART, [*MAP_MAX, "MODEL.WEIGHTS", str(weights)]))(_images()))
     # Halfway between the lowest and the next score: one image called real, the others fake.
     threshold = 0.5 * (scores[0] + scores[1])
     assert scores[1] - scores[0] > 1e-3, f"test images too close to split: {scores}"
@@ -66,7 +69,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _predictor(weights, *opts):
-    return ForgeryPredictor(load_config(QUICKSTART, ["MODEL.WEIGHTS", str(weights), *opts]))
+    return ForgeryPredictor(load_config(QUICKSTART, [*MAP_MAX, "MODEL.WEIGHTS", str(weights), *opts]))
 
 
 def _assert_same(expected, actual):
@@ -88,7 +91,7 @@ def onnx_file(checkpoint):
     tool = load_tool("export_model")
     # The plain path (no tiling): whole images at the test scale, three sizes through one graph.
     assert tool.main(["--config-file", QUICKSTART, "--format", "onnx", "--output", str(output),
-                      "MODEL.WEIGHTS", str(weights), "TEST.TILE.ENABLED", "False"]) == 0
+                      "MODEL.WEIGHTS", str(weights), "TEST.TILE.ENABLED", "False", *MAP_MAX]) == 0
     return output
 
 
@@ -131,7 +134,7 @@ def test_onnx_matches_pytorch_at_three_sizes(onnx_file, checkpoint):
 
 def test_tiled_path_same_in_pytorch_and_onnx_runtime(onnx_file, checkpoint, tmp_path):
     _, weights = checkpoint
-    cfg = load_config(QUICKSTART, ["MODEL.WEIGHTS", str(weights), *TILE_OPTS])
+    cfg = load_config(QUICKSTART, [*MAP_MAX, "MODEL.WEIGHTS", str(weights), *TILE_OPTS])
     reference = ForgeryPredictor(cfg)
     output = tmp_path / "tiled.onnx"
     export_model(reference.model, cfg, "onnx", output)
@@ -143,7 +146,7 @@ def test_tiled_path_same_in_pytorch_and_onnx_runtime(onnx_file, checkpoint, tmp_
 
 def test_torch_export_tiled_path_and_fixed_size(checkpoint, tmp_path):
     _, weights = checkpoint
-    cfg = load_config(QUICKSTART, ["MODEL.WEIGHTS", str(weights), *TILE_OPTS])
+    cfg = load_config(QUICKSTART, [*MAP_MAX, "MODEL.WEIGHTS", str(weights), *TILE_OPTS])
     reference = ForgeryPredictor(cfg)
     output = tmp_path / "tiled.pt2"
     result = export_model(reference.model, cfg, "torch-export", output)
@@ -167,7 +170,7 @@ def test_bad_inputs_name_the_problem(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit, match=f"MODEL.WEIGHTS file not found: {missing}"):
         tool.main(["--config-file", QUICKSTART, "--format", "onnx", "--output", str(tmp_path / "m.onnx"),
                    "MODEL.WEIGHTS", str(missing)])
-    cfg = load_config(QUICKSTART, [])
+    cfg = load_config(QUICKSTART, MAP_MAX)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export_model(build_model(cfg), cfg, "tflite", tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="exported model not found: .*absent.onnx"):
