@@ -31,7 +31,7 @@ if importlib.util.find_spec("ddl_mask2former") is None:
 from ddl_mask2former.data.synthetic import DIFFICULTIES, generate_ddl_dataset
 from ddl_mask2former.data.synthetic_regions import REGION_SHAPES
 from ddl_mask2former.data.synthetic_sources import missing_registry_photos, photo_dir
-from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS
+from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS, generator_choice_error
 
 
 def parse_args(argv=None):
@@ -78,14 +78,12 @@ def parse_args(argv=None):
         parser.error("need 8 <= --min-size <= --max-size")
     if not 0.0 <= args.fake_fraction <= 1.0:
         parser.error("--fake-fraction must be in [0, 1]")
-    if args.generator == "classic" and (args.families or args.shapes or args.chains):
-        parser.error("--families, --shapes and --chains belong to the varied and mixed generators")
-    if args.generator != "mixed" and args.varied_share is not None:
-        parser.error("--varied-share belongs to the mixed generator")
-    if args.generator == "mixed":
-        args.varied_share = 0.5 if args.varied_share is None else args.varied_share
-        if not 0.0 <= args.varied_share <= 1.0:
-            parser.error(f"--varied-share must be in [0, 1], got {args.varied_share}")
+    given = [f"--{name}" for name in ("families", "shapes", "chains") if getattr(args, name)]
+    error = generator_choice_error(args.generator, args.varied_share, given)
+    if error:
+        parser.error(error)
+    if args.generator == "mixed" and args.varied_share is None:
+        args.varied_share = 0.5
     return args
 
 

@@ -42,7 +42,7 @@ if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 from ddl_mask2former.config import split_config_overrides
-from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS
+from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS, generator_choice_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = "cross_generator.py"
@@ -123,12 +123,11 @@ def parse_args(argv=None):
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
     if not args.recipe or "/" in args.recipe or args.recipe in ("data", "report"):
         parser.error(f"--recipe {args.recipe!r}: a plain folder name other than data/report")
-    if args.generator != "mixed" and args.varied_share is not None:
-        parser.error("--varied-share belongs to the mixed generator")
-    if args.generator == "mixed":
-        args.varied_share = 0.5 if args.varied_share is None else args.varied_share
-        if not 0.0 <= args.varied_share <= 1.0:
-            parser.error(f"--varied-share must be in [0, 1], got {args.varied_share}")
+    error = generator_choice_error(args.generator, args.varied_share)
+    if error:
+        parser.error(error)
+    if args.generator == "mixed" and args.varied_share is None:
+        args.varied_share = 0.5
     texts = args.folds or ([f"family:{f}" for f in FORGERY_FAMILIES] + [f"chain:{c}" for c in POST_CHAINS])
     try:
         args.fold_list = [parse_fold(text) for text in texts]

@@ -31,7 +31,7 @@ if importlib.util.find_spec("ddl_mask2former") is None:
     sys.exit("ddl_mask2former is not installed: run `make install` (or `pip install -e .`) first")
 
 from ddl_mask2former.config import split_config_overrides
-from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS
+from ddl_mask2former.data.synthetic_varied import FORGERY_FAMILIES, POST_CHAINS, generator_choice_error
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIGS = {
@@ -91,14 +91,12 @@ def parse_args(argv=None):
     args.opts = list(args.opts) + overrides
     if len(args.opts) % 2:
         parser.error(f"config overrides come in KEY VALUE pairs; got {args.opts}")
-    if args.generator == "classic" and (args.families or args.chains):
-        parser.error("--families and --chains belong to the varied and mixed generators")
-    if args.generator != "mixed" and args.varied_share is not None:
-        parser.error("--varied-share belongs to the mixed generator")
-    if args.generator == "mixed":
-        args.varied_share = 0.5 if args.varied_share is None else args.varied_share
-        if not 0.0 <= args.varied_share <= 1.0:
-            parser.error(f"--varied-share must be in [0, 1], got {args.varied_share}")
+    given = [f"--{name}" for name in ("families", "chains") if getattr(args, name)]
+    error = generator_choice_error(args.generator, args.varied_share, given)
+    if error:
+        parser.error(error)
+    if args.generator == "mixed" and args.varied_share is None:
+        args.varied_share = 0.5
     return args
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "make_varied_real",
     "make_varied_fake",
     "apply_post_chain",
+    "generator_choice_error",
 ]
 
 FORGERY_FAMILIES = ("splice", "blend", "copy_move", "inpaint", "warp", "resynth")
@@ -50,6 +51,19 @@ POST_CHAINS = ("none", "jpeg", "resize_jpeg", "blur_noise", "double_jpeg")
 PROCEDURAL_SHARE = 0.3
 _MULTI_REGION_PROB = 0.35
 _INTERPOLATIONS = (cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4)
+
+
+def generator_choice_error(generator, varied_share, restricted_by=()):
+    """What is wrong with a command line's choice of synthetic generator, or None: ``generator``
+    (classic, varied or mixed), its ``--varied-share`` (mixed only, in [0, 1]) and the options
+    given that restrict the varied images (``restricted_by``, e.g. ["--chains"]; not classic)."""
+    if generator == "classic" and restricted_by:
+        return f"{' and '.join(restricted_by)} belong to the varied and mixed generators"
+    if generator != "mixed" and varied_share is not None:
+        return "--varied-share belongs to the mixed generator"
+    if generator == "mixed" and varied_share is not None and not 0.0 <= varied_share <= 1.0:
+        return f"--varied-share must be in [0, 1], got {varied_share}"
+    return None
 
 
 class Variety:
