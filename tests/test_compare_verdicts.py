@@ -64,8 +64,8 @@ def test_every_rule_at_every_target_from_one_run(datasets_and_weights, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target-fpr", "1.0"], "--target-fpr 1.0: a false-positive rate in (0, 1)"),
-    (["--target-fpr", "0"], "--target-fpr 0.0: a false-positive rate in (0, 1)"),
+    (["--target-fpr", "1.0"], "--target-fpr 1.0: a false-positive rate in [0, 1)"),
+    (["--target-fpr", "0.05", "-0.1"], "--target-fpr -0.1: a false-positive rate in [0, 1)"),
 ])
 def test_bad_targets_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):

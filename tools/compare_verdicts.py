@@ -47,9 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval", nargs="+", required=True, metavar="DATASET",
                         help="registered datasets to score the rules on (e.g. ddl_i_val)")
     parser.add_argument("--target-fpr", type=float, nargs="+", default=None, metavar="FPR",
-                        help="false-positive rates the thresholds are set at, each in (0, 1), the "
-                             "model run once for all (default: the config's "
-                             "MODEL.DDL.VERDICT.TARGET_FPR)")
+                        help="false-positive rates the thresholds are set at, each in [0, 1), all from "
+                             "one run of the model (default: the config's MODEL.DDL.VERDICT.TARGET_FPR)")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--json", default=None, metavar="FILE", help="write every number here")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -59,8 +58,8 @@ def parse_args(argv=None):
     args = parser.parse_args(options)
     args.opts = list(args.opts) + overrides
     for target in args.target_fpr or ():
-        if not 0.0 < target < 1.0:
-            parser.error(f"--target-fpr {target}: a false-positive rate in (0, 1)")
+        if not 0.0 <= target < 1.0:
+            parser.error(f"--target-fpr {target}: a false-positive rate in [0, 1)")
     return args
 
 
