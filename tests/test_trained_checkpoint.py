@@ -18,11 +18,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 R18_CONFIG = QUICKSTART / "ddl_mask2former_quickstart_R18.yaml"
 SWIN_CONFIG = QUICKSTART / "ddl_mask2former_quickstart_swin.yaml"
+# The verdict rule these tests calibrate by hand (the quickstart configs use fusion).
+MAP_MAX = ("MODEL.DDL.VERDICT.RULE", "map_max")
 
 
-def _model(config_file, seed=0):
+def _model(config_file, seed=0, opts=()):
     torch.manual_seed(seed)
-    return build_model(load_config(str(config_file), ["MODEL.DEVICE", "cpu"]))
+    return build_model(load_config(str(config_file), ["MODEL.DEVICE", "cpu", *opts]))
 
 
 def _save(state_dict, path):
@@ -64,7 +66,7 @@ def test_the_same_architecture_loads_exactly(swin_checkpoint):
 
 
 def test_a_checkpoint_without_the_verdict_buffers_loads_as_before(tmp_path):
-    trained = _model(R18_CONFIG, seed=1)
+    trained = _model(R18_CONFIG, seed=1, opts=MAP_MAX)
     trained.verdict.set_calibration("map_max", {"map_max": 2.0}, -1.0, 0.7, 0.1)
     state = trained.state_dict()
     verdict_keys = [key for key in state if key.startswith("verdict.")]
@@ -72,10 +74,10 @@ def test_a_checkpoint_without_the_verdict_buffers_loads_as_before(tmp_path):
     # A checkpoint from before calibration_iteration existed, and one from before the verdict.
     older = _save({k: v for k, v in state.items() if k != "verdict.calibration_iteration"}, tmp_path / "old.pth")
     oldest = _save({k: v for k, v in state.items() if k not in verdict_keys}, tmp_path / "oldest.pth")
-    model = _model(R18_CONFIG)
+    model = _model(R18_CONFIG, opts=MAP_MAX)
     _load(model, older)
     assert model.verdict.calibrated and model.verdict.fitted_at_iteration is None
-    model = _model(R18_CONFIG)
+    model = _model(R18_CONFIG, opts=MAP_MAX)
     _load(model, oldest)
     assert not model.verdict.calibrated
     assert torch.equal(model.backbone.stem.conv1.weight, trained.backbone.stem.conv1.weight)
