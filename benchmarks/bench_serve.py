@@ -81,12 +81,8 @@ seconds = time.perf_counter() - start
 import json
 print(json.dumps({"seconds": seconds, "rss_mib": peak_rss_mib()}))
 """
-SERVE_PEAK = PEAK_RSS + """
-import json, sys, time
-import numpy as np
-from ddl_mask2former_serve import ExportedPredictor
-model, threads = sys.argv[1], int(sys.argv[2])
-predictor = ExportedPredictor(model, num_threads=threads)
+# The end of both peak scripts: the RSS once the predictor is loaded, then one 1 MP image.
+PREDICT_ONE_MEGAPIXEL = """
 loaded = peak_rss_mib()
 image = np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
 start = time.perf_counter()
@@ -94,6 +90,13 @@ predictor(image)
 print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": peak_rss_mib(),
                   "seconds": time.perf_counter() - start}))
 """
+SERVE_PEAK = PEAK_RSS + """
+import json, sys, time
+import numpy as np
+from ddl_mask2former_serve import ExportedPredictor
+model, threads = sys.argv[1], int(sys.argv[2])
+predictor = ExportedPredictor(model, num_threads=threads)
+""" + PREDICT_ONE_MEGAPIXEL
 TORCH_PEAK = PEAK_RSS + """
 import json, sys, time, warnings
 warnings.simplefilter("ignore")
@@ -105,13 +108,7 @@ config, weights, threads, tiled = sys.argv[1], sys.argv[2], int(sys.argv[3]), sy
 torch.set_num_threads(threads)
 opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights] + (%r if tiled else [])
 predictor = ForgeryPredictor(load_config(config, opts))
-loaded = peak_rss_mib()
-image = np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
-start = time.perf_counter()
-predictor(image)
-print(json.dumps({"loaded_rss_mib": loaded, "peak_rss_mib": peak_rss_mib(),
-                  "seconds": time.perf_counter() - start}))
-""" % (TILE_OPTS,)
+""" % (TILE_OPTS,) + PREDICT_ONE_MEGAPIXEL
 
 
 SCAN_MEMORY = PEAK_RSS + """
